@@ -1,0 +1,1 @@
+"""Lanes: one engine each, run in its own process (one Snakemake job)."""
