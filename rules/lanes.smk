@@ -1,0 +1,37 @@
+rule lane_vocab:
+    """The lane's own view of the vocabulary, read through its engine (lane-side authority)."""
+    input:
+        backend=f"{OUT}/backends/{{lane}}.json",
+        gguf=model_gguf,
+    output:
+        f"{OUT}/{{model}}/lanes/{{lane}}/vocab.json",
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/lanes/{{lane}}/vocab.log",
+    threads: 1
+    script:
+        "../scripts/lane_vocab.py"
+
+
+rule lane_eval:
+    """The lane's own tokenization of the formatted prompt and, when the ids match, its logits for
+    the canonical sequence (teacher forcing), in its own process."""
+    input:
+        backend=f"{OUT}/backends/{{lane}}.json",
+        gguf=model_gguf,
+        prompt=prompt_record,
+        reference=f"{OUT}/{{model}}/reference/{{prompt}}.npz",
+    output:
+        f"{OUT}/{{model}}/lanes/{{lane}}/{{prompt}}.npz",
+    params:
+        threads=config.get("threads", 1),
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/lanes/{{lane}}/{{prompt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/lanes/{{lane}}/{{prompt}}.tsv"
+    threads: 1
+    script:
+        "../scripts/lane_eval.py"

@@ -1,0 +1,34 @@
+rule tokenizer_authority:
+    """Decide and record which tokenizer is the authority, and write the effective tokenizer.json."""
+    input:
+        gguf=model_gguf,
+        tokenizer=tokenizer_inputs,
+    output:
+        authority=f"{OUT}/{{model}}/tokenizer/authority.json",
+        tokenizer=f"{OUT}/{{model}}/tokenizer/tokenizer.json",
+    params:
+        source=tokenizer_source,
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/tokenizer_authority.log",
+    script:
+        "../scripts/tokenizer_authority.py"
+
+
+checkpoint format_prompt:
+    """Template, formatted prompt, tokenization contract and canonical token ids of one prompt."""
+    input:
+        gguf=model_gguf,
+        authority=f"{OUT}/{{model}}/tokenizer/authority.json",
+        tokenizer=f"{OUT}/{{model}}/tokenizer/tokenizer.json",
+    output:
+        record=f"{OUT}/{{model}}/prompts/{{prompt}}.json",
+    params:
+        prompt=prompt_settings,
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/prompts/{{prompt}}.log",
+    script:
+        "../scripts/format_prompt.py"

@@ -1,0 +1,14 @@
+from parity_both import pipeline
+from parity_both.jobs import run_job
+
+
+def main() -> None:
+    sm = snakemake  # noqa: F821
+    from parity_both.probes import provision_lane
+
+    record = provision_lane(sm.wildcards.lane, sm.params.probe, sm.params.repair, sm.params.repair_why,
+                            sm.log[0], sm.threads)
+    pipeline.write_json(sm.output[0], record)
+
+
+run_job(snakemake, main)  # noqa: F821
