@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true", help="stream the workflow's progress to stderr")
     p.add_argument("--dump-ids", action="store_true", help="print the reference token ids with pieces to stderr")
     p.add_argument("--dump-cpp-ids", action="store_true",
-                   help="print each lane's own token ids beside the reference's to stderr, marking the first divergence")
+                   help="print each lane's own token ids beside the reference's to stderr, marking the first "
+                        "divergence")
     p.add_argument("--metrics", default="cos,mse,kl,topk,greedy",
                    help="metric families that gate pass/fail: cos,mse,kl,topk,greedy (all are always recorded)")
     p.add_argument("--cores", type=int, default=2, help="parallel jobs (default 2)")
@@ -174,11 +175,9 @@ def dump_ids(results: Path, lanes: list[str], ref: bool, cpp: bool) -> None:
             with np.load(npz, allow_pickle=False) as z:
                 lane_ids = [int(i) for i in z["lane_ids"]]
                 parity = json.loads(str(z["token_parity"]))
-            vocab = results / "model" / "lanes" / lane / "vocab.json"
-            texts = {int(i): t for i, t, _ in json.loads(vocab.read_text())["tokens"]} if vocab.is_file() else {}
+                lane_pieces = json.loads(str(z["lane_pieces"]))
             print(f"{lane} token ids vs reference ({'match' if parity['match'] else 'MISMATCH'}):", file=sys.stderr)
-            print(dump_ids_table(rec["ids"], rec["pieces"], lane_ids, [texts.get(i, "?") for i in lane_ids]),
-                  file=sys.stderr)
+            print(dump_ids_table(rec["ids"], rec["pieces"], lane_ids, lane_pieces), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "json":
         sys.stdout.write(json.dumps(summary, sort_keys=True, indent=2) + "\n")
     else:
+        code = summary["overall"]["exit_code"]
         sys.stdout.write(render_text(summary) if summary.get("models") else
-                         f"Parity-Both: no lane produced a receipt\nExit code:        {summary['overall']['exit_code']}\n")
+                         f"Parity-Both: no lane produced a receipt\nExit code:        {code}\n")
     return int(summary["overall"]["exit_code"])
 
 

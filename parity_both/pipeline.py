@@ -199,7 +199,7 @@ def lane_eval(backend: Mapping[str, Any], model_path: str, prompt: Mapping[str, 
         engine.close()
     timings = {"load_s": t_load, "eval_s": t_eval, "total_s": time.perf_counter() - t0}
     save_npz(out_npz, lane_ids=np.asarray(lane_ids, dtype=np.int64),
-             token_parity=json.dumps(parity, sort_keys=True),
+             lane_pieces=json.dumps(lane_pieces, ensure_ascii=False), token_parity=json.dumps(parity, sort_keys=True),
              logits=np.asarray(logits, dtype=np.float32) if logits is not None else np.zeros((0, 0), np.float32),
              has_logits=np.bool_(logits is not None), identity=json.dumps(identity, sort_keys=True),
              settings=json.dumps(settings, sort_keys=True), timings=json.dumps(timings, sort_keys=True),
@@ -210,6 +210,7 @@ def lane_eval(backend: Mapping[str, Any], model_path: str, prompt: Mapping[str, 
 def load_lane(path: str) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as z:
         return {"lane_ids": [int(i) for i in z["lane_ids"]], "token_parity": json.loads(str(z["token_parity"])),
+                "lane_pieces": json.loads(str(z["lane_pieces"])) if "lane_pieces" in z.files else None,
                 "logits": z["logits"] if bool(z["has_logits"]) else None,
                 "identity": json.loads(str(z["identity"])), "settings": json.loads(str(z["settings"])),
                 "timings": json.loads(str(z["timings"])), "timestamp": str(z["timestamp"])}

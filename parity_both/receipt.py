@@ -104,7 +104,8 @@ def build_receipt(
         "model_facts": {k: model.get(k) for k in ("architecture", "file_name", "size_bytes", "quant_types",
                                                    "type_numbering")},
         "backend": lane,
-        "backend_identity": dict(backend.get("identity") or {}),
+        # what the backend rule provisioned, plus what the engine said about itself while running
+        "backend_identity": {**dict(backend.get("identity") or {}), "runtime": dict(lane_result.get("identity") or {})},
         "prompt": prompt["prompt"]["text"],
         "prompt_name": prompt["prompt"]["name"],
         "prompt_template": {
@@ -273,4 +274,5 @@ def write_json(path: str | Path, obj: Any) -> None:
     with os.fdopen(fd, "w") as fh:
         fh.write(json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False))
         fh.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
     os.replace(tmp, path)

@@ -49,3 +49,27 @@ def jobs_run(proc: subprocess.CompletedProcess) -> list[str]:
             if s.startswith(kw) and s.endswith(":"):
                 out.append(s[len(kw):-1])
     return [j for j in out if j != "all"]
+
+
+def drop_merge_for(tokenizer_json: Path, text: str, avoid: tuple[str, ...] = ()) -> str:
+    """Edit a byte-level BPE tokenizer.json so that `text` tokenizes differently: remove the merge that
+    forms one of its multi-character pieces (one not in any `avoid` text). Returns the removed piece."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    avoid_pieces = {p for t in avoid for p in tok.encode(t, add_special_tokens=False).tokens}
+    pieces = [p for p in tok.encode(text, add_special_tokens=False).tokens if len(p) > 2 and p not in avoid_pieces]
+    assert pieces, f"no removable piece in {text!r}"
+    target = pieces[0]
+    data = json.loads(tokenizer_json.read_text())
+    merges = data["model"]["merges"]
+
+    def joined(m):
+        return "".join(m) if isinstance(m, list) else m.replace(" ", "", 1)
+
+    data["model"]["merges"] = [m for m in merges if joined(m) != target]
+    assert len(data["model"]["merges"]) == len(merges) - 1, target
+    tokenizer_json.write_text(json.dumps(data))
+    return target

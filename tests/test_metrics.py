@@ -25,15 +25,16 @@ def test_position_metrics_match_naive():
     for i, r in enumerate(rows):
         ra, rb = [float(x) for x in a[i]], [float(x) for x in b[i]]
         n = len(ra)
-        assert math.isclose(r.mse, sum((x - y) ** 2 for x, y in zip(ra, rb)) / n, rel_tol=1e-12)
-        assert math.isclose(r.max_abs, max(abs(x - y) for x, y in zip(ra, rb)), rel_tol=1e-12)
+        assert math.isclose(r.mse, sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / n, rel_tol=1e-12)
+        assert math.isclose(r.max_abs, max(abs(x - y) for x, y in zip(ra, rb, strict=True)), rel_tol=1e-12)
         p, q = _softmax(ra), _softmax(rb)
-        kl = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if math.log(pi) > -16)
+        kl = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True) if math.log(pi) > -16)
         assert math.isclose(r.kl, kl, rel_tol=1e-9, abs_tol=1e-15)
-        dot = sum(x * y for x, y in zip(ra, rb))
+        dot = sum(x * y for x, y in zip(ra, rb, strict=True))
         cos = dot / math.sqrt(sum(x * x for x in ra) * sum(y * y for y in rb))
         assert math.isclose(r.cosine, cos, rel_tol=1e-12)
-        assert math.isclose(r.nmse, sum((x - y) ** 2 for x, y in zip(ra, rb)) / sum(x * x for x in ra), rel_tol=1e-12)
+        sq = sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True))
+        assert math.isclose(r.nmse, sq / sum(x * x for x in ra), rel_tol=1e-12)
         top_a = sorted(range(n), key=lambda j: (-ra[j], j))[:5]
         top_b = sorted(range(n), key=lambda j: (-rb[j], j))[:5]
         assert r.top5_ref == top_a and r.top5_lane == top_b

@@ -1,0 +1,76 @@
+"""Which jobs rerun after a tokenizer.json edit (issue 2; P5 of the performance issue).
+
+The prompt record is a checkpoint and is checksummed, so an edit that leaves the canonical token ids
+unchanged stops there; one that changes a prompt's ids reruns exactly that prompt's jobs. Backends and
+the model's SHA-256 never rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import drop_merge_for, jobs_run, snakemake, write_config
+
+PROMPTS = {
+    "capital": {"text": "What is the capital of France?", "template": "raw"},
+    "code": {"text": "def fibonacci(n):", "template": "raw"},
+}
+
+
+@pytest.fixture(scope="module")
+def external_run(tmp_path_factory):
+    """A run whose model names an external tokenizer.json (a copy of the GGUF's own, rebuilt)."""
+    work = tmp_path_factory.mktemp("rerun")
+    from parity_both.authority import build_authority
+    from parity_both.config import embedded_model_path
+
+    tok = work / "tokenizer.json"
+    build_authority(embedded_model_path(), "gguf_embedded", None, str(tok))
+    write_config(work, {"models": {"smol": {"gguf": "embedded", "tokenizer": str(tok)}}, "prompts": PROMPTS,
+                        "max_tokens": 2})
+    snakemake(work)
+    return work
+
+
+def clone(base: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "work"
+    shutil.copytree(base, dst, symlinks=True)
+    cfg = (dst / "config.yaml").read_text().replace(str(base), str(dst))
+    (dst / "config.yaml").write_text(cfg)
+    return dst
+
+
+def _planned(proc) -> set[str]:
+    return set(jobs_run(proc))
+
+
+def test_reformatted_tokenizer_reruns_no_evaluation(external_run, tmp_path):
+    work = clone(external_run, tmp_path)
+    snakemake(work)  # the clone's new config path: settle first (authority records the path)
+    tok = work / "tokenizer.json"
+    tok.write_text(json.dumps(json.loads(tok.read_text()), indent=1))  # same content, new bytes
+    dry = snakemake(work, "-n")
+    planned = _planned(dry)
+    assert "tokenizer_authority" in planned
+    assert not planned & {"backend", "model_facts", "lane_vocab"}
+    run = snakemake(work)
+    ran = jobs_run(run)
+    assert "tokenizer_authority" in ran and "format_prompt" in ran
+    assert "reference" not in ran and "lane_eval" not in ran, ran
+    assert not set(ran) & {"backend", "model_facts"}
+
+
+def test_edit_changing_one_prompt_reruns_only_that_prompt(external_run, tmp_path):
+    work = clone(external_run, tmp_path)
+    snakemake(work)
+    drop_merge_for(work / "tokenizer.json", PROMPTS["code"]["text"], avoid=(PROMPTS["capital"]["text"],))
+    run = snakemake(work, check=False)
+    ran = run.stdout + run.stderr
+    jobs = jobs_run(run)
+    assert jobs.count("reference") == 1 and jobs.count("lane_eval") == 1, jobs
+    assert "wildcards: model=smol, prompt=code" in ran or "prompt=code" in ran
+    assert not set(jobs) & {"backend", "model_facts", "lane_vocab"}

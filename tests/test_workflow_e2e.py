@@ -1,0 +1,98 @@
+"""The real workflow on the real embedded model with the real llama-cpp-python (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parity_both.receipt import load_receipt, validate_receipt
+
+from conftest import jobs_run, snakemake, write_config
+
+PROMPTS = {
+    "capital": {"text": "What is the capital of France?", "template": "raw"},
+    "code": {"text": "def fibonacci(n):", "template": "raw"},
+    "chat": {"text": "Name three primary colours.", "template": "auto"},
+}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """One complete run; tests copy it and change one thing."""
+    work = tmp_path_factory.mktemp("base")
+    write_config(work, {"models": {"smol": {"gguf": "embedded"}}, "prompts": PROMPTS, "max_tokens": 3})
+    proc = snakemake(work)
+    return work, proc
+
+
+def clone(base: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "work"
+    shutil.copytree(base, dst, symlinks=True)
+    return dst
+
+
+def test_end_to_end_passes_with_complete_receipts(base_run):
+    work, proc = base_run
+    summary = json.loads((work / "results/summary.json").read_text())
+    assert summary["overall"]["exit_code"] == 0, (work / "results/summary.txt").read_text()
+    assert summary["overall"]["both_passed"] and summary["overall"]["tokenizer_consistent"]
+    assert summary["lanes"]["llama"]["status"] == "ok"
+    for prompt in PROMPTS:
+        r = load_receipt(work / f"results/smol/receipts/llama/{prompt}.json")
+        validate_receipt(r)
+        a = r["tokenizer_authority"]
+        assert a["source"] == "gguf_embedded" and len(a["file_hash"]) == 64 and len(a["config_hash"]) == 64
+        assert a["vocab_hash"] == r["lane_tokenizer_authority"]["vocab_hash"]
+        assert r["token_parity"]["match"] and r["sequence"]["n_generated"] <= 3
+        assert r["positions"] == len(r["sequence"]["ids"]) > 3
+        assert r["model_sha256"] == json.loads((work / "results/smol/model.json").read_text())["sha256"]
+        assert r["backend_identity"]["runtime"]["engine"] == "llama.cpp"
+        assert r["backend_identity"]["runtime"]["version"] == "0.3.36"
+        assert r["determinism"]["lane"]["type_k"] == "f32" and r["determinism"]["lane"]["flash_attn"] is False
+    chat = load_receipt(work / "results/smol/receipts/llama/chat.json")
+    assert chat["prompt_template"]["used"] == "chatml" and chat["prompt_template"]["evidence"]["rule"]
+    assert chat["tokenization_contract"]["parse_special"] is True
+    assert chat["sequence"]["ids"][0] == 1  # <|im_start|> as ONE special id, no BOS (add_bos false)
+    # benchmark: directive records each heavy job
+    assert (work / "results/benchmarks/smol/reference/capital.tsv").is_file()
+
+
+def test_up_to_date_run_has_nothing_to_do(base_run):
+    work, _ = base_run
+    proc = snakemake(work, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_corrupted_lane_logits_fail_the_receipt(base_run, tmp_path):
+    work = clone(base_run[0], tmp_path)
+    npz = work / "results/smol/lanes/llama/code.npz"
+    with np.load(npz) as z:
+        data = {k: z[k] for k in z.files}
+    rng = np.random.default_rng(0)
+    data["logits"] = (data["logits"] + rng.normal(size=data["logits"].shape) * 3).astype(np.float32)
+    np.savez(npz, **data)
+    proc = snakemake(work)
+    ran = jobs_run(proc)
+    assert "receipt" in ran and "lane_eval" not in ran and "reference" not in ran
+    r = load_receipt(work / "results/smol/receipts/llama/code.json")
+    assert r["status"] == "fail" and r["exit_code"] == 1
+    assert r["summary"]["first_divergence"] is not None
+    summary = json.loads((work / "results/summary.json").read_text())
+    assert summary["overall"]["exit_code"] == 1 and not summary["overall"]["both_passed"]
+
+
+def test_off_by_one_position_bug_fails_the_default_thresholds(base_run, tmp_path):
+    """The defaults must fail a real bug: lane logits shifted by one position (a classic off-by-one)."""
+    work = clone(base_run[0], tmp_path)
+    npz = work / "results/smol/lanes/llama/capital.npz"
+    with np.load(npz) as z:
+        data = {k: z[k] for k in z.files}
+    data["logits"] = np.concatenate([data["logits"][1:], data["logits"][-1:]]).astype(np.float32)
+    np.savez(npz, **data)
+    snakemake(work)
+    r = load_receipt(work / "results/smol/receipts/llama/capital.json")
+    assert r["status"] == "fail" and r["summary"]["mean_kl"] > 0.5
