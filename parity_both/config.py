@@ -37,11 +37,17 @@ def embedded_model_path() -> str:
     return str(path)
 
 
+def fixture_path(config: Mapping[str, Any], model: str) -> str:
+    return f"{config.get('out_dir', 'results')}/fixtures/{model}.gguf"
+
+
 def model_path(config: Mapping[str, Any], model: str) -> str:
     try:
         spec = config["models"][model]
     except KeyError:
         raise ConfigError(f"model {model!r} is not in config 'models:'") from None
+    if spec.get("fixture"):
+        return fixture_path(config, model)
     gguf = spec["gguf"]
     if gguf == "embedded":
         return embedded_model_path()
@@ -61,6 +67,8 @@ def tokenizer_source(config: Mapping[str, Any], model: str) -> tuple[str, str | 
             raise ConfigError(f"model {model!r}: tokenizer {configured!r} does not exist; fix "
                               f"models.{model}.tokenizer in config or remove it to use the GGUF's own vocabulary")
         return "external", str(path.resolve())
+    if spec.get("fixture"):
+        return "gguf_embedded", None  # generated models carry their vocabulary
     beside = Path(model_path(config, model)).parent / "tokenizer.json"
     if beside.is_file():
         return "auto_discovered", str(beside.resolve())
@@ -99,6 +107,30 @@ def thresholds(config: Mapping[str, Any], mode: str) -> dict[str, Any]:
 def reference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     ref = config.get("reference") or {}
     return {"mode": ref.get("mode") or "exact", "activation": ref.get("activation")}
+
+
+def model_activation(config: Mapping[str, Any], model: str) -> str | None:
+    """The bitnet FFN activation for this model's reference: per model, else global, else None
+    (the architecture's documented default)."""
+    spec = config["models"][model]
+    return spec.get("activation") or reference_settings(config)["activation"]
+
+
+BITNET_FORK_ARCHS = frozenset({"bitnet-b1.58", "bitnet-25", "bitnet_b1_58", "bitnet-b158"})
+I2_S_TYPE_ID = 36
+
+
+def needs_mainline_copy(config: Mapping[str, Any], model: str) -> bool:
+    """Is this model in BitNet.cpp's format (fork architecture prefix or I2_S tensors), which mainline
+    llama.cpp cannot load? Decided from the fixture spec or a cheap header peek."""
+    spec = config["models"][model]
+    fx = spec.get("fixture")
+    if fx:
+        return fx["arch"] in BITNET_FORK_ARCHS or fx["weight_type"] == "I2_S"
+    from parity_both.gguf_peek import peek_format_cached
+
+    arch, types = peek_format_cached(model_path(config, model))
+    return arch in BITNET_FORK_ARCHS or I2_S_TYPE_ID in types
 
 
 def ci_detected(environ: Mapping[str, str] | None = None) -> str | None:

@@ -18,20 +18,14 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 
-# GGUF metadata value types.
-_SCALARS: dict[int, tuple[str, int]] = {
-    0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
-    6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
-}
+from parity_both.gguf_peek import _ARRAY, _SCALARS, _STRING, GGUF_MAGIC, GGUFError, _read_exact, _read_string  # noqa: E402,F401
+
 _NP_SCALARS: dict[int, str] = {
     0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
     10: "<u8", 11: "<i8", 12: "<f8",
 }
-_STRING = 8
-_ARRAY = 9
 
 # Mainline ggml tensor types: id -> (name, block elements, block bytes).
 MAINLINE_TYPES: dict[int, tuple[str, int, int]] = {
@@ -57,10 +51,6 @@ BITNET_TYPES: dict[int, tuple[str, int, int]] = {
 }
 # Architecture names only BitNet.cpp's fork / Microsoft's published GGUFs use.
 BITNET_FORK_ARCHS = frozenset({"bitnet-b1.58", "bitnet-25", "bitnet_b1_58", "bitnet-b158"})
-
-
-class GGUFError(ValueError):
-    """A GGUF file this tool cannot use; the message says what is wrong and what to do."""
 
 
 @dataclass(frozen=True)
@@ -138,20 +128,6 @@ class GGUFFile:
         for t in self.tensors.values():
             counts[t.type_name] = counts.get(t.type_name, 0) + 1
         return dict(sorted(counts.items()))
-
-
-def _read_exact(fh: BinaryIO, n: int, what: str) -> bytes:
-    b = fh.read(n)
-    if len(b) != n:
-        raise GGUFError(f"truncated GGUF: file ends inside {what}")
-    return b
-
-
-def _read_string(fh: BinaryIO) -> str:
-    (n,) = struct.unpack("<Q", _read_exact(fh, 8, "a string length"))
-    if n > 1 << 30:
-        raise GGUFError(f"corrupt GGUF: string length {n} is implausible")
-    return _read_exact(fh, n, "a string").decode("utf-8", errors="replace")
 
 
 def _read_value(fh: BinaryIO, vtype: int) -> Any:
@@ -261,3 +237,4 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while n := fh.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+

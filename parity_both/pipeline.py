@@ -220,7 +220,8 @@ def load_lane(path: str) -> dict[str, Any]:
 def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json: str, tokenizer_json: str,
                  prompt_json: str,
                  reference_npz: str, lane_npz: str, lane_vocab_json: str, backend_json: str,
-                 thresholds: Mapping[str, Any], mode: str, gates: Collection[str]) -> dict[str, Any]:
+                 thresholds: Mapping[str, Any], mode: str, gates: Collection[str], lane_gguf: str | None = None,
+                 transcode_json: str | None = None) -> dict[str, Any]:
     from parity_both.receipt import build_receipt, validate_receipt
 
     lane_vocab_rec = read_json(lane_vocab_json)
@@ -233,6 +234,12 @@ def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json:
         prompt=read_json(prompt_json), reference=load_reference(reference_npz), lane_result=load_lane(lane_npz),
         backend=read_json(backend_json), thresholds=thresholds, mode=mode, gates=list(gates))
     receipt["model_name"] = model_name
+    model_file = read_json(model_json)["path"]
+    receipt["evaluated_files"] = {
+        "reference": model_file,
+        "lane": str(Path(lane_gguf).resolve()) if lane_gguf else model_file,
+        "transcode": read_json(transcode_json) if transcode_json else None,
+    }
     from parity_both.receipt import content_hash
 
     receipt["content_sha256"] = content_hash(receipt)

@@ -6,6 +6,7 @@ rule backend:
         probe=backend_probe,
         repair=REPAIR_MODE,
         repair_why=REPAIR_WHY,
+        backends=config.get("backends", {}),
     conda:
         "../envs/parity-both.yaml"
     log:

@@ -58,10 +58,34 @@ def prompt_record(wildcards):
     return checkpoints.format_prompt.get(model=wildcards.model, prompt=wildcards.prompt).output.record
 
 
+def lane_gguf(wildcards):
+    """The file a lane evaluates: the model itself, or its transcoded mainline copy when the model is in
+    BitNet.cpp's format and the lane's engine cannot load that (mainline llama.cpp cannot)."""
+    if pbconfig.needs_mainline_copy(config, wildcards.model) and not probes.loads_bitnet_format(
+        wildcards.lane, config
+    ):
+        return f"{OUT}/{wildcards.model}/transcoded/mainline.gguf"
+    return model_gguf(wildcards)
+
+
+def lane_transcode_effect(wildcards):
+    if lane_gguf(wildcards) != model_gguf(wildcards):
+        return [f"{OUT}/{wildcards.model}/transcoded/effect.json"]
+    return []
+
+
+def fixture_spec(wildcards):
+    return dict(config["models"][wildcards.model]["fixture"])
+
+
+def model_activation(wildcards):
+    return pbconfig.model_activation(config, wildcards.model)
+
+
 def backend_probe(wildcards):
     # Cheap check of the installed/built backend: a change (or a vanished backend) changes this
     # value, which reruns the backend rule - that rerun is the repair.
-    return probes.probe_lane(wildcards.lane)
+    return probes.probe_lane(wildcards.lane, config)
 
 
 def lane_thresholds(wildcards):

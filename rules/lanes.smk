@@ -2,7 +2,7 @@ rule lane_vocab:
     """The lane's own view of the vocabulary, read through its engine (lane-side authority)."""
     input:
         backend=f"{OUT}/backends/{{lane}}.json",
-        gguf=model_gguf,
+        gguf=lane_gguf,
     output:
         f"{OUT}/{{model}}/lanes/{{lane}}/vocab.json",
     conda:
@@ -19,7 +19,7 @@ rule lane_eval:
     the canonical sequence (teacher forcing), in its own process."""
     input:
         backend=f"{OUT}/backends/{{lane}}.json",
-        gguf=model_gguf,
+        gguf=lane_gguf,
         prompt=prompt_record,
         reference=f"{OUT}/{{model}}/reference/{{prompt}}.npz",
     output:

@@ -10,3 +10,33 @@ rule model_facts:
         f"{OUT}/logs/{{model}}/model_facts.log",
     script:
         "../scripts/model_facts.py"
+
+
+rule fixture:
+    """A deterministic generated model (parity_both.fixtures) with a real vocabulary."""
+    output:
+        f"{OUT}/fixtures/{{model}}.gguf",
+    params:
+        spec=fixture_spec,
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/fixture.log",
+    script:
+        "../scripts/fixture.py"
+
+
+rule transcode:
+    """A copy of a BitNet.cpp-format model that mainline llama.cpp loads (I2_S -> TQ2_0, fork key prefix
+    -> bitnet), for lanes that cannot load the original; the effect record says exactly what changed."""
+    input:
+        gguf=model_gguf,
+    output:
+        gguf=f"{OUT}/{{model}}/transcoded/mainline.gguf",
+        effect=f"{OUT}/{{model}}/transcoded/effect.json",
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/transcode.log",
+    script:
+        "../scripts/transcode.py"

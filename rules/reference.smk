@@ -8,7 +8,7 @@ rule reference:
     params:
         max_tokens=config.get("max_tokens", 8),
         mode=REF["mode"],
-        activation=REF["activation"],
+        activation=model_activation,
     conda:
         "../envs/parity-both.yaml"
     log:

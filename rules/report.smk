@@ -9,12 +9,14 @@ rule receipt:
         lane=f"{OUT}/{{model}}/lanes/{{lane}}/{{prompt}}.npz",
         lane_vocab=f"{OUT}/{{model}}/lanes/{{lane}}/vocab.json",
         backend=f"{OUT}/backends/{{lane}}.json",
+        transcode=lane_transcode_effect,
     output:
         f"{OUT}/{{model}}/receipts/{{lane}}/{{prompt}}.json",
     params:
         thresholds=lane_thresholds,
         mode=REF["mode"],
         gates=config.get("gates", []),
+        lane_gguf=lane_gguf,
     conda:
         "../envs/parity-both.yaml"
     log:

@@ -7,7 +7,7 @@ def main() -> None:
     from parity_both.probes import provision_lane
 
     record = provision_lane(sm.wildcards.lane, sm.params.probe, sm.params.repair, sm.params.repair_why,
-                            sm.log[0], sm.threads)
+                            sm.log[0], sm.threads, config={"backends": sm.params.backends})
     pipeline.write_json(sm.output[0], record)
 
 
