@@ -57,6 +57,8 @@ def classify(exc: BaseException) -> tuple[int, str]:
     code = getattr(exc, "code", None)
     if isinstance(code, int) and code in (2, 3, 4, 5, 6):
         return code, getattr(exc, "kind", "backend")
+    if isinstance(code, int) and code == 7:  # a backend source/spec that cannot be used: bad input
+        return 2, getattr(exc, "kind", "bad_source")
     from parity_both.gguf_file import GGUFError
 
     if isinstance(exc, GGUFError):

@@ -78,6 +78,13 @@ def fixture_spec(wildcards):
     return dict(config["models"][wildcards.model]["fixture"])
 
 
+def prepared_weights(wildcards):
+    # only the exact mode reads dequantized weights; the ggml mode works on the quantized blocks
+    if REF["mode"] != "exact":
+        return []
+    return [f"{OUT}/{wildcards.model}/reference/prepared/manifest.json"]
+
+
 def model_activation(wildcards):
     return pbconfig.model_activation(config, wildcards.model)
 

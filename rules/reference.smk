@@ -3,6 +3,7 @@ rule reference:
     input:
         gguf=model_gguf,
         prompt=prompt_record,
+        prepared=prepared_weights,
     output:
         f"{OUT}/{{model}}/reference/{{prompt}}.npz",
     params:
@@ -18,3 +19,21 @@ rule reference:
     threads: 1
     script:
         "../scripts/reference.py"
+
+
+rule prepare_reference:
+    """Dequantize a model's weights once (float32, per model), reused by every prompt and run of the
+    exact reference: the reference job then streams them from a memory map."""
+    input:
+        gguf=model_gguf,
+    output:
+        manifest=f"{OUT}/{{model}}/reference/prepared/manifest.json",
+        weights=f"{OUT}/{{model}}/reference/prepared/weights.bin",
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/prepare_reference.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/prepare_reference.tsv"
+    script:
+        "../scripts/prepare_reference.py"

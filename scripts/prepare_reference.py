@@ -1,0 +1,13 @@
+import os
+
+from parity_both.jobs import run_job
+from parity_both.reference import prepare_weights
+
+
+def main() -> None:
+    sm = snakemake  # noqa: F821
+    manifest = prepare_weights(sm.input.gguf, os.path.dirname(sm.output.manifest))
+    print(f"prepared {len(manifest.get('tensors', manifest))} tensors", flush=True)
+
+
+run_job(snakemake, main)  # noqa: F821
