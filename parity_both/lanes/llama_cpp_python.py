@@ -67,18 +67,12 @@ class LlamaCppPythonLane:
 
     # -- vocabulary / tokenization -----------------------------------------------------------
     def vocab(self) -> VocabDump:
-        lc, v = self._llama_cpp, self._vocab
-        n = lc.llama_vocab_n_tokens(v)
-        tokens = []
-        for i in range(n):
-            text = lc.llama_vocab_get_text(v, i).decode("utf-8", "surrogateescape")
-            tokens.append((i, text, attr_kind(int(lc.llama_vocab_get_attr(v, i)))))
-        bos, eos = int(lc.llama_vocab_bos(v)), int(lc.llama_vocab_eos(v))
-        return VocabDump(
-            tokens=tokens, bos_id=bos if bos >= 0 else None, eos_id=eos if eos >= 0 else None,
-            add_bos=bool(lc.llama_vocab_get_add_bos(v)), add_eos=bool(lc.llama_vocab_get_add_eos(v)),
-            extra={"vocab_type": int(lc.llama_vocab_type(v))},
-        )
+        # the same reading (and the same text decoding) the reference authority is checked against
+        from parity_both.tokenizer import vocab_dump_from_llama_cpp
+
+        dump = vocab_dump_from_llama_cpp(self.llm)
+        dump.extra.setdefault("vocab_type", int(self._llama_cpp.llama_vocab_type(self._vocab)))
+        return dump
 
     def tokenize(self, text: str, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
