@@ -69,6 +69,27 @@ def model_facts(gguf_path: str) -> dict[str, Any]:
     return facts
 
 
+# -- tokenizer authority ----------------------------------------------------------------------
+def authority_record(gguf_path: str, source: str, tokenizer_json: str | None, out_tokenizer: str) -> dict[str, Any]:
+    from parity_both.authority import build_authority
+
+    try:
+        return build_authority(gguf_path, source, tokenizer_json, out_tokenizer)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(_bad_tokenizer(source, tokenizer_json, e)) from e
+    except Exception as e:  # the tokenizers library raises bare Exceptions for malformed files
+        if type(e) is Exception:
+            raise InputError(_bad_tokenizer(source, tokenizer_json, e)) from e
+        raise
+
+
+def _bad_tokenizer(source: str, path: str | None, e: BaseException) -> str:
+    what = f"tokenizer {path}" if path else "the GGUF's embedded vocabulary"
+    fix = ("fix the file or remove models.<name>.tokenizer from config to use the GGUF's own vocabulary"
+           if path else "use a GGUF converted by a current llama.cpp, or name a tokenizer.json in config")
+    return f"{what} ({source}) cannot be used: {str(e).splitlines()[0] if str(e) else type(e).__name__}; {fix}"
+
+
 # -- prompt -----------------------------------------------------------------------------------
 def prompt_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str,
                   settings: Mapping[str, Any]) -> dict[str, Any]:

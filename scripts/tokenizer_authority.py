@@ -1,11 +1,11 @@
-from parity_both import authority, pipeline
+from parity_both import pipeline
 from parity_both.jobs import run_job
 
 
 def main() -> None:
     sm = snakemake  # noqa: F821
     tok = sm.input.tokenizer[0] if sm.input.tokenizer else None
-    record = authority.build_authority(sm.input.gguf, sm.params.source, tok, sm.output.tokenizer)
+    record = pipeline.authority_record(sm.input.gguf, sm.params.source, tok, sm.output.tokenizer)
     pipeline.write_json(sm.output.authority, record)
 
 

@@ -90,3 +90,16 @@ def test_help_lists_every_seed_flag():
 def test_workflow_files_are_where_the_cli_expects():
     root = Path(__file__).resolve().parent.parent
     assert (root / "Snakefile").is_file() and (root / "profiles/default/config.yaml").is_file()
+
+
+def test_broken_tokenizer_json_exits_2_with_a_clear_paragraph(tmp_path):
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}))
+    out = tmp_path / "ci"
+    p = run_cli("--out-dir", str(out), "--tokenizer", str(tok), "--max-tokens", "1", "--format", "json")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert json.loads(p.stdout)["overall"]["exit_code"] == 2  # stdout stays one JSON document
+    assert "tokenizer" in p.stderr and "cannot be used" in p.stderr and "log:" in p.stderr
+    # no half-written results: the failed job's outputs are gone, no receipt exists
+    assert not (out / "results/model/tokenizer/authority.json").exists()
+    assert not list(out.glob("receipt_*.json"))

@@ -96,3 +96,36 @@ def test_off_by_one_position_bug_fails_the_default_thresholds(base_run, tmp_path
     snakemake(work)
     r = load_receipt(work / "results/smol/receipts/llama/capital.json")
     assert r["status"] == "fail" and r["summary"]["mean_kl"] > 0.5
+
+
+def test_external_tokenizer_differing_from_the_lane_is_inconsistent_exit_2(tmp_path, smol_path):
+    """AC5: a tokenizer.json whose vocabulary differs from the engine's (one unused piece renamed) is
+    caught by comparing the reference authority with the lane's own vocabulary: exit code 2, and the
+    first differing id is named."""
+    from parity_both.authority import build_authority
+
+    work = tmp_path / "w"
+    work.mkdir()
+    tok = work / "tokenizer.json"
+    build_authority(smol_path, "gguf_embedded", None, str(tok))
+    data = json.loads(tok.read_text())
+    vocab = data["model"]["vocab"]
+    old = next(k for k, v in vocab.items() if v == 5)  # <file_sep>, a control token no prompt uses
+    vocab["<file_separator>"] = vocab.pop(old)
+    for t in data["added_tokens"]:
+        if t["id"] == 5:
+            t["content"] = "<file_separator>"
+    tok.write_text(json.dumps(data))
+    write_config(work, {"models": {"smol": {"gguf": "embedded", "tokenizer": str(tok)}},
+                        "prompts": {"capital": PROMPTS["capital"]}, "max_tokens": 1})
+    snakemake(work)
+    r = load_receipt(work / "results/smol/receipts/llama/capital.json")
+    assert r["token_parity"]["match"] is True  # the prompt does not use the renamed piece
+    assert r["tokenizer_consistent"] is False and r["status"] == "tokenizer_inconsistent" and r["exit_code"] == 2
+    diff = r["lane_tokenizer_authority"]["difference"]
+    assert diff["first_difference"]["id"] == 5
+    assert r["tokenizer_authority"]["source"] == "external"
+    agreement = r["tokenizer_authority"]["gguf_agreement"]
+    assert agreement and agreement.get("agrees") is False
+    summary = json.loads((work / "results/summary.json").read_text())
+    assert summary["overall"]["tokenizer_consistent"] is False and summary["overall"]["exit_code"] == 2
