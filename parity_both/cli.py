@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--metrics", default="cos,mse,kl,topk,greedy",
                    help="metric families that gate pass/fail: cos,mse,kl,topk,greedy (all are always recorded)")
     p.add_argument("--cores", type=int, default=2, help="parallel jobs (default 2)")
+    p.add_argument("--config", default=None,
+                   help="YAML merged over config.yaml (lanes, backends, reference, thresholds, gates)")
     args = p.parse_args(argv)
     fams = [m.strip() for m in args.metrics.split(",") if m.strip()]
     bad = [m for m in fams if m not in METRIC_CHOICES]
@@ -85,6 +87,15 @@ def preflight_inputs(args: argparse.Namespace) -> str | None:
         read_gguf(model)
     except GGUFError as e:
         return f"--model-gguf: {e}"
+    if args.config:
+        c = Path(args.config)
+        if not c.is_file():
+            return f"--config {c}: no such file"
+        try:
+            if not isinstance(yaml.safe_load(c.read_text()) or {}, dict):
+                return f"--config {c}: must be a YAML mapping (keys of config.yaml)"
+        except yaml.YAMLError as e:
+            return f"--config {c}: not valid YAML ({str(e).splitlines()[0]})"
     if args.tokenizer:
         t = Path(args.tokenizer)
         if not t.is_file():
@@ -98,6 +109,11 @@ def preflight_inputs(args: argparse.Namespace) -> str | None:
 
 def build_config(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     base = yaml.safe_load((REPO / "config.yaml").read_text())
+    if args.config:
+        extra = yaml.safe_load(Path(args.config).read_text()) or {}
+        for key in ("models", "prompts", "max_tokens", "out_dir", "standalone"):
+            extra.pop(key, None)  # the command's own flags decide these
+        base.update(extra)
     lanes = [s.strip() for s in args.lanes.split(",")] if args.lanes else base["lanes"]
     model = args.model_gguf if args.model_gguf == "embedded" else str(Path(args.model_gguf).resolve())
     mode = (base.get("reference") or {}).get("mode", "exact")
@@ -119,6 +135,9 @@ def build_config(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         "metrics": args.metric_families,
         "out_dir": "results",
     }
+    for key in ("backends", "repair"):
+        if key in base:
+            cfg[key] = base[key]
     if args.no_repair:
         cfg["repair"] = "never"
     return cfg

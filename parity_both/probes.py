@@ -13,10 +13,16 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def probe_lane(lane: str, config: Mapping[str, Any] | None = None) -> str:
+def probe_lane(lane: str, config: Mapping[str, Any] | None = None) -> tuple[str, bool]:
+    """(the stable identity of the expected backend as a deterministic string, is it present now?).
+
+    The string is identical before and after a successful repair (so a repair does not make the next
+    run redo everything); a change of version/revision/flags changes it and reruns the backend rule.
+    A vanished backend is handled by the caller: it removes the rule's output, so the rule reruns."""
     from parity_both import backends
 
-    return json.dumps(backends.probe_lane(lane, config=config), sort_keys=True)
+    probe = backends.probe_lane(lane, config=config)
+    return json.dumps(backends.stable_probe(probe), sort_keys=True), bool(probe.get("present"))
 
 
 def loads_bitnet_format(lane: str, config: Mapping[str, Any] | None = None) -> bool:
@@ -34,5 +40,5 @@ def provision_lane(lane: str, probe: str, repair: str, repair_why: str, log_path
                    config: Mapping[str, Any] | None = None) -> dict:
     from parity_both import backends
 
-    return backends.provision_lane(lane, json.loads(probe), repair=repair, repair_why=repair_why,
+    return backends.provision_lane(lane, None, repair=repair, repair_why=repair_why,
                                    log_path=log_path, threads=threads, config=config)

@@ -1,6 +1,6 @@
 # Parse-time helpers: standard library only (see parity_both/config.py) so that an up-to-date
 # run answers fast.
-import json
+from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -89,10 +89,21 @@ def model_activation(wildcards):
     return pbconfig.model_activation(config, wildcards.model)
 
 
+_PROBES = {}
+
+
 def backend_probe(wildcards):
-    # Cheap check of the installed/built backend: a change (or a vanished backend) changes this
-    # value, which reruns the backend rule - that rerun is the repair.
-    return probes.probe_lane(wildcards.lane, config)
+    # Cheap check of the installed/built backend. A changed backend changes this value, and a
+    # vanished one gets its record removed; either way the backend job runs again, and that is the
+    # repair (or, with repair disabled, the failure that names the repair command).
+    lane = wildcards.lane
+    if lane not in _PROBES:
+        stable, present = probes.probe_lane(lane, config)
+        record = Path(f"{OUT}/backends/{lane}.json")
+        if not present and record.exists() and workflow.is_main_process:
+            record.unlink()
+        _PROBES[lane] = stable
+    return _PROBES[lane]
 
 
 def lane_thresholds(wildcards):

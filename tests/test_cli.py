@@ -20,7 +20,8 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_json_stdout_is_pure_and_receipt_written(tmp_path):
     out = tmp_path / "ci"
-    p = run_cli("--out-dir", str(out), "--format", "json", "--max-tokens", "2", "--prompt", "What is 2+2?",
+    p = run_cli("--out-dir", str(out), "--lanes", "llama", "--format", "json", "--max-tokens", "2",
+                "--prompt", "What is 2+2?",
                 "--prompt-template", "chatml", "--system-prompt", "Be brief.", "--dump-ids", "--dump-cpp-ids")
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout)  # the whole of stdout is one JSON document
@@ -42,7 +43,8 @@ def test_token_mismatch_exits_2_without_logits(tmp_path, smol_path):
     prompt = "Photosynthesis converts sunlight into chemical energy."
     drop_merge_for(tok, prompt)
     out = tmp_path / "ci"
-    p = run_cli("--out-dir", str(out), "--tokenizer", str(tok), "--prompt", prompt, "--prompt-template", "raw",
+    p = run_cli("--out-dir", str(out), "--lanes", "llama", "--tokenizer", str(tok), "--prompt", prompt,
+                "--prompt-template", "raw",
                 "--max-tokens", "1", "--cos-tol", "0.99", "--metrics", "cos,kl")
     assert p.returncode == 2, p.stdout + p.stderr[-3000:]
     assert "token_mismatch" in p.stdout.lower() or "TOKEN_MISMATCH" in p.stdout
@@ -96,7 +98,8 @@ def test_broken_tokenizer_json_exits_2_with_a_clear_paragraph(tmp_path):
     tok = tmp_path / "tokenizer.json"
     tok.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}))
     out = tmp_path / "ci"
-    p = run_cli("--out-dir", str(out), "--tokenizer", str(tok), "--max-tokens", "1", "--format", "json")
+    p = run_cli("--out-dir", str(out), "--lanes", "llama", "--tokenizer", str(tok), "--max-tokens", "1",
+                "--format", "json")
     assert p.returncode == 2, p.stderr[-2000:]
     assert json.loads(p.stdout)["overall"]["exit_code"] == 2  # stdout stays one JSON document
     assert "tokenizer" in p.stderr and "cannot be used" in p.stderr and "log:" in p.stderr

