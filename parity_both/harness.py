@@ -48,7 +48,19 @@ HARNESS_BINARY = "parity_harness"
 ENGINE_BASE_CMAKE_ARGS: tuple[str, ...] = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=ON",
-    "-DGGML_NATIVE=ON",
+    # Portable x86-64 AVX2, the same CPU paths as the llama lane's llama-cpp-python wheel (Makefile):
+    # -march=native would also compile ggml's AMX kernels, which crash where the CPU advertises AMX
+    # without granting it, and would make lanes differ by CPU feature path rather than by code.
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_BMI2=ON",
+    "-DGGML_AVX512=OFF",
+    "-DGGML_AMX_TILE=OFF",
+    "-DGGML_AMX_INT8=OFF",
+    "-DGGML_AMX_BF16=OFF",
     "-DGGML_OPENMP=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",

@@ -25,6 +25,31 @@ def probe_lane(lane: str, config: Mapping[str, Any] | None = None) -> tuple[str,
     return json.dumps(backends.stable_probe(probe), sort_keys=True), bool(probe.get("present"))
 
 
+def probe_lane_text(lane: str, config: Mapping[str, Any] | None = None) -> str:
+    """The probe stamp's content: the stable identity of the expected backend plus whether it is
+    present now (deterministic JSON)."""
+    stable, present = probe_lane(lane, config)
+    return json.dumps({"expected": json.loads(stable), "present": present}, sort_keys=True, indent=1) + "\n"
+
+
+def write_if_changed(path: str, text: str) -> bool:
+    """Write text to path atomically, only if the content differs (so mtimes move only on change)."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        if p.read_text() == text:
+            return False
+    except OSError:
+        pass
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+    return True
+
+
 def loads_bitnet_format(lane: str, config: Mapping[str, Any] | None = None) -> bool:
     """Can this lane's engine load BitNet.cpp-format models (I2_S, the fork's key prefix)? Only a
     BitNet.cpp build can; mainline llama.cpp refuses type 36 and the `bitnet-b1.58` prefix."""
@@ -36,9 +61,13 @@ def loads_bitnet_format(lane: str, config: Mapping[str, Any] | None = None) -> b
         return False
 
 
-def provision_lane(lane: str, probe: str, repair: str, repair_why: str, log_path: str, threads: int,
+def provision_lane(lane: str, stamp: str, repair: str, repair_why: str, log_path: str, threads: int,
                    config: Mapping[str, Any] | None = None) -> dict:
+    """The backend job: provision if needed (and allowed), then refresh the probe stamp so the next
+    run sees the backend present and has nothing to do."""
     from parity_both import backends
 
-    return backends.provision_lane(lane, None, repair=repair, repair_why=repair_why,
-                                   log_path=log_path, threads=threads, config=config)
+    record = backends.provision_lane(lane, None, repair=repair, repair_why=repair_why,
+                                     log_path=log_path, threads=threads, config=config)
+    write_if_changed(stamp, probe_lane_text(lane, config))
+    return record

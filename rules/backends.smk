@@ -1,9 +1,10 @@
 rule backend:
     """Check (and, when repair is allowed, provision) one lane's engine."""
+    input:
+        probe=f"{OUT}/backends/.probes/{{lane}}.json",
     output:
         f"{OUT}/backends/{{lane}}.json",
     params:
-        probe=backend_probe,
         repair=REPAIR_MODE,
         repair_why=REPAIR_WHY,
         backends=config.get("backends", {}),

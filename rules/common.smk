@@ -89,21 +89,23 @@ def model_activation(wildcards):
     return pbconfig.model_activation(config, wildcards.model)
 
 
-_PROBES = {}
+def probe_stamp(lane):
+    return f"{OUT}/backends/.probes/{lane}.json"
 
 
-def backend_probe(wildcards):
-    # Cheap check of the installed/built backend. A changed backend changes this value, and a
-    # vanished one gets its record removed; either way the backend job runs again, and that is the
-    # repair (or, with repair disabled, the failure that names the repair command).
-    lane = wildcards.lane
-    if lane not in _PROBES:
-        stable, present = probes.probe_lane(lane, config)
-        record = Path(f"{OUT}/backends/{lane}.json")
-        if not present and record.exists() and workflow.is_main_process:
-            record.unlink()
-        _PROBES[lane] = stable
-    return _PROBES[lane]
+def _probe_lanes():
+    # Cheap check of each lane's installed/built backend before the DAG is built, written to a small
+    # stamp file only when it changed: a vanished or changed backend thereby updates an input of its
+    # backend job, which runs again - that is the repair (or, with repair disabled, the failure that
+    # names the repair command). After a repair the job itself rewrites the stamp, so the next run
+    # has nothing to do.
+    for lane in LANES:
+        text = probes.probe_lane_text(lane, config)
+        if workflow.is_main_process:
+            probes.write_if_changed(probe_stamp(lane), text)
+
+
+_probe_lanes()
 
 
 def lane_thresholds(wildcards):

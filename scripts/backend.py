@@ -6,7 +6,7 @@ def main() -> None:
     sm = snakemake  # noqa: F821
     from parity_both.probes import provision_lane
 
-    record = provision_lane(sm.wildcards.lane, sm.params.probe, sm.params.repair, sm.params.repair_why,
+    record = provision_lane(sm.wildcards.lane, sm.input.probe, sm.params.repair, sm.params.repair_why,
                             sm.log[0], sm.threads, config={"backends": sm.params.backends})
     pipeline.write_json(sm.output[0], record)
 

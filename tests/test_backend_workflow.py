@@ -26,11 +26,11 @@ def cache(tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("cache") / "parity-both"
     src = os.environ.get("PARITY_BOTH_TEST_CACHE")
     if src and Path(src, "builds").is_dir():
-        dst.mkdir(parents=True)
         for sub in ("builds", "sources"):
-            if Path(src, sub).is_dir():
-                shutil.copytree(Path(src, sub), dst / sub, symlinks=True,
-                                ignore=shutil.ignore_patterns(".tmp-*", "bitnet-*", "git-*"))
+            for entry in Path(src, sub).glob("*") if Path(src, sub).is_dir() else []:
+                if entry.name.startswith(("llama-2024-", "sdist-llama-cpp-python-0.3.1")):
+                    shutil.copytree(entry, dst / sub / entry.name, symlinks=True)
+    dst.mkdir(parents=True, exist_ok=True)
     return dst
 
 
