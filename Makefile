@@ -58,7 +58,7 @@ sdists:
 # C++ harness; built on first use into $(CACHE)) and llama (llama-cpp-python), in parallel.
 demo: setup
 	PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY_BOTH_REPAIR=auto \
-	    $(VENV)/bin/snakemake --cores 2 --configfile config/demo.yaml results/summary.json
+	    $(VENV)/bin/snakemake results/summary.json --cores 2 --configfile config/demo.yaml
 	@cat results/summary.txt
 
 # Builds made by the tests are cached in $(CACHE) (never inside results/), so a second run is fast.

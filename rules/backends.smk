@@ -1,12 +1,12 @@
 rule backend:
-    """Check (and, when repair is allowed, provision) one lane's engine."""
+    """Check (and, when repair is allowed, provision) one lane's engine. The repair mode (auto, never
+    under CI, ...) decides HOW a missing backend is handled, not what it is, so it is no param: changing
+    it never reruns anything."""
     input:
         probe=f"{OUT}/backends/.probes/{{lane}}.json",
     output:
         f"{OUT}/backends/{{lane}}.json",
     params:
-        repair=REPAIR_MODE,
-        repair_why=REPAIR_WHY,
         backends=config.get("backends", {}),
     conda:
         "../envs/parity-both.yaml"

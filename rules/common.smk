@@ -15,7 +15,6 @@ MODELS = sorted(config["models"])
 PROMPTS = sorted(config["prompts"])
 LANES = list(config["lanes"])
 REF = pbconfig.reference_settings(config)
-REPAIR_MODE, REPAIR_WHY = pbconfig.repair_mode(config)
 
 
 wildcard_constraints:

@@ -4,10 +4,12 @@ from parity_both.jobs import run_job
 
 def main() -> None:
     sm = snakemake  # noqa: F821
+    from parity_both.config import repair_mode
     from parity_both.probes import provision_lane
 
-    record = provision_lane(sm.wildcards.lane, sm.input.probe, sm.params.repair, sm.params.repair_why,
-                            sm.log[0], sm.threads, config={"backends": sm.params.backends})
+    mode, why = repair_mode(sm.config)
+    record = provision_lane(sm.wildcards.lane, sm.input.probe, mode, why, sm.log[0], sm.threads,
+                            config={"backends": sm.params.backends})
     pipeline.write_json(sm.output[0], record)
 
 
