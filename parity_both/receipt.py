@@ -121,7 +121,10 @@ def build_receipt(
         "sequence": {"ids": ids, "n_prompt": n_prompt, "n_generated": len(ids) - n_prompt},
         "reference_settings": dict(reference["settings"]),
         "determinism": {"lane": dict(lane_result.get("settings") or {}),
-                        "reference": {"mode": mode, "threads": reference["settings"].get("threads")}},
+                        "reference": {"mode": mode,
+                                      "threads": (reference["settings"].get("numpy") or {}).get("blas_threads"),
+                                      "dtype": reference["settings"].get("dtype"),
+                                      "kv_cache": reference["settings"].get("kv_cache")}},
         "thresholds": dict(thresholds),
         "metric_definitions": dict(metrics.METRIC_DEFINITIONS),
         "timings": {"lane": dict(lane_result.get("timings") or {}),
@@ -194,12 +197,45 @@ def build_receipt(
     if failed_gates:
         summary.setdefault("failures", []).extend(f"gate failed: {e}" for e in failed_gates)
     summary["all_passed"] = status == "pass"
+    hints = diagnose(status, receipt, summary, thresholds)
+    if hints:
+        summary["hints"] = hints
     receipt["summary"] = _clean(summary)
     receipt["status"] = status
     receipt["exit_code"] = STATUS_EXIT[status]
     receipt = _clean(receipt)
     receipt["content_sha256"] = content_hash(receipt)
     return receipt
+
+
+BITNET_ARCHS = ("bitnet", "bitnet-b1.58", "bitnet-25")
+
+
+def diagnose(status: str, receipt: Mapping[str, Any], summary: Mapping[str, Any],
+             thresholds: Mapping[str, Any]) -> list[str]:
+    """Plain-language pointers to the likely cause of a failure, from what the receipt records."""
+    hints: list[str] = []
+    ref = receipt.get("reference_settings") or {}
+    lane = (receipt.get("determinism") or {}).get("lane") or {}
+    if status == "fail" and ref.get("arch") in BITNET_ARCHS:
+        act = ref.get("activation") or (ref.get("hparams") or {}).get("activation")
+        source = (ref.get("hparams") or {}).get("activation_source")
+        if act == "relu2":
+            hints.append(
+                f"the reference computes the BitNet FFN with relu2 (squared ReLU; chosen by: {source}), "
+                "while mainline llama.cpp and BitNet.cpp's current code compute SiLU: a KL of order 1 is "
+                "that difference. Set `activation: silu` on the model to compare the graph the engines "
+                "compute, or keep relu2 to show they do not compute what the model was trained with.")
+    if status == "fail" and lane.get("type_v") == "f16":
+        hints.append("this lane ran with an F16 V cache (its llama.cpp generation refuses F32 V without "
+                     "flash attention), which alone moves logits by NMSE ~1e-3")
+    if status == "token_mismatch":
+        tp = receipt.get("token_parity") or {}
+        hints.append(f"the lane tokenized the formatted prompt differently from the tokenizer authority at "
+                     f"position {tp.get('first_divergent_pos')} (reference {tp.get('ref_id')} "
+                     f"{tp.get('ref_piece')!r}, lane {tp.get('lane_id')} {tp.get('lane_piece')!r}); compare "
+                     "the tokenizer authority's source with the GGUF's own vocabulary (gguf_agreement)")
+    return hints
 
 
 def _clean(obj: Any) -> Any:

@@ -98,7 +98,7 @@ def test_unreachable_git_source_exits_3_after_retries(tmp_path):
         "kind": "harness", "recipe": "llama.cpp",
         "source": {"type": "git", "url": "https://127.0.0.1:9/llama.cpp.git", "commit": "0" * 40}}}}))
     out = tmp_path / "ci"
-    p = run_cli(["--lanes", "remote", "--config", str(cfg), "--max-tokens", "1", "--out-dir", str(out),
+    p = run_cli(["--lanes", "remote,llama", "--config", str(cfg), "--max-tokens", "1", "--out-dir", str(out),
                  "--format", "json"],
                 {"PARITY_BOTH_CACHE": str(tmp_path / "c"), "PARITY_BOTH_REPAIR": "auto",
                  "PARITY_BOTH_FETCH_BACKOFF": "0.1"})
@@ -106,4 +106,6 @@ def test_unreachable_git_source_exits_3_after_retries(tmp_path):
     summary = json.loads(p.stdout)
     assert summary["overall"]["exit_code"] == 3 and summary["errors"][0]["exit_code"] == 3
     assert "log:" in p.stderr and "remote" in p.stderr
+    # --keep-going: the other lane's receipt is still produced
+    assert json.loads((out / "receipt_llama.json").read_text())["status"] == "pass"
     assert not list((tmp_path / "c").glob("sources/*remote*")) if (tmp_path / "c").exists() else True

@@ -129,3 +129,41 @@ def test_external_tokenizer_differing_from_the_lane_is_inconsistent_exit_2(tmp_p
     assert agreement and agreement.get("agrees") is False
     summary = json.loads((work / "results/summary.json").read_text())
     assert summary["overall"]["tokenizer_consistent"] is False and summary["overall"]["exit_code"] == 2
+
+
+def test_bitnet_activation_setting_changes_the_verdict_and_the_receipt_says_why(tmp_path):
+    """One bitnet fixture, two references: silu (what llama.cpp computes) passes, relu2 (what the
+    published 2B-4T model was trained with) fails - and the receipt names the activation as the cause."""
+    work = tmp_path / "w"
+    work.mkdir()
+    fixture = {"arch": "bitnet", "weight_type": "TQ2_0", "size": "tiny", "seed": 1}
+    write_config(work, {"models": {"silu": {"fixture": fixture, "activation": "silu"},
+                                   "relu2": {"fixture": fixture, "activation": "relu2"}},
+                        "prompts": {"capital": PROMPTS["capital"]}, "max_tokens": 2})
+    snakemake(work)
+    ok = load_receipt(work / "results/silu/receipts/llama/capital.json")
+    bad = load_receipt(work / "results/relu2/receipts/llama/capital.json")
+    assert ok["status"] == "pass" and ok["reference_settings"]["activation"] == "silu"
+    assert bad["status"] == "fail" and bad["reference_settings"]["activation"] == "relu2"
+    assert bad["summary"]["mean_kl"] > 100 * ok["summary"]["mean_kl"]
+    assert any("relu2" in h and "SiLU" in h for h in bad["summary"]["hints"])
+    # the two models are byte-identical files: only the reference's activation differs
+    assert ok["model_sha256"] == bad["model_sha256"]
+
+
+def test_transcoded_i2s_fixture_runs_in_the_llama_lane(tmp_path):
+    """BitNet.cpp's format (I2_S, bitnet-b1.58 keys) is transcoded for the mainline lane; the receipt
+    says which file each side evaluated and the transcode's exact effect."""
+    work = tmp_path / "w"
+    work.mkdir()
+    write_config(work, {"models": {"i2s": {"fixture": {"arch": "bitnet-b1.58", "weight_type": "I2_S",
+                                                       "size": "tiny", "seed": 0}, "activation": "silu"}},
+                        "prompts": {"capital": PROMPTS["capital"]}, "max_tokens": 2})
+    snakemake(work)
+    r = load_receipt(work / "results/i2s/receipts/llama/capital.json")
+    assert r["status"] == "pass", r["summary"]
+    files = r["evaluated_files"]
+    assert files["reference"].endswith("fixtures/i2s.gguf") and files["lane"].endswith("transcoded/mainline.gguf")
+    effect = files["transcode"]
+    assert effect["tensors_transcoded"] and effect["max_rel_scale_change"] is not None
+    assert r["model_facts"]["type_numbering"] == "bitnet.cpp"
