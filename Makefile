@@ -57,12 +57,12 @@ sdists:
 # Offline: lanes llama-2024 (the October-2024 llama.cpp, the generation BitNet.cpp forked, through our
 # C++ harness; built on first use into $(CACHE)) and llama (llama-cpp-python), in parallel.
 demo: setup
-	PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY_BOTH_REPAIR=auto \
+	PARITY_BOTH_CACHE=$(CACHE) PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY_BOTH_REPAIR=auto \
 	    $(VENV)/bin/snakemake results/summary.json --cores 2 --configfile config/demo.yaml
 	@cat results/summary.txt
 
 # Builds made by the tests are cached in $(CACHE) (never inside results/), so a second run is fast.
-TEST_ENV := PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY_BOTH_TEST_CACHE=$(CACHE)
+TEST_ENV := PARITY_BOTH_CACHE=$(CACHE) PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY_BOTH_TEST_CACHE=$(CACHE)
 
 test: setup
 	$(VENV)/bin/ruff check .
