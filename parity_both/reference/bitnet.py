@@ -51,7 +51,7 @@ import numpy as np
 from parity_both.gguf_file import GGUFFile
 from parity_both.reference import ops
 from parity_both.reference.engine import KVCache, LoadedModel
-from parity_both.reference.llama import attention
+from parity_both.reference.llama import attention, attention_dims, common_hparams, metadata_key
 from parity_both.reference.ops import F32
 
 ARCHITECTURES = ("bitnet", "bitnet-b1.58", "bitnet-25")
@@ -103,23 +103,12 @@ def hparams(g: GGUFFile, activation: str | None = None) -> dict[str, Any]:
     if arch not in ARCHITECTURES:
         raise ValueError(f"general.architecture={arch!r} is not a BitNet architecture ({ARCHITECTURES})")
 
-    def key(suffix: str, default: Any = None) -> Any:
-        v = g.metadata.get(f"{arch}.{suffix}", default)
-        if v is None:
-            raise ValueError(f"model metadata lacks {arch}.{suffix}")
-        return v
-
-    n_embd = int(key("embedding_length"))
-    n_head = int(key("attention.head_count"))
-    n_head_kv = int(key("attention.head_count_kv", n_head))
-    head_dim = int(key("attention.key_length", n_embd // n_head))
-    if int(key("attention.value_length", head_dim)) != head_dim:
-        raise NotImplementedError("different key and value head sizes: bitnet asserts they are equal")
+    key = metadata_key(g)
+    dims = attention_dims(key)  # bitnet, like llama, asserts equal key and value head sizes
+    n_embd, n_head, head_dim = dims["n_embd"], dims["n_head"], dims["head_dim"]
     if n_head * head_dim != n_embd:  # mainline creates wq and wo as n_embd x n_embd
         raise ValueError(f"bitnet needs head_count * head size == embedding_length "
                          f"({n_head} * {head_dim} != {n_embd})")
-    if n_head % n_head_kv:
-        raise ValueError(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
     n_rot = int(key("rope.dimension_count", head_dim))
     if n_rot > head_dim or n_rot % 2:
         raise ValueError(f"{arch}.rope.dimension_count={n_rot} does not fit head size {head_dim}")
@@ -137,16 +126,7 @@ def hparams(g: GGUFFile, activation: str | None = None) -> dict[str, Any]:
         raise NotImplementedError(f"scale tensors for {sorted(unknown)} are not part of the bitnet graph")
     emb = g.tensors["token_embd.weight"]
     return {
-        "n_layer": int(key("block_count")),
-        "n_embd": n_embd,
-        "n_head": n_head,
-        "n_head_kv": n_head_kv,
-        "head_dim": head_dim,
-        "n_ff": int(key("feed_forward_length")),
-        "n_vocab": emb.rows_cols[0],
-        "n_ctx_train": int(key("context_length", 0)),
-        "rms_eps": float(key("attention.layer_norm_rms_epsilon")),
-        "kq_scale": float(F32(1.0) / np.sqrt(F32(head_dim))),
+        **common_hparams(key, dims, emb),
         "rope": _rope_hparams(g, arch, n_rot),
         "lm_head": "token_embd.weight (always, bitnet)",
         "sub_norms": True,

@@ -21,6 +21,7 @@ Every architecture module exposes the same three things (see engine.ARCHITECTURE
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,10 +60,10 @@ def _rope_hparams(g: GGUFFile, arch: str, n_rot: int) -> dict[str, Any]:
     }
 
 
-def hparams(g: GGUFFile, activation: str | None = None) -> dict[str, Any]:
+
+def metadata_key(g: GGUFFile) -> Callable[..., Any]:
+    """key(suffix, default) reads `{arch}.{suffix}`; a missing key without default is an error."""
     arch = g.architecture
-    if activation not in (None, "silu"):
-        raise ValueError(f"the llama architecture uses SiLU; activation={activation!r} is not meaningful")
 
     def key(suffix: str, default: Any = None) -> Any:
         v = g.metadata.get(f"{arch}.{suffix}", default)
@@ -70,8 +71,11 @@ def hparams(g: GGUFFile, activation: str | None = None) -> dict[str, Any]:
             raise ValueError(f"model metadata lacks {arch}.{suffix}")
         return v
 
-    if int(g.metadata.get(f"{arch}.expert_count", 0) or 0) > 0:
-        raise NotImplementedError("mixture-of-experts llama models are not implemented by the reference")
+    return key
+
+
+def attention_dims(key: Callable[..., Any]) -> dict[str, int]:
+    """Head counts and head size (shared by the llama-family graphs), checked as llama.cpp checks them."""
     n_embd = int(key("embedding_length"))
     n_head = int(key("attention.head_count"))
     n_head_kv = int(key("attention.head_count_kv", n_head))
@@ -80,6 +84,32 @@ def hparams(g: GGUFFile, activation: str | None = None) -> dict[str, Any]:
         raise NotImplementedError("different key and value head sizes are not implemented")
     if n_head % n_head_kv:
         raise ValueError(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+    return {"n_embd": n_embd, "n_head": n_head, "n_head_kv": n_head_kv, "head_dim": head_dim}
+
+
+def common_hparams(key: Callable[..., Any], dims: dict[str, int], emb: Any) -> dict[str, Any]:
+    """The hyper-parameters every llama-family graph records (the KV cache is sized from them)."""
+    return {
+        "n_layer": int(key("block_count")),
+        **dims,
+        "n_ff": int(key("feed_forward_length")),
+        "n_vocab": emb.rows_cols[0],
+        "n_ctx_train": int(key("context_length", 0)),
+        "rms_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "kq_scale": float(F32(1.0) / np.sqrt(F32(dims["head_dim"]))),
+    }
+
+
+def hparams(g: GGUFFile, activation: str | None = None) -> dict[str, Any]:
+    arch = g.architecture
+    if activation not in (None, "silu"):
+        raise ValueError(f"the llama architecture uses SiLU; activation={activation!r} is not meaningful")
+
+    key = metadata_key(g)
+    if int(g.metadata.get(f"{arch}.expert_count", 0) or 0) > 0:
+        raise NotImplementedError("mixture-of-experts llama models are not implemented by the reference")
+    dims = attention_dims(key)
+    head_dim = dims["head_dim"]
     n_rot = int(key("rope.dimension_count", head_dim))
     if n_rot != head_dim:  # llama.cpp asserts the same
         raise ValueError(f"llama needs rope.dimension_count == head size ({n_rot} != {head_dim})")
@@ -88,16 +118,7 @@ def hparams(g: GGUFFile, activation: str | None = None) -> dict[str, Any]:
     ignored_scale = g.metadata.get(f"{arch}.attention.scale")
     emb = g.tensors["token_embd.weight"]
     return {
-        "n_layer": int(key("block_count")),
-        "n_embd": n_embd,
-        "n_head": n_head,
-        "n_head_kv": n_head_kv,
-        "head_dim": head_dim,
-        "n_ff": int(key("feed_forward_length")),
-        "n_vocab": emb.rows_cols[0],
-        "n_ctx_train": int(key("context_length", 0)),
-        "rms_eps": float(key("attention.layer_norm_rms_epsilon")),
-        "kq_scale": float(F32(1.0) / np.sqrt(F32(head_dim))),
+        **common_hparams(key, dims, emb),
         "attention_scale_key_ignored": None if ignored_scale is None else float(ignored_scale),
         "rope": _rope_hparams(g, arch, n_rot),
         "lm_head": "output.weight" if "output.weight" in g.tensors else "token_embd.weight (tied)",
