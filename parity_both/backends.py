@@ -520,11 +520,15 @@ def engine_name(spec: BackendSpec) -> str:
     return "bitnet.cpp" if spec.recipe == "bitnet" else "llama.cpp"
 
 
-def _harness_dirs(spec: BackendSpec, cache_dir: Path, linked_sha: str | None = None) -> tuple[Path, Path]:
-    """(root of this backend's builds, harness dir for the current harness sources)."""
+def _harness_dirs(spec: BackendSpec, cache_dir: Path, linked: Mapping[str, Any] | None = None) -> tuple[Path, Path]:
+    """(root of this backend's builds, harness dir for the current harness sources). A harness linked
+    to an installed package is keyed by that package's library bytes AND directory: its run path
+    points there, so another environment (another clone's venv) must not reuse it."""
     digest = harness_source_digest()[:16]
     if spec.source.type == "pypi":
-        root = cache_dir / "links" / f"{_slug(spec.name)}-{_digest([spec.source.to_dict(), linked_sha])[:16]}"
+        lk = linked or {}
+        key = _digest([spec.source.to_dict(), lk.get("libllama_sha256"), lk.get("lib_dir")])[:16]
+        root = cache_dir / "links" / f"{_slug(spec.name)}-{key}"
     else:
         root = cache_dir / "builds" / build_key(spec)
     return root, root / f"harness-{digest}"
@@ -547,15 +551,15 @@ def probe_backend(spec: BackendSpec, cache_dir: Path | str | None = None) -> dic
         if spec.kind == "python":
             out.update(_python_probe(spec.source.requirement))
             return out
-        linked_sha = None
+        linked_pkg = None
         if spec.source.type == "pypi":
             py = _python_probe(spec.source.requirement)
-            linked_sha = py.get("libllama_sha256")
+            linked_pkg = py
             out["linked_package"] = {k: py.get(k) for k in ("version", "lib_dir", "libllama_sha256")}
             if not py.get("present"):
                 out.update(present=False, problem=py.get("problem", "package missing"))
                 return out
-        root, hdir = _harness_dirs(spec, cache_dir, linked_sha)
+        root, hdir = _harness_dirs(spec, cache_dir, linked_pkg)
         out["key"] = root.name
         out["harness_dir"] = str(hdir)
         hjson = hdir / "harness.json"
@@ -575,7 +579,11 @@ def probe_backend(spec: BackendSpec, cache_dir: Path | str | None = None) -> dic
             system_info=info.get("system_info"),
             libllama_sha256=file_sha256(Path(llama_lib)) if llama_lib else None,
         )
-        if linked_sha is not None and linked_sha != out["libllama_sha256"]:
+        if linked_pkg is not None and (
+            linked_pkg.get("libllama_sha256") != out["libllama_sha256"]
+            or (llama_lib and os.path.realpath(Path(llama_lib).parent)
+                != os.path.realpath(str(linked_pkg.get("lib_dir"))))
+        ):
             out.update(
                 present=False, problem="the harness does not load the installed llama-cpp-python library"
             )
@@ -982,7 +990,7 @@ def _identity(spec: BackendSpec, probe: dict[str, Any], cache_dir: Path) -> dict
         )
         return ident
     linked = probe.get("linked_package") or {}
-    _, hdir = _harness_dirs(spec, cache_dir, linked.get("libllama_sha256"))
+    _, hdir = _harness_dirs(spec, cache_dir, linked)
     build = HarnessBuild.load(hdir / "harness.json")
     eng = build.engine
     src = probe.get("source") or {}
@@ -1193,7 +1201,7 @@ def _repair(
             progress=progress,
         )
         tree = find_llama_tree(src)
-        root, hdir = _harness_dirs(spec, cache_dir, py.get("libllama_sha256"))
+        root, hdir = _harness_dirs(spec, cache_dir, py)
         if force:
             shutil.rmtree(hdir, ignore_errors=True)
         build_harness(
