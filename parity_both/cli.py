@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         recs = failure_records(results)
         code = max((r.get("exit_code", 1) for r in recs), default=1, key=lambda c: (c != 1, c))
         for r in recs:
+            for key in ("log", "log_path", "build_log"):  # paths relative to the workflow's directory
+                if r.get(key) and not Path(r[key]).is_absolute():
+                    r[key] = str(out_dir / r[key])
             print(failure_paragraph(r), file=sys.stderr)
         if not recs:
             print(f"parity-both: the workflow failed; see {out_dir / 'workflow.log'}", file=sys.stderr)
@@ -241,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                        "overall": {"both_passed": False, "all_passed": False, "tokenizer_consistent": None,
                                    "exit_code": code, "lanes": lanes, "receipts": 0}}
         summary["errors"] = recs
+        for r in recs:  # a lane that could not run is a failed lane, with its reason
+            lane = (r.get("wildcards") or {}).get("lane")
+            if lane:
+                summary["lanes"][lane] = {"status": "error", "exit_code": r.get("exit_code"),
+                                          "kind": r.get("kind"), "message": r.get("message"), "models": {}}
         summary["overall"]["both_passed"] = False
         summary["overall"]["exit_code"] = max(code, summary["overall"]["exit_code"])
     if args.format == "json":

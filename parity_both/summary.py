@@ -168,11 +168,17 @@ def render_text(summary: Mapping[str, Any]) -> str:
                     lines.append(f"      {f}")
                 lines.append(f"      receipt: {p['receipt_path']}")
             lines.append("")
+    errored = {k: v for k, v in summary["lanes"].items() if v.get("status") == "error"}
+    if errored:
+        lines += ["Lanes that could not run", RULE]
+        for lane, v in errored.items():
+            lines.append(f"{lane}: {v.get('kind')} (exit {v.get('exit_code')}): {v.get('message')}")
+        lines.append("")
     o = summary["overall"]
     n_failed = sum(1 for v in summary["lanes"].values() if v["status"] != "ok")
     lines += ["Overall Status", RULE,
               "Both lanes:       " + ("✓ PASSED" if o["both_passed"]
-                                         else f"✗ FAILED ({n_failed} of {len(o['lanes'])} lanes failed)"),
+                                         else f"✗ FAILED ({n_failed} of {len(summary['lanes'])} lanes failed)"),
               f"Tokenizers:       {'✓ consistent' if o['tokenizer_consistent'] else '✗ INCONSISTENT'}",
               f"Exit code:        {o['exit_code']}", ""]
     return "\n".join(lines)
