@@ -1410,7 +1410,13 @@ def provision_lane(
         f"build output: {build_log_path(log_path)}",
         file=sys.stderr,
     )
-    ident = provision_backend(spec, cache, build_log_path(log_path), mode, jobs=max(1, min(int(threads), 2)))
+    try:
+        ident = provision_backend(spec, cache, build_log_path(log_path), mode, jobs=max(1, min(int(threads), 2)))
+    except BackendFailure as f:
+        if f.code == EXIT_NETWORK and spec.existing_dir_env:
+            f.hint = (f"{f.hint}; or set {spec.existing_dir_env} to an existing checkout/build "
+                      "(skips the clone), or run the offline lanes: make demo")
+        raise
     performed = not before.get("present") or mode == "always"
     print(f"backend {lane}: {'repaired' if performed else 'already present'}", file=sys.stderr)
     record: dict[str, Any] = {
