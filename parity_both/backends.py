@@ -816,6 +816,12 @@ def _pip(
     """Run pip; classify: unreachable index -> 3 (after retries), permission -> 4, wheel build -> 5,
     no such version -> 7."""
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    if any("llama-cpp-python" in a or "llama_cpp_python" in a for a in args) and "CMAKE_ARGS" not in env:
+        # llama-cpp-python compiles llama.cpp: build it like the Makefile does (portable AVX2, no AMX:
+        # -march=native crashes in ggml's AMX kernels where the CPU advertises AMX without granting it)
+        env["CMAKE_ARGS"] = " ".join(a for a in ENGINE_BASE_CMAKE_ARGS if a.startswith("-DGGML_") and
+                                     a != "-DGGML_OPENMP=OFF")
+        env.setdefault("PIP_NO_CACHE_DIR", "1")  # never reuse a wheel pip cached with other flags
 
     def attempt() -> None:
         proc = _run_to_log(
