@@ -8,7 +8,6 @@ memory-mapped byte view so weights can be read one layer at a time.
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import struct
 from collections.abc import Mapping
@@ -51,6 +50,8 @@ BITNET_TYPES: dict[int, tuple[str, int, int]] = {
 }
 # Architecture names only BitNet.cpp's fork / Microsoft's published GGUFs use.
 BITNET_FORK_ARCHS = frozenset({"bitnet-b1.58", "bitnet-25", "bitnet_b1_58", "bitnet-b158"})
+
+from parity_both.hashing import sha256_file  # noqa: E402,F401  (re-exported for callers)
 
 
 @dataclass(frozen=True)
@@ -228,13 +229,4 @@ def read_gguf(path: str | Path) -> GGUFFile:
     return GGUFFile(path, version, metadata, tensors, alignment, data_offset, numbering, reason)
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes (large unbuffered reads: as fast as sha256sum)."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(chunk)
-        view = memoryview(buf)
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 

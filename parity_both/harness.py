@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # numpy and the lane protocol are imported lazily: backends p
 
     from parity_both.lanes.base import VocabDump
 
+from parity_both.hashing import sha256_file
+
 HARNESS_SOURCE_DIR = Path(__file__).resolve().parent.parent / "harness"
 HARNESS_SOURCES = ("parity_harness.cpp", "CMakeLists.txt")
 HARNESS_BINARY = "parity_harness"
@@ -138,11 +140,7 @@ def harness_source_digest() -> str:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _log_write(log_path: Path, text: str) -> None:
