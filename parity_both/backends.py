@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from parity_both.config import ci_detected
 from parity_both.harness import (
     ENGINE_BASE_CMAKE_ARGS,
     HarnessBuild,
@@ -64,7 +65,6 @@ ENV_CACHE = "PARITY_BOTH_CACHE"
 ENV_REPAIR = "PARITY_BOTH_REPAIR"
 ENV_GUARD = "PARITY_BOTH_REPAIRING"
 ENV_SDIST_DIR = "PARITY_BOTH_SDIST_DIR"  # a directory that may already hold NAME-VERSION.tar.gz
-CI_ENV_VARS = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_HOME", "CIRCLECI", "BUILDKITE", "TF_BUILD")
 
 EXIT_MISSING = 2
 EXIT_NETWORK = 3
@@ -328,7 +328,7 @@ def resolve_repair_mode(requested: str | None = None, env: Mapping[str, str] | N
     forced = (env.get(ENV_REPAIR) or "").strip().lower()
     if forced in REPAIR_MODES:
         return forced
-    if any(_truthy(env.get(k)) for k in CI_ENV_VARS):
+    if ci_detected(env):
         return "never"
     return "auto"
 
@@ -1078,7 +1078,7 @@ def provision_backend(
         probe.get("problem", "missing") if not probe.get("present") else "rebuild requested (repair=always)"
     )
     if mode == "never":
-        ci_var = next((k for k in CI_ENV_VARS if _truthy(os.environ.get(k))), None)
+        ci_var = ci_detected()
         by_ci = ci_var and repair in (None, "", "default")
         why = f" (CI environment detected: {ci_var} is set)" if by_ci else ""
         raise BackendFailure(

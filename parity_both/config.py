@@ -137,7 +137,7 @@ def ci_detected(environ: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if environ is None else environ
     for var in CI_ENV_VARS:
         val = env.get(var)
-        if val and val.lower() not in ("0", "false", "no"):
+        if val and val.strip().lower() not in ("0", "false", "no", "off"):
             return var
     return None
 
