@@ -33,6 +33,7 @@ from parity_both.backends import (
     resolve_repair_mode,
     write_failure_record,
 )
+from parity_both.config import CI_ENV_VARS
 from parity_both.harness import HarnessBuild, HarnessLane
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def model_path() -> Path:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in (*B.CI_ENV_VARS, B.ENV_REPAIR, B.ENV_GUARD, "BITNET_CPP_DIR"):
+    for var in (*CI_ENV_VARS, B.ENV_REPAIR, B.ENV_GUARD, "BITNET_CPP_DIR"):
         monkeypatch.delenv(var, raising=False)
 
 
