@@ -73,3 +73,36 @@ def drop_merge_for(tokenizer_json: Path, text: str, avoid: tuple[str, ...] = ())
     assert len(data["model"]["merges"]) == len(merges) - 1, target
     tokenizer_json.write_text(json.dumps(data))
     return target
+
+
+def llama_cpp_model(path: Path | str, *, n_ctx: int = 64, n_threads: int = 2, vocab_only: bool = False) -> Any:
+    """A real llama-cpp-python model with the parity settings (F32 K/V, flash attention off, one batch
+    of n_ctx) and ggml's extra buffer types off, so the plain CPU kernels are used whatever the build."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = llama_cpp.llama_cpp
+    orig = lib.llama_model_default_params
+
+    def model_params() -> Any:
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = model_params
+    try:
+        return llama_cpp.Llama(str(path), vocab_only=vocab_only, logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
+                               n_ubatch=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, type_k=0, type_v=0,
+                               flash_attn=False, verbose=False)
+    finally:
+        lib.llama_model_default_params = orig
+
+
+def llama_cpp_logits(path: Path | str, ids: list[int], n_threads: int = 2) -> Any:
+    """All-position logits for `ids` from llama-cpp-python (one batch, fresh cache)."""
+    import numpy as np
+
+    llm = llama_cpp_model(path, n_ctx=max(64, len(ids)), n_threads=n_threads)
+    llm.reset()
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out

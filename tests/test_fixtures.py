@@ -16,28 +16,13 @@ from parity_both import quants
 from parity_both.fixtures import default_vocab_gguf, fixture_dims, read_raw_kvs, write_fixture
 from parity_both.gguf_file import read_gguf
 
+from conftest import llama_cpp_model
+
 PROMPT = "Hello world, this is a parity test.\nSecond line with numbers 12345 and émojis ✓"
 
 
 def make_llama(path: Path, *, vocab_only: bool = False) -> Any:
-    """Llama with the AMX/repack extra buffers off: on this machine (AMX_INT8 CPU) llama-cpp-python
-    0.3.36 segfaults in ggml_backend_amx_mul_mat on SmolLM2-135M (Q4_1, d = 576). Our tiny/small
-    fixtures happen not to trigger it; the plain CPU buffer also keeps the kernel choice fixed."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    lib = llama_cpp.llama_cpp
-    orig = lib.llama_model_default_params
-
-    def model_params() -> Any:
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = model_params
-    try:
-        return llama_cpp.Llama(str(path), vocab_only=vocab_only, logits_all=True, n_ctx=64, n_threads=2,
-                               type_k=0, type_v=0, flash_attn=False, verbose=False)
-    finally:
-        lib.llama_model_default_params = orig
+    return llama_cpp_model(path, vocab_only=vocab_only)
 
 
 CASES = [("llama", "F32", False), ("llama", "F16", False), ("llama", "Q8_0", False), ("llama", "Q4_0", False),

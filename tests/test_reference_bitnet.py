@@ -24,35 +24,12 @@ from parity_both.metrics import aggregate, compare_positions
 from parity_both.reference import run_reference
 from parity_both.reference.engine import KVCache, load_model
 
+from conftest import llama_cpp_logits
+
 llama_cpp = pytest.importorskip("llama_cpp")
 
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (SmolLM2 vocab)
 CHAT_IDS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
-
-
-def llama_cpp_logits(path: str | Path, ids: list[int], n_threads: int = 2) -> np.ndarray:
-    """All-position logits from llama-cpp-python with the parity settings (see module docstring)."""
-    import llama_cpp.llama_cpp as lc
-
-    orig = lc.llama_model_default_params
-
-    def params() -> Any:
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    lc.llama_model_default_params = params
-    try:
-        n = max(64, len(ids))
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=n, n_batch=n, n_ubatch=n, n_threads=n_threads,
-                              n_threads_batch=n_threads, type_k=0, type_v=0, flash_attn=False, verbose=False)
-    finally:
-        lc.llama_model_default_params = orig
-    llm.reset()
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
 
 
 def compare(ref: np.ndarray, lane: np.ndarray, ids: list[int]) -> dict[str, Any]:

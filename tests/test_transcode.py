@@ -18,6 +18,8 @@ from parity_both.fixtures import TensorSpec, kv_str, kv_u32, read_raw_kvs, write
 from parity_both.gguf_file import GGUFError, read_gguf
 from parity_both.transcode import transcode
 
+from conftest import llama_cpp_model
+
 
 def independent_i2s(values: list[int], scale: float) -> bytes:
     """I2_S from the layout description (same as tests/test_quants.py; not quants.pack_i2s)."""
@@ -31,22 +33,7 @@ def independent_i2s(values: list[int], scale: float) -> bytes:
 
 
 def make_llama(path: Path) -> Any:
-    """Llama with the AMX/repack extra buffers off (they segfault on this AMX_INT8 machine)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    lib = llama_cpp.llama_cpp
-    orig = lib.llama_model_default_params
-
-    def model_params() -> Any:
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = model_params
-    try:
-        return llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, n_threads=2, type_k=0, type_v=0,
-                               flash_attn=False, verbose=False)
-    finally:
-        lib.llama_model_default_params = orig
+    return llama_cpp_model(path)
 
 
 @pytest.fixture(scope="module")
