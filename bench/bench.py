@@ -74,7 +74,7 @@ def bench(lanes: list[str], smoke: bool, work: Path) -> list[dict[str, Any]]:
     if "code" not in prompts:  # P5b needs a prompt with a piece the others do not use
         prompts["code"] = {"text": "def fibonacci(n):", "template": "raw"}
     tok = work / "tokenizer.json"
-    from parity_both.authority import build_authority
+    from parity_both.tokenize.authority import build_authority
 
     build_authority(model, "gguf_embedded", None, str(tok))
     max_tokens = int(base.get("max_tokens", 8))
@@ -176,7 +176,7 @@ def bench(lanes: list[str], smoke: bool, work: Path) -> list[dict[str, Any]]:
                     f"1 and {len(lanes)}", ok))
 
     # P6: SHA-256 speed against sha256sum on the same file (warm page cache for both).
-    from parity_both.gguf_file import sha256_file
+    from parity_both.gguf.reader import sha256_file
     from parity_both.hashing import sha256_cached
 
     subprocess.run(["sha256sum", model], capture_output=True, check=True)

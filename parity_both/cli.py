@@ -75,7 +75,7 @@ def fail(msg: str, code: int = 2) -> int:
 def preflight_inputs(args: argparse.Namespace) -> str | None:
     """Check the model and tokenizer before anything is written: one clear line if unusable."""
     from parity_both.config import ConfigError, embedded_model_path
-    from parity_both.gguf_file import GGUFError, read_gguf
+    from parity_both.gguf.reader import GGUFError, read_gguf
 
     try:
         model = embedded_model_path() if args.model_gguf == "embedded" else args.model_gguf
@@ -172,7 +172,7 @@ def failure_records(results: Path) -> list[dict[str, Any]]:
 
 
 def dump_ids(results: Path, lanes: list[str], ref: bool, cpp: bool) -> None:
-    from parity_both.authority import dump_ids_table
+    from parity_both.tokenize.authority import dump_ids_table
 
     prompt_json = results / "model" / "prompts" / "prompt.json"
     if not prompt_json.is_file():

@@ -127,7 +127,7 @@ def needs_mainline_copy(config: Mapping[str, Any], model: str) -> bool:
     fx = spec.get("fixture")
     if fx:
         return fx["arch"] in BITNET_FORK_ARCHS or fx["weight_type"] == "I2_S"
-    from parity_both.gguf_peek import peek_format_cached
+    from parity_both.gguf.peek import peek_format_cached
 
     arch, types = peek_format_cached(model_path(config, model))
     return arch in BITNET_FORK_ARCHS or I2_S_TYPE_ID in types

@@ -10,7 +10,7 @@ Architectures:
   bitnet        mainline prefix ``bitnet`` (src/models/bitnet.cpp): attn_sub_norm / ffn_sub_norm,
                 optional per-matrix ``.scale`` tensors (scale_tensors=True), LM head = token_embd.
   bitnet-b1.58  BitNet.cpp / Microsoft prefix (same tensors); with I2_S weights mainline cannot load
-                it - ``python -m parity_both.transcode`` makes a copy it can.
+                it - ``python -m parity_both.gguf.transcode`` makes a copy it can.
 Ternary weight types (TQ1_0, TQ2_0, I2_S) and every bitnet model get ternary projection weights
 t * s, t in {-1, 0, +1}, with a per-tensor s that fp16 represents exactly: TQ1_0/TQ2_0/I2_S (and an
 I2_S -> TQ2_0 transcode) store them losslessly, so all lanes see identical weights.
@@ -39,8 +39,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from parity_both.gguf_file import sha256_file
-from parity_both.quants import i2s_nbytes, pack_i2s
+from parity_both.gguf.quants import i2s_nbytes, pack_i2s
+from parity_both.gguf.reader import sha256_file
 
 # ----------------------------------------------------------------------------------------------
 # Raw GGUF key/value IO: values are kept as (type, encoded bytes) so copies are byte-exact.

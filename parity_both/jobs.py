@@ -59,7 +59,7 @@ def classify(exc: BaseException) -> tuple[int, str]:
         return code, getattr(exc, "kind", "backend")
     if isinstance(code, int) and code == 7:  # a backend source/spec that cannot be used: bad input
         return 2, getattr(exc, "kind", "bad_source")
-    from parity_both.gguf_file import GGUFError
+    from parity_both.gguf.reader import GGUFError
 
     if isinstance(exc, GGUFError):
         return 2, "bad_model"

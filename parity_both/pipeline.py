@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from parity_both.gguf_file import read_gguf
+from parity_both.gguf.reader import read_gguf
 from parity_both.receipt import write_json
 
 log = logging.getLogger("parity_both")
@@ -31,7 +31,7 @@ class InputError(ValueError):
 # -- model facts ------------------------------------------------------------------------------
 def model_facts(gguf_path: str) -> dict[str, Any]:
     from parity_both.hashing import sha256_cached
-    from parity_both.templates import chat_template_hash
+    from parity_both.tokenize.templates import chat_template_hash
 
     g = read_gguf(gguf_path)
     md = g.metadata
@@ -71,7 +71,7 @@ def model_facts(gguf_path: str) -> dict[str, Any]:
 
 # -- tokenizer authority ----------------------------------------------------------------------
 def authority_record(gguf_path: str, source: str, tokenizer_json: str | None, out_tokenizer: str) -> dict[str, Any]:
-    from parity_both.authority import build_authority
+    from parity_both.tokenize.authority import build_authority
 
     try:
         return build_authority(gguf_path, source, tokenizer_json, out_tokenizer)
@@ -93,9 +93,9 @@ def _bad_tokenizer(source: str, path: str | None, e: BaseException) -> str:
 # -- prompt -----------------------------------------------------------------------------------
 def prompt_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str,
                   settings: Mapping[str, Any]) -> dict[str, Any]:
-    from parity_both import templates
     from parity_both.lanes.base import apply_contract
-    from parity_both.tokenizer import ReferenceTokenizer
+    from parity_both.tokenize import templates
+    from parity_both.tokenize.vocab import ReferenceTokenizer
 
     md = read_gguf(gguf_path).metadata
     requested = settings.get("template") or "auto"
@@ -158,14 +158,14 @@ def open_lane(backend: Mapping[str, Any], model_path: str, n_ctx: int, threads: 
 
         return LlamaCppPythonLane(model_path, n_ctx=n_ctx, threads=threads, vocab_only=vocab_only)
     if kind == "harness":
-        from parity_both.harness import HarnessLane
+        from parity_both.lanes.harness import HarnessLane
 
         return HarnessLane.from_backend(backend, model_path, n_ctx=n_ctx, threads=threads)
     raise InputError(f"backend record has unknown kind {kind!r}; rebuild it with `snakemake -R backend`")
 
 
 def lane_vocab(backend: Mapping[str, Any], model_path: str) -> dict[str, Any]:
-    from parity_both.authority import vocab_fingerprint
+    from parity_both.tokenize.authority import vocab_fingerprint
 
     engine = open_lane(backend, model_path, n_ctx=64, threads=1, vocab_only=True)
     try:
@@ -271,9 +271,9 @@ def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json:
 def vocab_difference(tokenizer_json: str, authority: Mapping[str, Any],
                      lane_vocab_rec: Mapping[str, Any]) -> dict[str, Any] | None:
     """First id (or flag) where the lane's vocabulary differs from the reference authority's."""
-    from parity_both.authority import compare_vocabs
     from parity_both.lanes.base import VocabDump
-    from parity_both.tokenizer import ReferenceTokenizer
+    from parity_both.tokenize.authority import compare_vocabs
+    from parity_both.tokenize.vocab import ReferenceTokenizer
 
     ref = ReferenceTokenizer.from_files(tokenizer_json, authority).vocab_dump()
     lane = VocabDump([(int(i), str(t), str(k)) for i, t, k in lane_vocab_rec["tokens"]],

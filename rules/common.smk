@@ -5,7 +5,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from parity_both import config as pbconfig
-from parity_both import probes
+from parity_both.provision import probes
 
 
 validate(config, schema="../schemas/config.schema.yaml")

@@ -1,6 +1,6 @@
 from parity_both import pipeline
+from parity_both.gguf.transcode import transcode
 from parity_both.jobs import run_job
-from parity_both.transcode import transcode
 
 
 def main() -> None:

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from parity_both.authority import (
+from parity_both.lanes.base import TokenizationContract, VocabDump, apply_contract
+from parity_both.tokenize.authority import (
     AuthorityError,
     build_authority,
     compare_vocabs,
@@ -22,8 +23,7 @@ from parity_both.authority import (
     dump_ids_table,
     vocab_fingerprint,
 )
-from parity_both.lanes.base import TokenizationContract, VocabDump, apply_contract
-from parity_both.tokenizer import ReferenceTokenizer, embedded_model_gguf, vocab_dump_from_llama_cpp
+from parity_both.tokenize.vocab import ReferenceTokenizer, embedded_model_gguf, vocab_dump_from_llama_cpp
 
 MODEL = embedded_model_gguf()
 pytestmark = pytest.mark.skipif(

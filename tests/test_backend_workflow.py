@@ -78,7 +78,7 @@ def test_repair_disabled_with_backend_missing_exits_2_with_the_repair_command(tm
     p = run_cli(["--lanes", "llama-2024", "--no-repair", "--max-tokens", "1", "--out-dir", str(out)],
                 {"PARITY_BOTH_CACHE": str(empty), "PARITY_BOTH_REPAIR": ""})
     assert p.returncode == 2, p.stderr[-3000:]
-    assert "llama-2024" in p.stderr and "parity_both.backends provision llama-2024" in p.stderr
+    assert "llama-2024" in p.stderr and "parity_both.provision.backends provision llama-2024" in p.stderr
     assert not list(out.glob("receipt_*.json"))
     assert not list(empty.glob("builds/llama-2024-*")) if empty.exists() else True
 

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity_both import backends as B
-from parity_both.backends import (
+from parity_both.config import CI_ENV_VARS
+from parity_both.lanes.harness import HarnessLane
+from parity_both.provision import backends as B
+from parity_both.provision.backends import (
     BUILTIN_SPECS,
     BackendFailure,
     BackendSpec,
@@ -33,8 +35,7 @@ from parity_both.backends import (
     resolve_repair_mode,
     write_failure_record,
 )
-from parity_both.config import CI_ENV_VARS
-from parity_both.harness import HarnessBuild, HarnessLane
+from parity_both.provision.harness import HarnessBuild
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"retries": 3, "backoff": 0.05}
@@ -259,7 +260,7 @@ def test_repair_disabled_and_missing_exits_2(tmp_path: Path) -> None:
         provision_backend(local_spec(tree), tmp_path / "cache", tmp_path / "n.log", "never", **FAST)
     f = ei.value
     assert f.code == 2 and f.kind == "backend_missing" and "repair is disabled" in f.message
-    assert "-m parity_both.backends provision local-tree" in f.hint and "--repair auto" in f.hint
+    assert "-m parity_both.provision.backends provision local-tree" in f.hint and "--repair auto" in f.hint
     assert "CI" not in f.message
 
 
@@ -275,7 +276,7 @@ def test_ci_default_is_no_repair_cli(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "parity_both.backends",
+            "parity_both.provision.backends",
             "provision",
             "mini",
             "--config",
@@ -342,7 +343,7 @@ def _llama_2024_tree(test_cache: Path, tmp_path: Path) -> Path:
     """The 0.3.1 sdist's vendor/llama.cpp, fetched through the backend machinery (cached)."""
     spec = BUILTIN_SPECS["llama-2024"]
     log = tmp_path / "src.log"
-    from parity_both.harness import Progress
+    from parity_both.provision.harness import Progress
 
     return B._ensure_source(spec, test_cache, log, retries=2, backoff=0.5, progress=Progress("test"))
 

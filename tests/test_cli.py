@@ -36,7 +36,7 @@ def test_json_stdout_is_pure_and_receipt_written(tmp_path):
 
 
 def test_token_mismatch_exits_2_without_logits(tmp_path, smol_path):
-    from parity_both.authority import build_authority
+    from parity_both.tokenize.authority import build_authority
 
     tok = tmp_path / "tokenizer.json"
     build_authority(smol_path, "gguf_embedded", None, str(tok))

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from parity_both import quants
 from parity_both.fixtures import default_vocab_gguf, fixture_dims, read_raw_kvs, write_fixture
-from parity_both.gguf_file import read_gguf
+from parity_both.gguf import quants
+from parity_both.gguf.reader import read_gguf
 
 from conftest import llama_cpp_model
 

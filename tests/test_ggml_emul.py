@@ -1,4 +1,4 @@
-"""parity_both.ggml_emul against (1) slow per-block transcriptions of ggml's C code and (2) real
+"""parity_both.reference.ggml_emul against (1) slow per-block transcriptions of ggml's C code and (2) real
 llama.cpp: one matmul per weight type captured from a fixture's graph with cb_eval, recomputed from
 llama.cpp's OWN input tensor (teacher-forced per op)."""
 
@@ -14,10 +14,10 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from parity_both import ggml_emul
 from parity_both.fixtures import default_vocab_gguf, write_fixture
-from parity_both.gguf_file import read_gguf
-from parity_both.quants import pack_i2s
+from parity_both.gguf.quants import pack_i2s
+from parity_both.gguf.reader import read_gguf
+from parity_both.reference import ggml_emul
 
 F32 = np.float32
 

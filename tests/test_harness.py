@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from parity_both.backends import BUILTIN_SPECS, build_log_path, provision_backend, provision_lane
-from parity_both.harness import HarnessBuild, HarnessLane, compile_harness, run_harness
+from parity_both.lanes.harness import HarnessLane
+from parity_both.provision.backends import BUILTIN_SPECS, build_log_path, provision_backend, provision_lane
+from parity_both.provision.harness import HarnessBuild, compile_harness, run_harness
 
 PROMPTS = [
     "What is the capital of France?",
@@ -180,8 +181,8 @@ def test_harness_compiles_warning_free(
 def test_vocab_matches_llama_cpp_python(
     which: str, build_2024: HarnessBuild, build_2025: HarnessBuild, llm: Any
 ) -> None:
-    from parity_both.authority import vocab_fingerprint
     from parity_both.lanes.llama_cpp_python import LlamaCppPythonLane, attr_kind
+    from parity_both.tokenize.authority import vocab_fingerprint
 
     toks, bos, eos, add_bos, add_eos = python_vocab(llm)
     with _lane(build_2024 if which == "2024" else build_2025) as lane:
@@ -307,7 +308,7 @@ def test_provision_lane_record_feeds_harness_lane(
         cache_dir=test_cache,
     )
     assert rec["kind"] == "harness" and rec["probe"]["present"] is True
-    from parity_both.backends import probe_lane, stable_probe
+    from parity_both.provision.backends import probe_lane, stable_probe
 
     missing = probe_lane("llama-harness", test_cache / "nothing-here")
     assert missing["present"] is False

@@ -1,4 +1,4 @@
-"""parity_both.quants: dequantization entry point and BitNet.cpp's I2_S layout.
+"""parity_both.gguf.quants: dequantization entry point and BitNet.cpp's I2_S layout.
 
 The I2_S checks use bytes written by an independent per-element packer written here from the
 layout description (formats-and-graphs.md), never by quants.pack_i2s.
@@ -13,8 +13,8 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from parity_both import quants
-from parity_both.quants import QuantError
+from parity_both.gguf import quants
+from parity_both.gguf.quants import QuantError
 
 
 def independent_i2s(values: list[int], scale: float) -> bytes:

@@ -4,7 +4,7 @@ llama.cpp settings for every comparison: F32 K/V cache (type_k = type_v = 0), fl
 one batch for the whole sequence, logits for every position, 2 threads, and use_extra_bufts = False
 (on this machine's AMX-capable CPU llama-cpp-python 0.3.36's AMX matmul segfaults otherwise).
 Mainline llama.cpp computes the `bitnet` FFN with SiLU; it cannot load I2_S or `bitnet-b1.58`, so
-those fixtures reach it through parity_both.transcode (I2_S -> TQ2_0, lossless for fp16-exact scales).
+those fixtures reach it through parity_both.gguf.transcode (I2_S -> TQ2_0, lossless for fp16-exact scales).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from parity_both.fixtures import TensorSpec, kv_str, read_raw_kvs, write_fixture, write_gguf
-from parity_both.gguf_file import read_gguf
+from parity_both.gguf.reader import read_gguf
 from parity_both.metrics import aggregate, compare_positions
 from parity_both.reference import run_reference
 from parity_both.reference.engine import KVCache, load_model
@@ -107,7 +107,7 @@ def tq_models(tmp: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def i2s_pair(tmp: Path) -> tuple[Path, Path]:
-    from parity_both.transcode import transcode
+    from parity_both.gguf.transcode import transcode
 
     src, dst = tmp / "b158_i2s_small.gguf", tmp / "b158_i2s_small.tq2_0.gguf"
     write_fixture(src, arch="bitnet-b1.58", weight_type="I2_S", size="small", seed=9)

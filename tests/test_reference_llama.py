@@ -67,7 +67,7 @@ def f32_variant_model(f32_model: Path, tmp_path_factory: pytest.TempPathFactory)
     linear RoPE scaling (factor 2), rope.scaling.attn_factor, and an attention.scale key that
     llama.cpp's llama architecture ignores."""
     from parity_both.fixtures import TensorSpec, kv_f32, kv_str, read_raw_kvs, write_gguf
-    from parity_both.gguf_file import read_gguf
+    from parity_both.gguf.reader import read_gguf
 
     g = read_gguf(f32_model)
     rng = np.random.default_rng(11)
@@ -226,7 +226,7 @@ def test_refusals(tmp_path: Path, f32_model: Path) -> None:
     with pytest.raises(ValueError, match="SiLU"):
         run_reference(str(f32_model), CHAT_IDS, 1, activation="relu2")
     from parity_both.fixtures import TensorSpec, kv_str, read_raw_kvs, write_gguf
-    from parity_both.gguf_file import read_gguf
+    from parity_both.gguf.reader import read_gguf
 
     g = read_gguf(f32_model)
     kvs = [kv if kv.key != "general.architecture" else kv_str("general.architecture", "mamba")
@@ -250,7 +250,7 @@ def test_embedded_model_dequantized_to_f32_matches_llama_cpp_exactly(tmp_path: P
     every tensor dequantized to F32 (a 540 MB GGUF): llama.cpp then does no activation
     quantization, so the two must agree to float32 rounding. Measured NMSE 2.3e-12."""
     from parity_both.fixtures import TensorSpec, kv_u32, read_raw_kvs, write_gguf
-    from parity_both.gguf_file import read_gguf
+    from parity_both.gguf.reader import read_gguf
     from parity_both.reference.weights import dequantize
 
     src = embedded_model()

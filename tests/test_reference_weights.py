@@ -12,7 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from parity_both.gguf_file import read_gguf
+from parity_both.gguf.reader import read_gguf
 from parity_both.reference.weights import (
     FAST_DEQUANT,
     PreparedCache,
@@ -78,7 +78,7 @@ def test_fast_dequant_bit_exact_on_embedded_model() -> None:
 
 
 def test_i2_s_fast_path_matches_parity_both_quants() -> None:
-    from parity_both import quants
+    from parity_both.gguf import quants
 
     rng = np.random.default_rng(4)
     n = 128 * 96

@@ -25,8 +25,8 @@ PROMPTS = {
 def external_run(tmp_path_factory):
     """A run whose model names an external tokenizer.json (a copy of the GGUF's own, rebuilt)."""
     work = tmp_path_factory.mktemp("rerun")
-    from parity_both.authority import build_authority
     from parity_both.config import embedded_model_path
+    from parity_both.tokenize.authority import build_authority
 
     tok = work / "tokenizer.json"
     build_authority(embedded_model_path(), "gguf_embedded", None, str(tok))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from parity_both import templates
 from parity_both.config import embedded_model_path
-from parity_both.gguf_file import read_gguf
+from parity_both.gguf.reader import read_gguf
+from parity_both.tokenize import templates
 
 
 @pytest.fixture(scope="module")

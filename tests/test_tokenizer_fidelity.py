@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import tokenizer_cases  # tests/ is on sys.path under pytest's default import mode
 
-from parity_both.authority import build_authority, vocab_fingerprint
-from parity_both.tokenizer import (
+from parity_both.tokenize.authority import build_authority, vocab_fingerprint
+from parity_both.tokenize.vocab import (
     _PRE_NAMES,
     _PRE_TYPE_REGEXES,
     _UNSUPPORTED_PRE_TYPES,

@@ -1,4 +1,4 @@
-"""parity_both.transcode: BitNet.cpp I2_S / bitnet-b1.58 GGUF -> a GGUF mainline llama.cpp loads."""
+"""parity_both.gguf.transcode: BitNet.cpp I2_S / bitnet-b1.58 GGUF -> a GGUF mainline llama.cpp loads."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from parity_both import quants
 from parity_both.fixtures import TensorSpec, kv_str, kv_u32, read_raw_kvs, write_fixture, write_gguf
-from parity_both.gguf_file import GGUFError, read_gguf
-from parity_both.transcode import transcode
+from parity_both.gguf import quants
+from parity_both.gguf.reader import GGUFError, read_gguf
+from parity_both.gguf.transcode import transcode
 
 from conftest import llama_cpp_model
 
@@ -109,11 +109,11 @@ def test_scale_rounding_recorded(tmp_path: Path) -> None:
 
 def test_deterministic_and_cli(i2s_fixture: Path, tmp_path: Path) -> None:
     r1 = transcode(i2s_fixture, tmp_path / "a.gguf")
-    cli = subprocess.run([sys.executable, "-m", "parity_both.transcode", str(i2s_fixture),
+    cli = subprocess.run([sys.executable, "-m", "parity_both.gguf.transcode", str(i2s_fixture),
                           str(tmp_path / "b.gguf")], check=True, capture_output=True, text=True)
     r2 = json.loads(cli.stdout)
     assert r1["output_sha256"] == r2["output_sha256"] and r1["source_sha256"] == r2["source_sha256"]
-    bad = subprocess.run([sys.executable, "-m", "parity_both.transcode", str(tmp_path / "missing.gguf"),
+    bad = subprocess.run([sys.executable, "-m", "parity_both.gguf.transcode", str(tmp_path / "missing.gguf"),
                           str(tmp_path / "c.gguf")], capture_output=True, text=True)
     assert bad.returncode == 2 and "cannot open" in bad.stderr
 

@@ -102,7 +102,7 @@ def test_external_tokenizer_differing_from_the_lane_is_inconsistent_exit_2(tmp_p
     """AC5: a tokenizer.json whose vocabulary differs from the engine's (one unused piece renamed) is
     caught by comparing the reference authority with the lane's own vocabulary: exit code 2, and the
     first differing id is named."""
-    from parity_both.authority import build_authority
+    from parity_both.tokenize.authority import build_authority
 
     work = tmp_path / "w"
     work.mkdir()

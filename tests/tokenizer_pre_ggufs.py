@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gguf
 
-from parity_both.gguf_file import read_gguf
+from parity_both.gguf.reader import read_gguf
 
 
 def write_with_pre(base: Path, pre: str, out: Path) -> Path:

@@ -20,7 +20,7 @@ down), build_ffn multiplies the up and gate results BEFORE the activation (and a
 bitnet has none of). The October-2024 tree (build_bitnet) applies them at the same places.
 
 Architecture names (general.architecture; the metadata key prefix is the same string):
-    bitnet        mainline llama.cpp (and the transcoder's output, parity_both.transcode)
+    bitnet        mainline llama.cpp (and the transcoder's output, parity_both.gguf.transcode)
     bitnet-b1.58  BitNet.cpp's fork and Microsoft's published GGUF of BitNet-b1.58-2B-4T
     bitnet-25     BitNet.cpp's Eddie-Wang1120 fork: LLM_ARCH_BITNET_25 shares LLM_ARCH_BITNET_B158's
                   hparams loader and graph builder (build_bitnet_158), keys are {arch}.* like the rest;
@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from parity_both.gguf_file import GGUFFile
+from parity_both.gguf.reader import GGUFFile
 from parity_both.reference import ops
 from parity_both.reference.engine import KVCache, LoadedModel
 from parity_both.reference.llama import attention, attention_dims, common_hparams, metadata_key

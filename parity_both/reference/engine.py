@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from parity_both.gguf_file import GGUFFile, read_gguf
+from parity_both.gguf.reader import GGUFFile, read_gguf
 from parity_both.reference.ops import MODES
 from parity_both.reference.weights import (
     CHUNK_BYTES,

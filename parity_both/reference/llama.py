@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from parity_both.gguf_file import GGUFFile
+from parity_both.gguf.reader import GGUFFile
 from parity_both.reference import ops
 from parity_both.reference.engine import KVCache, LoadedModel
 from parity_both.reference.ops import F32

@@ -105,10 +105,10 @@ ACTIVATIONS = {"silu": silu, "relu2": relu2}
 
 def _ggml_linear(x: np.ndarray, w: MatrixLike) -> np.ndarray:
     try:
-        from parity_both.ggml_emul import ggml_linear  # noqa: PLC0415 - optional, lazily imported
+        from parity_both.reference.ggml_emul import ggml_linear  # noqa: PLC0415 - optional, lazily imported
     except ImportError as e:
         raise NotImplementedError(
-            f"mode='ggml' needs parity_both.ggml_emul.ggml_linear for {w.type_name} weights ({w.name}); "
+            f"mode='ggml' needs parity_both.reference.ggml_emul.ggml_linear for {w.type_name} weights ({w.name}); "
             "the module is not available") from e
     y = ggml_linear(np.ascontiguousarray(x, dtype=F32), w.raw(), w.type_name, w.rows, w.cols)
     return np.asarray(y, dtype=F32)
@@ -120,7 +120,7 @@ def linear(x: np.ndarray, w: MatrixLike, mode: str = "exact", *, chunk_rows: int
 
     exact: float32 matmul on the dequantized weight, read in row blocks of `chunk_rows` (the whole
     matrix when None) so a big LM head never sits in memory whole; ggml: F32 weights as in exact,
-    every other type through parity_both.ggml_emul (which quantizes the activations as ggml does).
+    every other type through parity_both.reference.ggml_emul (which quantizes the activations as ggml does).
     The weight's pages are released afterwards unless release=False."""
     if x.shape[-1] != w.cols:
         raise ValueError(f"{w.name}: input has {x.shape[-1]} features, weight has {w.cols} columns")

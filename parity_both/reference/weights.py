@@ -8,8 +8,8 @@ out again (madvise DONTNEED) as soon as a tensor has been used, except a bounded
 chunk of the LM head, whatever the model size.
 
 Dequantization: fast NumPy code for F32/F16/BF16/Q4_0/Q4_1/Q8_0/TQ2_0 (bit-identical to
-`gguf.quants.dequantize`) and I2_S (bit-identical to `parity_both.quants`), asserted in tests;
-every other type through `parity_both.quants` (gguf.quants plus Q8_1/Q1_0), imported lazily
+`gguf.quants.dequantize`) and I2_S (bit-identical to `parity_both.gguf.quants`), asserted in tests;
+every other type through `parity_both.gguf.quants` (gguf.quants plus Q8_1/Q1_0), imported lazily
 because gguf costs ~0.15 s to import.
 
 Prepared cache layout (directory `prepared_dir`, written by `prepare_weights`, deterministic;
@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from parity_both.gguf_file import GGUFFile, TensorInfo, read_gguf, sha256_file
+from parity_both.gguf.reader import GGUFFile, TensorInfo, read_gguf, sha256_file
 
 PREPARED_FORMAT = "parity-both-prepared-weights/1"
 _ALIGN = 4096
@@ -130,7 +130,7 @@ def _deq_i2_s(raw: np.ndarray, n_elements: int) -> np.ndarray:
     scale = np.frombuffer(raw[n_elements // 4:n_elements // 4 + 4].tobytes(), dtype="<f4")[0]
     vals = _I2S_LUT[packed]  # [n_blocks, byte, field]
     out = np.ascontiguousarray(vals.transpose(0, 2, 1)).reshape(-1)
-    out *= scale  # t * scale in float32, as parity_both.quants
+    out *= scale  # t * scale in float32, as parity_both.gguf.quants
     return out
 
 
@@ -142,9 +142,9 @@ FAST_DEQUANT: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def dequantize_generic(raw: np.ndarray, type_name: str, n_elements: int) -> np.ndarray:
-    """Any other type: parity_both.quants (gguf.quants plus I2_S, Q8_1, Q1_0), imported lazily
+    """Any other type: parity_both.gguf.quants (gguf.quants plus I2_S, Q8_1, Q1_0), imported lazily
     because gguf costs ~0.15 s to import."""
-    from parity_both import quants  # noqa: PLC0415 - lazy: imports gguf
+    from parity_both.gguf import quants  # noqa: PLC0415 - lazy: imports gguf
 
     try:
         return np.asarray(quants.dequantize(raw, type_name, n_elements), dtype=np.float32).reshape(-1)

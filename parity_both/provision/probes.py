@@ -3,7 +3,7 @@
 `probe_lane` runs while Snakemake builds the DAG, so it must stay cheap and import nothing heavy:
 it looks at files (does the library exist, which version/revision) and returns a deterministic
 string. The backend rule takes it as a param, so a vanished or changed backend reruns that rule,
-and that rerun is the repair. The real work lives in parity_both.backends.
+and that rerun is the repair. The real work lives in parity_both.provision.backends.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def probe_lane(lane: str, config: Mapping[str, Any] | None = None) -> tuple[str,
     The string is identical before and after a successful repair (so a repair does not make the next
     run redo everything); a change of version/revision/flags changes it and reruns the backend rule.
     A vanished backend is handled by the caller: it removes the rule's output, so the rule reruns."""
-    from parity_both import backends
+    from parity_both.provision import backends
 
     probe = backends.probe_lane(lane, config=config)
     return json.dumps(backends.stable_probe(probe), sort_keys=True), bool(probe.get("present"))
@@ -53,7 +53,7 @@ def write_if_changed(path: str, text: str) -> bool:
 def loads_bitnet_format(lane: str, config: Mapping[str, Any] | None = None) -> bool:
     """Can this lane's engine load BitNet.cpp-format models (I2_S, the fork's key prefix)? Only a
     BitNet.cpp build can; mainline llama.cpp refuses type 36 and the `bitnet-b1.58` prefix."""
-    from parity_both import backends
+    from parity_both.provision import backends
 
     try:
         return backends.lane_spec(lane, config).recipe == "bitnet"
@@ -65,7 +65,7 @@ def provision_lane(lane: str, stamp: str, repair: str, repair_why: str, log_path
                    config: Mapping[str, Any] | None = None) -> dict:
     """The backend job: provision if needed (and allowed), then refresh the probe stamp so the next
     run sees the backend present and has nothing to do."""
-    from parity_both import backends
+    from parity_both.provision import backends
 
     record = backends.provision_lane(lane, None, repair=repair, repair_why=repair_why,
                                      log_path=log_path, threads=threads, config=config)

@@ -3,7 +3,7 @@
 Three sources, in order of precedence:
 * external        -- the config names a tokenizer.json (it must exist);
 * auto_discovered -- a tokenizer.json sits beside the GGUF;
-* gguf_embedded   -- rebuilt from the GGUF's own vocabulary (parity_both.tokenizer), exactly as
+* gguf_embedded   -- rebuilt from the GGUF's own vocabulary (parity_both.tokenize.vocab), exactly as
                      llama.cpp tokenizes it, or refused / marked approximate with the reason.
 
 The authority records hashes of the EFFECTIVE tokenizer.json (file bytes, and a canonical form of
@@ -23,7 +23,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from parity_both.lanes.base import VocabDump
-from parity_both.tokenizer import (
+from parity_both.tokenize.vocab import (
     LLAMA_CPP_REFERENCE,
     ReferenceTokenizer,
     TokenizerBuildError,
@@ -356,7 +356,7 @@ def reference_from_authority(authority: dict[str, Any], effective_tokenizer_json
 
 
 def _gguf_tokenizer_names(model_gguf: str) -> tuple[str | None, str | None]:
-    from parity_both.gguf_file import read_gguf
+    from parity_both.gguf.reader import read_gguf
 
     md = read_gguf(model_gguf).metadata
     return md.get("tokenizer.ggml.model"), md.get("tokenizer.ggml.pre")

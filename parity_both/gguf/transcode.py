@@ -35,8 +35,8 @@ from parity_both.fixtures import (
     read_raw_kvs,
     write_gguf,
 )
-from parity_both.gguf_file import BITNET_FORK_ARCHS, GGUFError, read_gguf, sha256_file
-from parity_both.quants import REFUSED_TYPES, i2s_to_tq2_0
+from parity_both.gguf.quants import REFUSED_TYPES, i2s_to_tq2_0
+from parity_both.gguf.reader import BITNET_FORK_ARCHS, GGUFError, read_gguf, sha256_file
 
 MAINLINE_ARCH = "bitnet"
 FTYPE_FORK_I2_S = 40
@@ -130,7 +130,7 @@ def transcode(in_path: str | Path, out_path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m parity_both.transcode",
+    ap = argparse.ArgumentParser(prog="python -m parity_both.gguf.transcode",
                                  description="BitNet.cpp I2_S / bitnet-b1.58 GGUF -> mainline-loadable GGUF")
     ap.add_argument("input")
     ap.add_argument("output")

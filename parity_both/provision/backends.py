@@ -1,7 +1,7 @@
 """Backends: a lane = an engine kind + a source, probed cheaply and provisioned on demand.
 
 Kinds: ``python`` (llama-cpp-python, in THIS project's environment) and ``harness`` (our C++
-harness compiled against a llama.cpp-family tree, see parity_both.harness).
+harness compiled against a llama.cpp-family tree, see parity_both.provision.harness).
 Sources: ``pypi`` (a requirement; for the harness kind: link the installed package's libraries with
 the headers of the same version's sdist), ``sdist`` (the llama.cpp tree inside a PyPI source
 distribution), ``local`` (a directory), ``git`` (a URL pinned to a commit, with submodules).
@@ -17,8 +17,8 @@ backend's identity. Failures are classified from what happened (errno, exit stat
 
 Command line (for shell rules and the repair hint; exit status = failure code)::
 
-    python -m parity_both.backends probe NAME [--cache-dir D]
-    python -m parity_both.backends provision NAME [--cache-dir D] [--log L] [--out ID.json]
+    python -m parity_both.provision.backends probe NAME [--cache-dir D]
+    python -m parity_both.provision.backends provision NAME [--cache-dir D] [--log L] [--out ID.json]
         [--repair auto|never|always] [--config BACKENDS.json]
 """
 
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from parity_both.config import ci_detected
-from parity_both.harness import (
+from parity_both.provision.harness import (
     ENGINE_BASE_CMAKE_ARGS,
     HarnessBuild,
     HarnessBuildError,
@@ -342,7 +342,7 @@ def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
 
 def repair_command(spec: BackendSpec, cache_dir: Path) -> str:
     cmd = (
-        f"{ENV_REPAIR}=auto {shlex.quote(sys.executable)} -m parity_both.backends provision "
+        f"{ENV_REPAIR}=auto {shlex.quote(sys.executable)} -m parity_both.provision.backends provision "
         f"{shlex.quote(spec.name)} --cache-dir {shlex.quote(str(Path(cache_dir).resolve()))} --repair auto"
     )
     if spec.kind == "python" or spec.source.type == "pypi":
@@ -1442,7 +1442,7 @@ def provision_lane(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m parity_both.backends", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m parity_both.provision.backends", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("probe", "provision"):
         p = sub.add_parser(name)

@@ -19,7 +19,7 @@ import numpy as np
 
 DEFAULT_ALIGNMENT = 32
 
-from parity_both.gguf_peek import _ARRAY, _SCALARS, _STRING, GGUF_MAGIC, GGUFError, _read_exact, _read_string  # noqa: E402,F401
+from parity_both.gguf.peek import _ARRAY, _SCALARS, _STRING, GGUF_MAGIC, GGUFError, _read_exact, _read_string  # noqa: E402,F401
 
 _NP_SCALARS: dict[int, str] = {
     0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",

@@ -41,7 +41,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from parity_both.quants import QuantError, dequantize, unpack_i2s
+from parity_both.gguf.quants import QuantError, dequantize, unpack_i2s
 
 _Q8_0_PARTNERS = {"Q4_0", "Q5_0", "Q8_0", "Q1_0", "IQ4_NL", "MXFP4", "NVFP4"}
 _Q8_1_PARTNERS = {"Q4_1", "Q5_1"}
