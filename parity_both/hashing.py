@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -24,8 +25,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PARITY_BOTH_CACHE", Path.home() / ".cache" / "parity-both"))
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The project's one cache directory (engine builds, wheels, sdists, hashes): $PARITY_BOTH_CACHE or
+    ~/.cache/parity-both."""
+    env = os.environ if env is None else env
+    return Path(env.get("PARITY_BOTH_CACHE") or Path.home() / ".cache" / "parity-both").expanduser()
 
 
 def _key(path: Path) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from parity_both import metrics
+from parity_both.gguf.constants import BITNET_ARCHS
 
 SCHEMA_VERSION = 2
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "receipt.schema.json"
@@ -208,7 +209,6 @@ def build_receipt(
     return receipt
 
 
-BITNET_ARCHS = ("bitnet", "bitnet-b1.58", "bitnet-25")
 
 
 def diagnose(status: str, receipt: Mapping[str, Any], summary: Mapping[str, Any],

@@ -86,10 +86,12 @@ def peek_format_cached(path: str | Path, cache_dir: Path | None = None) -> tuple
     import json
     import os
 
+    from parity_both.hashing import cache_dir as project_cache_dir
+
     p = Path(path)
     st = p.stat()
     key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    base = cache_dir or Path(os.environ.get("PARITY_BOTH_CACHE", Path.home() / ".cache" / "parity-both"))
+    base = cache_dir or project_cache_dir()
     entry = base / "peek" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
     try:
         data = json.loads(entry.read_text())

@@ -19,6 +19,7 @@ import numpy as np
 
 DEFAULT_ALIGNMENT = 32
 
+from parity_both.gguf.constants import BITNET_FORK_ARCHS  # noqa: E402,F401 - re-exported
 from parity_both.gguf.peek import _ARRAY, _SCALARS, _STRING, GGUF_MAGIC, GGUFError, _read_exact, _read_string  # noqa: E402,F401
 
 _NP_SCALARS: dict[int, str] = {
@@ -49,7 +50,6 @@ BITNET_TYPES: dict[int, tuple[str, int, int]] = {
     39: ("TL2", 0, 0),
 }
 # Architecture names only BitNet.cpp's fork / Microsoft's published GGUFs use.
-BITNET_FORK_ARCHS = frozenset({"bitnet-b1.58", "bitnet-25", "bitnet_b1_58", "bitnet-b158"})
 
 from parity_both.hashing import sha256_file  # noqa: E402,F401  (re-exported for callers)
 

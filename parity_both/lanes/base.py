@@ -12,8 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# Token kinds, named after llama.cpp's token attributes / GGUF token types.
-TOKEN_KINDS = ("normal", "control", "user_defined", "byte", "unknown", "unused", "undefined")
+from parity_both.tokenize.attrs import TOKEN_KINDS  # noqa: F401 - the kinds a VocabDump names
 
 
 @dataclass(frozen=True)

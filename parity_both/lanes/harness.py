@@ -16,9 +16,6 @@ if TYPE_CHECKING:
     from parity_both.lanes.base import VocabDump
 
 
-_ATTR_BASE_MASK = 0x3F
-
-
 class HarnessLane:
     """LaneEngine over the C++ harness: every call is one harness process (the engine never shares
     a process with another engine or with Python's llama-cpp-python)."""
@@ -131,7 +128,8 @@ class HarnessLane:
         )
 
     def vocab(self) -> VocabDump:
-        from parity_both.lanes.base import TOKEN_KINDS, VocabDump
+        from parity_both.lanes.base import VocabDump
+        from parity_both.tokenize.attrs import ATTR_KIND_MASK, TOKEN_KINDS
 
         if self._vocab is not None:
             return self._vocab
@@ -149,7 +147,7 @@ class HarnessLane:
                 pieces.append(bytes.fromhex(piece_hex.decode()).decode("utf-8", errors="replace"))
                 k = kind.decode()
                 tokens.append((tid, text, k if k in TOKEN_KINDS else "undefined"))
-                if attr & ~_ATTR_BASE_MASK:
+                if attr & ~ATTR_KIND_MASK:
                     attrs[tid] = attr  # flag bits (normalized, lstrip, rstrip, single_word)
         self._pieces = pieces
         bos = int(st["bos_id"])

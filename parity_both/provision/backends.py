@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from parity_both.config import ci_detected
+from parity_both.hashing import cache_dir
 from parity_both.provision.harness import (
     ENGINE_BASE_CMAKE_ARGS,
     HarnessBuild,
@@ -334,10 +335,7 @@ def resolve_repair_mode(requested: str | None = None, env: Mapping[str, str] | N
 
 
 def default_cache_dir(env: Mapping[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get(ENV_CACHE):
-        return Path(env[ENV_CACHE]).expanduser()
-    return Path("~/.cache/parity-both").expanduser()
+    return cache_dir(os.environ if env is None else env)
 
 
 def repair_command(spec: BackendSpec, cache_dir: Path) -> str:

@@ -48,13 +48,14 @@ from typing import Any
 
 import numpy as np
 
+from parity_both.gguf.constants import BITNET_ARCHS
 from parity_both.gguf.reader import GGUFFile
 from parity_both.reference import ops
 from parity_both.reference.engine import KVCache, LoadedModel
 from parity_both.reference.llama import attention, attention_dims, common_hparams, metadata_key
 from parity_both.reference.ops import F32
 
-ARCHITECTURES = ("bitnet", "bitnet-b1.58", "bitnet-25")
+ARCHITECTURES = BITNET_ARCHS
 ROPE_TYPE = "neox"
 DEFAULT_ACTIVATION = {"bitnet": "silu", "bitnet-b1.58": "relu2", "bitnet-25": "relu2"}
 # {arch}.hidden_activation values (HF config names and llama.cpp's) -> the activation they mean

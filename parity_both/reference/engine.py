@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from parity_both.gguf.constants import BITNET_ARCHS
 from parity_both.gguf.reader import GGUFFile, read_gguf
 from parity_both.reference.ops import MODES
 from parity_both.reference.weights import (
@@ -52,7 +53,7 @@ from parity_both.reference.weights import (
 # general.architecture -> module implementing it.
 ARCHITECTURES: dict[str, str] = {
     "llama": "parity_both.reference.llama",
-    **dict.fromkeys(("bitnet", "bitnet-b1.58", "bitnet-25"), "parity_both.reference.bitnet"),
+    **dict.fromkeys(BITNET_ARCHS, "parity_both.reference.bitnet"),
 }
 
 

@@ -29,31 +29,20 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from parity_both.gguf.reader import read_gguf
-from parity_both.lanes.base import TOKEN_KINDS, VocabDump
-
-# llama.h: enum llama_token_type (what the GGUF stores) and enum llama_token_attr (what the API reports).
-TT_UNDEFINED, TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = range(7)
-ATTR_UNDEFINED = 0
-ATTR_UNKNOWN = 1 << 0
-ATTR_UNUSED = 1 << 1
-ATTR_NORMAL = 1 << 2
-ATTR_CONTROL = 1 << 3
-ATTR_USER_DEFINED = 1 << 4
-ATTR_BYTE = 1 << 5
-ATTR_NORMALIZED = 1 << 6
-ATTR_LSTRIP = 1 << 7
-ATTR_RSTRIP = 1 << 8
-ATTR_SINGLE_WORD = 1 << 9
-
-_TYPE_TO_ATTR = {
-    TT_UNKNOWN: ATTR_UNKNOWN,
-    TT_UNUSED: ATTR_UNUSED,
-    TT_NORMAL: ATTR_NORMAL,
-    TT_CONTROL: ATTR_CONTROL,
-    TT_USER_DEFINED: ATTR_USER_DEFINED,
-    TT_BYTE: ATTR_BYTE,
-    TT_UNDEFINED: ATTR_UNDEFINED,
-}
+from parity_both.lanes.base import VocabDump
+from parity_both.tokenize.attrs import (
+    ATTR_BYTE,
+    ATTR_CONTROL,
+    ATTR_LSTRIP,
+    ATTR_NORMAL,
+    ATTR_RSTRIP,
+    ATTR_UNDEFINED,
+    ATTR_UNKNOWN,
+    ATTR_UNUSED,
+    ATTR_USER_DEFINED,
+    TYPE_TO_ATTR,
+    kind_from_attr,
+)
 
 # Stand-in for a character llama.cpp's BPE cannot encode (see build_tokenizer); never a real id.
 DROPPED_PIECE = "<parity-both:dropped-by-llama.cpp>"
@@ -65,28 +54,6 @@ class TokenizerBuildError(ValueError):
     """A GGUF vocabulary this module cannot rebuild exactly; the message says why and what to do."""
 
 
-def kind_from_attr(attr: int) -> str:
-    """One kind per token from llama.cpp's attribute bits (several bits can be set at once).
-
-    Most specific first: UNKNOWN, UNUSED, CONTROL, USER_DEFINED, BYTE, NORMAL -- the order the
-    llama-cpp-python lane (lanes/llama_cpp_python.py) and the C++ harness (kind_name) use, so all
-    sides name a token the same way. A NORMAL piece llama.cpp forces to CONTROL (NORMAL|CONTROL)
-    reads as control; a control piece whose text says "unused" (CONTROL|UNUSED) as unused.
-    """
-    for bit, kind in (
-        (ATTR_UNKNOWN, "unknown"),
-        (ATTR_UNUSED, "unused"),
-        (ATTR_CONTROL, "control"),
-        (ATTR_USER_DEFINED, "user_defined"),
-        (ATTR_BYTE, "byte"),
-        (ATTR_NORMAL, "normal"),
-    ):
-        if attr & bit:
-            return kind
-    return "undefined"
-
-
-assert set(TOKEN_KINDS) == {kind_from_attr(1 << i) for i in range(6)} | {"undefined"}
 
 # ---------------------------------------------------------------------------------------------
 # Pre-tokenizer table, extracted from llm_tokenizer_bpe's constructor (C++ escapes resolved).
@@ -666,7 +633,7 @@ def load_llama_vocab(path: str | os.PathLike[str]) -> LlamaVocab:
                 "cannot hold them, so text that would produce them differs"
             )
     types = md.get("tokenizer.ggml.token_type")
-    attrs = [_TYPE_TO_ATTR.get(int(t), ATTR_UNDEFINED) for t in types[:n]] if types else [ATTR_NORMAL] * n
+    attrs = [TYPE_TO_ATTR.get(int(t), ATTR_UNDEFINED) for t in types[:n]] if types else [ATTR_NORMAL] * n
     scores = [float(s) for s in md["tokenizer.ggml.scores"][:n]] if "tokenizer.ggml.scores" in md else None
     merges = list(md.get("tokenizer.ggml.merges") or [])
     if vocab_type == "bpe" and not merges:
