@@ -11,7 +11,15 @@ import struct
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from parity_both.gguf.constants import GGUF_MAGIC, VALUE_SCALARS, VT_ARRAY, VT_STRING
+from parity_both.gguf.constants import (
+    BITNET_TYPES,
+    GGUF_MAGIC,
+    I2S_TAIL_BYTES,
+    MAINLINE_TYPES,
+    VALUE_SCALARS,
+    VT_ARRAY,
+    VT_STRING,
+)
 
 MAX_STRING = 1 << 30
 MAX_ARRAY = 1 << 31
@@ -135,3 +143,19 @@ def iter_tensor_infos(fh: BinaryIO, n_tensors: int) -> Iterator[tuple[str, tuple
 
 def align(pos: int, alignment: int) -> int:
     return (pos + alignment - 1) // alignment * alignment
+
+
+# by name: names are unique across both numberings; TL1/TL2 (no fixed layout) are left out
+TYPE_BLOCKS = {name: (blk, size) for name, blk, size in (*MAINLINE_TYPES.values(), *BITNET_TYPES.values()) if blk}
+
+
+def tensor_nbytes(type_name: str, n_elements: int) -> int:
+    """Bytes of a tensor of ``n_elements`` values of a ggml type (by name; BitNet.cpp's I2_S included)."""
+    if type_name == "I2_S":
+        return n_elements // 4 + I2S_TAIL_BYTES
+    if type_name not in TYPE_BLOCKS:
+        raise GGUFError(f"tensor type {type_name} has no fixed layout this tool can read")
+    blk, size = TYPE_BLOCKS[type_name]
+    if n_elements % blk:
+        raise GGUFError(f"{type_name} needs a multiple of {blk} elements, got {n_elements}")
+    return n_elements // blk * size

@@ -2,8 +2,9 @@
 
 gguf-py's GGUFReader refuses tensor type ids it does not know (BitNet.cpp's I2_S is 36), and the
 ids 36-40 mean different things in mainline ggml and in BitNet.cpp's fork. This reader parses the
-header itself, decides the numbering from the file's architecture, and exposes every tensor as a
-memory-mapped byte view so weights can be read one layer at a time.
+header with the project's one parser (gguf/lowlevel.py, shared with the parse-time peek and the
+writer's raw key copy), decides the numbering from the file's architecture, and exposes every tensor
+as a memory-mapped byte view so weights can be read one layer at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from parity_both.gguf.constants import (  # noqa: F401 - BITNET_FORK_ARCHS, GGUF
     BITNET_TYPES,
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
-    I2S_TAIL_BYTES,
     MAINLINE_TYPES,
     VT_ARRAY,
     VT_STRING,
@@ -36,6 +36,7 @@ from parity_both.gguf.lowlevel import (
     read_string_bytes,
     read_value,
     skip_value,
+    tensor_nbytes,
 )
 from parity_both.hashing import sha256_file  # noqa: F401  (re-exported for callers)
 
@@ -131,17 +132,6 @@ def decide_type_numbering(metadata: Mapping[str, Any], type_ids: set[int]) -> tu
     return "mainline", f"general.architecture={arch!r} and no BitNet.cpp-only tensor type"
 
 
-def tensor_nbytes(type_id: int, n_elements: int, table: Mapping[int, tuple[str, int, int]]) -> int:
-    name, blk, size = table[type_id]
-    if name == "I2_S":
-        return n_elements // 4 + I2S_TAIL_BYTES
-    if blk == 0:
-        raise GGUFError(f"tensor type {name} has no fixed layout this tool can read")
-    if n_elements % blk:
-        raise GGUFError(f"corrupt GGUF: {n_elements} elements is not a multiple of the {name} block")
-    return n_elements // blk * size
-
-
 RawInfo = tuple[str, tuple[int, ...], int, int]
 
 
@@ -174,7 +164,7 @@ def _tensor_table(path: Path, raw_infos: list[RawInfo], data_offset: int, number
                 f"({reason}); convert the model to a standard ggml type"
             )
         n_el = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        nbytes = tensor_nbytes(type_id, n_el, table)
+        nbytes = tensor_nbytes(table[type_id][0], n_el)
         start = data_offset + offset
         if start + nbytes > file_size:
             raise GGUFError(

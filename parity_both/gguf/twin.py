@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 
 from parity_both.gguf import quants
-from parity_both.gguf.constants import FILE_TYPES, I2S_BLOCK, MAINLINE_TYPES
+from parity_both.gguf.constants import FILE_TYPES, I2S_BLOCK
+from parity_both.gguf.lowlevel import TYPE_BLOCKS
 from parity_both.gguf.reader import GGUFError, GGUFFile, TensorInfo, read_gguf, sha256_file
 from parity_both.gguf.transcode import mainline_kvs, refuse_unreadable
 from parity_both.gguf.writer import TensorSpec, write_gguf
 
 TWIN_DTYPES = ("F32", "F16", "BF16")
 CHUNK_ELEMENTS = 1 << 22  # values dequantized at a time (16 MB as float32)
-_BLOCKS = {name: (blk, size) for name, blk, size in MAINLINE_TYPES.values()}
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, tensor name)
 
@@ -55,7 +55,7 @@ def dequantized_chunks(src: GGUFFile, t: TensorInfo, chunk_elements: int = CHUNK
     if t.type_name == "I2_S":  # blocks of 128 elements in 32 bytes, one per-tensor scale after them
         blk, size, tail = I2S_BLOCK, I2S_BLOCK // 4, raw[n // 4:]
     else:
-        blk, size = _BLOCKS[t.type_name]
+        blk, size = TYPE_BLOCKS[t.type_name]
         tail = None
     step = max(1, chunk_elements // blk) * blk
     for start in range(0, n, step):

@@ -20,8 +20,6 @@ from typing import BinaryIO, NamedTuple
 from parity_both.gguf.constants import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
-    I2S_TAIL_BYTES,
-    MAINLINE_TYPES,
     TYPE_IDS,
     VALUE_SCALARS,
     VT_ARRAY,
@@ -30,13 +28,12 @@ from parity_both.gguf.constants import (
     VT_STRING,
     VT_UINT32,
 )
-from parity_both.gguf.lowlevel import iter_keys, read_header, read_value_raw
+from parity_both.gguf.lowlevel import iter_keys, read_header, read_value_raw, tensor_nbytes
 
 __all__ = ["ALIGNMENT", "TYPE_IDS", "RawKV", "TensorSpec", "Written", "kv_bool", "kv_f32", "kv_str", "kv_u32",
            "raw_kv_array_len", "raw_kv_scalar", "raw_kv_str", "read_raw_kvs", "tensor_nbytes", "write_gguf"]
 
 ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
-_TYPES_BY_NAME = {name: (blk, size) for name, blk, size in MAINLINE_TYPES.values()}
 
 
 @dataclass(frozen=True)
@@ -90,17 +87,6 @@ def raw_kv_scalar(kv: RawKV) -> int | float | bool:
     if kv.vtype not in VALUE_SCALARS:
         raise ValueError(f"{kv.key} is not a scalar (value type {kv.vtype})")
     return struct.unpack(VALUE_SCALARS[kv.vtype][0], kv.value)[0]
-
-
-def tensor_nbytes(type_name: str, n_elements: int) -> int:
-    if type_name == "I2_S":
-        return n_elements // 4 + I2S_TAIL_BYTES
-    if type_name not in _TYPES_BY_NAME:
-        raise ValueError(f"tensor type {type_name} has no fixed layout this writer knows")
-    blk, size = _TYPES_BY_NAME[type_name]
-    if n_elements % blk:
-        raise ValueError(f"{type_name} needs a multiple of {blk} elements, got {n_elements}")
-    return n_elements // blk * size
 
 
 @dataclass
