@@ -8,6 +8,7 @@ ternary weights times their scale. Every twin is loaded and evaluated by real ll
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import struct
@@ -23,6 +24,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf import quants as gq
 
 from parity_both import fixtures
+from parity_both.gguf import twin as twin_mod
 from parity_both.gguf.reader import read_gguf
 from parity_both.gguf.twin import twin_is_exact, write_twin
 
@@ -188,9 +190,13 @@ def test_atomic_no_file_left_on_failure(i2s: tuple[Path, Path, dict[str, Any]], 
     assert seen[-1] == (24, 24) and os.listdir(tmp_path) == ["twin.gguf"]
 
 
-def test_deterministic_and_cli(i2s: tuple[Path, Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_deterministic_chunked_and_cli(i2s: tuple[Path, Path, dict[str, Any]], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(twin_mod, "CHUNK_ELEMENTS", 1000)  # -> 896-element chunks: I2_S split mid-tensor
     rec = write_twin(i2s[0], tmp_path / "a.gguf")
+    monkeypatch.undo()
     assert rec["twin"]["sha256"] == i2s[2]["twin"]["sha256"]
+    assert rec["twin"]["sha256"] == hashlib.sha256((tmp_path / "a.gguf").read_bytes()).hexdigest()
     cli = subprocess.run([sys.executable, "-m", "parity_both.gguf.twin", str(i2s[0]), str(tmp_path / "b.gguf")],
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr

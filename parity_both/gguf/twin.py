@@ -48,8 +48,10 @@ def tensor_dtype(t: TensorInfo, dtype: str) -> str:
     return "F32" if len(t.shape) <= 1 else dtype
 
 
-def dequantized_chunks(src: GGUFFile, t: TensorInfo, chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[np.ndarray]:
-    """The tensor's float32 values in file order (ggml ne[0] fastest), a bounded chunk at a time."""
+def dequantized_chunks(src: GGUFFile, t: TensorInfo, chunk_elements: int | None = None) -> Iterator[np.ndarray]:
+    """The tensor's float32 values in file order (ggml ne[0] fastest), a bounded chunk at a time
+    (``chunk_elements``, default CHUNK_ELEMENTS, rounded down to whole blocks)."""
+    chunk_elements = chunk_elements or CHUNK_ELEMENTS
     raw = src.raw(t.name)
     n = t.n_elements
     if t.type_name == "I2_S":  # blocks of 128 elements in 32 bytes, one per-tensor scale after them
