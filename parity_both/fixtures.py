@@ -17,7 +17,7 @@ I2_S -> TQ2_0 transcode) store them losslessly, so all lanes see identical weigh
 
 Every tensor is drawn from its own seed (``seed``, tensor name), so the same seed gives the same
 underlying weights whatever the weight type, and the same arguments give a byte-identical file.
-The GGUF is written by the small streaming writer below (gguf-py's writer cannot emit type 36).
+The GGUF is written by parity_both.gguf.writer (gguf-py's writer cannot emit type 36).
 """
 
 from __future__ import annotations
@@ -26,198 +26,36 @@ import argparse
 import importlib.metadata
 import importlib.util
 import json
-import os
-import struct
 import sys
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from parity_both.gguf.quants import i2s_nbytes, pack_i2s
-from parity_both.gguf.reader import sha256_file
+from parity_both.gguf.constants import FILE_TYPES as _ALL_FILE_TYPES
+from parity_both.gguf.quants import pack_i2s
 
-# ----------------------------------------------------------------------------------------------
-# Raw GGUF key/value IO: values are kept as (type, encoded bytes) so copies are byte-exact.
-# ----------------------------------------------------------------------------------------------
-GGUF_MAGIC = b"GGUF"
-ALIGNMENT = 32
-T_U8, T_I8, T_U16, T_I16, T_U32, T_I32, T_F32, T_BOOL, T_STR, T_ARR, T_U64, T_I64, T_F64 = range(13)
-_SCALAR_SIZE = {T_U8: 1, T_I8: 1, T_U16: 2, T_I16: 2, T_U32: 4, T_I32: 4, T_F32: 4, T_BOOL: 1,
-                T_U64: 8, T_I64: 8, T_F64: 8}
-
-
-@dataclass(frozen=True)
-class RawKV:
-    key: str
-    vtype: int
-    value: bytes  # the encoded value exactly as it sits in a GGUF file (after the type field)
-
-
-def _skip_value(buf: bytes, pos: int, vtype: int) -> int:
-    if vtype in _SCALAR_SIZE:
-        return pos + _SCALAR_SIZE[vtype]
-    if vtype == T_STR:
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        return pos + 8 + n
-    if vtype == T_ARR:
-        itype, n = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if itype in _SCALAR_SIZE:
-            return pos + n * _SCALAR_SIZE[itype]
-        for _ in range(n):
-            pos = _skip_value(buf, pos, itype)
-        return pos
-    raise ValueError(f"corrupt GGUF: unknown value type {vtype}")
-
-
-def read_raw_kvs(path: str | Path) -> list[RawKV]:
-    """Every metadata key of a GGUF with its encoded value, in file order."""
-    with open(path, "rb") as fh:
-        head = fh.read(24)
-        if head[:4] != GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file")
-        _, _, n_kv = struct.unpack_from("<IQQ", head, 4)
-        chunk = 1 << 24  # metadata of real models (vocab arrays) fits in a few MB; grow if not
-        while True:
-            fh.seek(24)
-            buf = fh.read(chunk)
-            try:
-                return _parse_kvs(buf, n_kv)
-            except struct.error:
-                if len(buf) < chunk:
-                    raise ValueError(f"{path}: truncated GGUF metadata") from None
-                chunk *= 4
-
-
-def _parse_kvs(buf: bytes, n_kv: int) -> list[RawKV]:
-    out, pos = [], 0
-    for _ in range(n_kv):
-        (klen,) = struct.unpack_from("<Q", buf, pos)
-        if pos + 8 + klen > len(buf):
-            raise struct.error("key runs past the buffer")
-        key = buf[pos + 8:pos + 8 + klen].decode("utf-8")
-        pos += 8 + klen
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        end = _skip_value(buf, pos + 4, vtype)
-        if end > len(buf):
-            raise struct.error("value runs past the buffer")
-        out.append(RawKV(key, vtype, buf[pos + 4:end]))
-        pos = end
-    return out
-
-
-def _str_bytes(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
-def kv_str(key: str, v: str) -> RawKV:
-    return RawKV(key, T_STR, _str_bytes(v))
-
-
-def kv_u32(key: str, v: int) -> RawKV:
-    return RawKV(key, T_U32, struct.pack("<I", v))
-
-
-def kv_f32(key: str, v: float) -> RawKV:
-    return RawKV(key, T_F32, struct.pack("<f", v))
-
-
-def kv_bool(key: str, v: bool) -> RawKV:
-    return RawKV(key, T_BOOL, struct.pack("<?", v))
-
-
-def raw_kv_array_len(kv: RawKV) -> int:
-    if kv.vtype != T_ARR:
-        raise ValueError(f"{kv.key} is not an array")
-    return struct.unpack_from("<IQ", kv.value, 0)[1]
-
-
-def raw_kv_str(kv: RawKV) -> str:
-    if kv.vtype != T_STR:
-        raise ValueError(f"{kv.key} is not a string")
-    return kv.value[8:].decode("utf-8")
-
-
-def raw_kv_scalar(kv: RawKV) -> int | float | bool:
-    fmt = {T_U8: "<B", T_I8: "<b", T_U16: "<H", T_I16: "<h", T_U32: "<I", T_I32: "<i", T_F32: "<f",
-           T_BOOL: "<?", T_U64: "<Q", T_I64: "<q", T_F64: "<d"}[kv.vtype]
-    return struct.unpack(fmt, kv.value)[0]
-
-
-# Tensor type ids we write: mainline ggml's (as gguf-py knows them) plus BitNet.cpp's I2_S = 36
-# (retired in mainline), so a file holding it is read with BitNet.cpp numbering by
-# gguf_file.decide_type_numbering.
-TYPE_IDS: dict[str, int] = {**{t.name: int(t.value) for t in GGMLQuantizationType}, "I2_S": 36}
-
-
-def tensor_nbytes(type_name: str, n_elements: int) -> int:
-    if type_name == "I2_S":
-        return i2s_nbytes(n_elements)
-    blk, size = gq.GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
-    if n_elements % blk:
-        raise ValueError(f"{type_name} needs a multiple of {blk} elements, got {n_elements}")
-    return n_elements // blk * size
-
-
-@dataclass
-class TensorSpec:
-    name: str
-    ne: tuple[int, ...]  # ggml order: row length first
-    type_name: str
-    produce: Callable[[], bytes]  # called once, in file order, while writing (keeps memory flat)
-    type_id: int | None = None  # defaults to TYPE_IDS[type_name]
-    size: int | None = None  # byte count when copied from another file (else from the type)
-
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.ne, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        if self.size is not None:
-            return self.size
-        return tensor_nbytes(self.type_name, self.n_elements)
-
-
-def _pad(fh: BinaryIO, pos: int) -> int:
-    n = (-pos) % ALIGNMENT
-    fh.write(b"\0" * n)
-    return pos + n
-
-
-def write_gguf(path: str | Path, kvs: Iterable[RawKV], tensors: list[TensorSpec]) -> None:
-    """Write a GGUF v3 file: header, metadata, tensor table, then each tensor 32-byte aligned."""
-    kvs = list(kvs)
-    keys = [kv.key for kv in kvs]
-    if len(set(keys)) != len(keys):
-        raise ValueError("duplicate metadata keys")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as fh:
-        pos = fh.write(GGUF_MAGIC + struct.pack("<IQQ", 3, len(tensors), len(kvs)))
-        for kv in kvs:
-            pos += fh.write(_str_bytes(kv.key) + struct.pack("<I", kv.vtype) + kv.value)
-        offset = 0
-        for t in tensors:
-            tid = TYPE_IDS[t.type_name] if t.type_id is None else t.type_id
-            rec = _str_bytes(t.name) + struct.pack("<I", len(t.ne)) + struct.pack(f"<{len(t.ne)}Q", *t.ne)
-            pos += fh.write(rec + struct.pack("<IQ", tid, offset))
-            offset += t.nbytes + (-t.nbytes) % ALIGNMENT
-        pos = _pad(fh, pos)
-        for t in tensors:
-            data = t.produce()
-            if len(data) != t.nbytes:
-                raise AssertionError(f"{t.name}: produced {len(data)} bytes, expected {t.nbytes}")
-            pos = _pad(fh, pos + fh.write(data))
-    os.replace(tmp, path)
-
+# The writer moved to parity_both.gguf.writer; these names stay importable from here.
+from parity_both.gguf.writer import (  # noqa: F401
+    TYPE_IDS,
+    RawKV,
+    TensorSpec,
+    kv_bool,
+    kv_f32,
+    kv_str,
+    kv_u32,
+    raw_kv_array_len,
+    raw_kv_scalar,
+    raw_kv_str,
+    read_raw_kvs,
+    tensor_nbytes,
+    write_gguf,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Fixture models
@@ -226,8 +64,7 @@ ARCHS = ("llama", "bitnet", "bitnet-b1.58")
 WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "TQ1_0", "TQ2_0", "I2_S")
 TERNARY_TYPES = ("TQ1_0", "TQ2_0", "I2_S")
 SIZES = ("tiny", "small", "large")
-# llama.h LLAMA_FTYPE_* (40 = MOSTLY_I2_S in BitNet.cpp's fork; MOSTLY_Q1_0 in mainline)
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "TQ1_0": 36, "TQ2_0": 37, "I2_S": 40}
+FILE_TYPES = {t: _ALL_FILE_TYPES[t] for t in WEIGHT_TYPES}  # llama.h LLAMA_FTYPE_* (gguf/constants)
 
 # Row lengths must be multiples of the weight block: 32 (Q*), 256 (TQ*), 128 (I2_S). Ternary and
 # bitnet models use d = 256 at least. tiny keeps the 49152-token embedding small (d = 64 -> 12 MB F32).
@@ -317,29 +154,31 @@ def fixture_dims(arch: str, weight_type: str, size: str, **overrides: int) -> di
     return dims
 
 
-def write_fixture(out_path: str | Path, *, arch: str, weight_type: str, size: str = "tiny", seed: int = 0,
-                  vocab_gguf: str | Path | None = None, embed_type: str | None = None,
-                  scale_tensors: bool = False, **dims_overrides: int) -> dict[str, Any]:
-    """Write a deterministic random model; return its facts (dims, tensor types, sha256, ...)."""
-    dims = fixture_dims(arch, weight_type, size, **dims_overrides)
-    vocab_path = Path(vocab_gguf) if vocab_gguf is not None else default_vocab_gguf()
-    src_kvs = read_raw_kvs(vocab_path)
-    tok_kvs = [kv for kv in src_kvs if kv.key.startswith("tokenizer.")]
+def _vocab_kvs(vocab_path: Path) -> tuple[list[RawKV], int]:
+    """Every tokenizer.* key of the vocab GGUF (byte for byte) and the vocabulary size."""
+    tok_kvs = [kv for kv in read_raw_kvs(vocab_path) if kv.key.startswith("tokenizer.")]
     tokens = [kv for kv in tok_kvs if kv.key == "tokenizer.ggml.tokens"]
     if not tokens:
         raise ValueError(f"{vocab_path} has no tokenizer.ggml.tokens: not a usable vocab GGUF")
-    n_vocab = raw_kv_array_len(tokens[0])
+    return tok_kvs, raw_kv_array_len(tokens[0])
 
-    ternary = weight_type in TERNARY_TYPES or arch != "llama"
-    if embed_type is None:
-        # the LM head is token_embd: keep it in the weight type for llama (so the head exercises the
-        # kernel too); ternary models keep F16 embeddings like Microsoft's published GGUF
-        embed_type = "F16" if ternary else weight_type
-    if scale_tensors and arch == "llama":
-        raise ValueError("per-matrix .scale tensors exist only in the bitnet architectures")
 
-    d, n_ff, hd = dims["n_embd"], dims["n_ff"], dims["head_dim"]
-    n_q, n_kv = dims["n_head"] * hd, dims["n_head_kv"] * hd
+@dataclass(frozen=True)
+class _Plan:
+    arch: str
+    weight_type: str
+    embed_type: str
+    seed: int
+    ternary: bool
+    scale_tensors: bool
+    dims: dict[str, int]
+
+
+def _model_tensors(p: _Plan, n_vocab: int) -> list[TensorSpec]:
+    """The tensor list in file order; each tensor's bytes are produced lazily while writing."""
+    seed, ternary = p.seed, p.ternary
+    d, n_ff, hd = p.dims["n_embd"], p.dims["n_ff"], p.dims["head_dim"]
+    n_q, n_kv = p.dims["n_head"] * hd, p.dims["n_head_kv"] * hd
     tensors: list[TensorSpec] = []
 
     def add(name: str, ne: tuple[int, ...], type_name: str, produce: Callable[[], bytes]) -> None:
@@ -351,68 +190,89 @@ def write_fixture(out_path: str | Path, *, arch: str, weight_type: str, size: st
         else:
             sd = std if std is not None else 1.0 / np.sqrt(cols)
             add(name, (cols, rows), type_name, lambda: _dense_bytes(seed, name, rows, cols, type_name, sd))
+        if p.scale_tensors and std is None:
+            scale = name.replace(".weight", ".scale")
+            add(scale, (1,), "F32", lambda: _scale_bytes(seed, scale))
 
     def vector(name: str, n: int) -> None:
         add(name, (n,), "F32", lambda: _norm_bytes(seed, name, n))
 
     # embedding std 0.3: tied LM head logits then spread over a few units (not a flat distribution)
-    matrix("token_embd.weight", n_vocab, d, embed_type, std=0.3)
-    for i in range(dims["n_layer"]):
+    matrix("token_embd.weight", n_vocab, d, p.embed_type, std=0.3)
+    for i in range(p.dims["n_layer"]):
         b = f"blk.{i}"
         vector(f"{b}.attn_norm.weight", d)
-        mats = [("attn_q", n_q, d), ("attn_k", n_kv, d), ("attn_v", n_kv, d), ("attn_output", d, n_q)]
-        ffn = [("ffn_gate", n_ff, d), ("ffn_up", n_ff, d), ("ffn_down", d, n_ff)]
-        for short, rows, cols in mats:
-            matrix(f"{b}.{short}.weight", rows, cols, weight_type)
-            if scale_tensors:
-                add(f"{b}.{short}.scale", (1,), "F32", lambda n=f"{b}.{short}.scale": _scale_bytes(seed, n))
-        if arch != "llama":
+        attn = [("attn_q", n_q, d), ("attn_k", n_kv, d), ("attn_v", n_kv, d), ("attn_output", d, n_q)]
+        for short, rows, cols in attn:
+            matrix(f"{b}.{short}.weight", rows, cols, p.weight_type)
+        if p.arch != "llama":
             vector(f"{b}.attn_sub_norm.weight", d)
         vector(f"{b}.ffn_norm.weight", d)
-        for short, rows, cols in ffn:
-            matrix(f"{b}.{short}.weight", rows, cols, weight_type)
-            if scale_tensors:
-                add(f"{b}.{short}.scale", (1,), "F32", lambda n=f"{b}.{short}.scale": _scale_bytes(seed, n))
-        if arch != "llama":
+        for short, rows, cols in [("ffn_gate", n_ff, d), ("ffn_up", n_ff, d), ("ffn_down", d, n_ff)]:
+            matrix(f"{b}.{short}.weight", rows, cols, p.weight_type)
+        if p.arch != "llama":
             vector(f"{b}.ffn_sub_norm.weight", n_ff)
     vector("output_norm.weight", d)
+    return tensors
 
-    args = dict(arch=arch, weight_type=weight_type, size=size, seed=seed, embed_type=embed_type,
-                scale_tensors=scale_tensors, dims_overrides=dict(sorted(dims_overrides.items())))
-    p = arch
-    kvs = [
-        kv_str("general.architecture", arch),
+
+def _model_kvs(p: _Plan, size: str, n_vocab: int, args: dict[str, Any], vocab_path: Path,
+               tok_kvs: list[RawKV]) -> list[RawKV]:
+    a, dims = p.arch, p.dims
+    hd, d = dims["head_dim"], dims["n_embd"]
+    return [
+        kv_str("general.architecture", a),
         kv_str("general.type", "model"),
-        kv_str("general.name", f"parity-both fixture {arch} {weight_type} {size} seed {seed}"),
-        kv_u32("general.file_type", FILE_TYPES[weight_type]),
+        kv_str("general.name", f"parity-both fixture {a} {p.weight_type} {size} seed {p.seed}"),
+        kv_u32("general.file_type", FILE_TYPES[p.weight_type]),
         kv_u32("general.quantization_version", 2),
-        kv_u32(f"{p}.context_length", dims["n_ctx"]),
-        kv_u32(f"{p}.embedding_length", d),
-        kv_u32(f"{p}.block_count", dims["n_layer"]),
-        kv_u32(f"{p}.feed_forward_length", n_ff),
-        kv_u32(f"{p}.attention.head_count", dims["n_head"]),
-        kv_u32(f"{p}.attention.head_count_kv", dims["n_head_kv"]),
-        kv_f32(f"{p}.attention.layer_norm_rms_epsilon", 1e-5),
-        kv_f32(f"{p}.rope.freq_base", 10000.0 if arch == "llama" else 500000.0),
-        kv_u32(f"{p}.rope.dimension_count", hd),
-        kv_u32(f"{p}.vocab_size", n_vocab),
-        *([kv_u32(f"{p}.attention.key_length", hd), kv_u32(f"{p}.attention.value_length", hd)]
+        kv_u32(f"{a}.context_length", dims["n_ctx"]),
+        kv_u32(f"{a}.embedding_length", d),
+        kv_u32(f"{a}.block_count", dims["n_layer"]),
+        kv_u32(f"{a}.feed_forward_length", dims["n_ff"]),
+        kv_u32(f"{a}.attention.head_count", dims["n_head"]),
+        kv_u32(f"{a}.attention.head_count_kv", dims["n_head_kv"]),
+        kv_f32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
+        kv_f32(f"{a}.rope.freq_base", 10000.0 if a == "llama" else 500000.0),
+        kv_u32(f"{a}.rope.dimension_count", hd),
+        kv_u32(f"{a}.vocab_size", n_vocab),
+        *([kv_u32(f"{a}.attention.key_length", hd), kv_u32(f"{a}.attention.value_length", hd)]
           if hd * dims["n_head"] != d else []),
         kv_str("parity_both.fixture.args", json.dumps(args, sort_keys=True)),
         kv_str("parity_both.fixture.vocab_source", vocab_path.name),
         *tok_kvs,
     ]
+
+
+def write_fixture(out_path: str | Path, *, arch: str, weight_type: str, size: str = "tiny", seed: int = 0,
+                  vocab_gguf: str | Path | None = None, embed_type: str | None = None,
+                  scale_tensors: bool = False, **dims_overrides: int) -> dict[str, Any]:
+    """Write a deterministic random model; return its facts (dims, tensor types, sha256, ...)."""
+    dims = fixture_dims(arch, weight_type, size, **dims_overrides)
+    vocab_path = Path(vocab_gguf) if vocab_gguf is not None else default_vocab_gguf()
+    tok_kvs, n_vocab = _vocab_kvs(vocab_path)
+    ternary = weight_type in TERNARY_TYPES or arch != "llama"
+    if embed_type is None:
+        # the LM head is token_embd: keep it in the weight type for llama (so the head exercises the
+        # kernel too); ternary models keep F16 embeddings like Microsoft's published GGUF
+        embed_type = "F16" if ternary else weight_type
+    if scale_tensors and arch == "llama":
+        raise ValueError("per-matrix .scale tensors exist only in the bitnet architectures")
+    plan = _Plan(arch, weight_type, embed_type, seed, ternary, scale_tensors, dims)
+    tensors = _model_tensors(plan, n_vocab)
+    args = dict(arch=arch, weight_type=weight_type, size=size, seed=seed, embed_type=embed_type,
+                scale_tensors=scale_tensors, dims_overrides=dict(sorted(dims_overrides.items())))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_gguf(out_path, kvs, tensors)
+    written = write_gguf(out_path, _model_kvs(plan, size, n_vocab, args, vocab_path, tok_kvs), tensors)
 
     type_counts: dict[str, int] = {}
     for t in tensors:
         type_counts[t.type_name] = type_counts.get(t.type_name, 0) + 1
     return {
         "path": str(out_path),
-        "sha256": sha256_file(out_path),
-        "bytes": out_path.stat().st_size,
+        "sha256": written.sha256,
+        "bytes": written.bytes,
         "arch": arch,
         "weight_type": weight_type,
         "embed_type": embed_type,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from parity_both.fixtures import default_vocab_gguf, fixture_dims, read_raw_kvs, write_fixture
+from parity_both.fixtures import default_vocab_gguf, fixture_dims, write_fixture
 from parity_both.gguf import quants
 from parity_both.gguf.reader import read_gguf
+from parity_both.gguf.writer import read_raw_kvs
 
 from conftest import llama_cpp_model
 
@@ -70,6 +72,7 @@ def test_same_args_same_bytes(tmp_path: Path) -> None:
     f2 = write_fixture(tmp_path / "b.gguf", arch="bitnet", weight_type="TQ2_0", seed=5)
     f3 = write_fixture(tmp_path / "c.gguf", arch="bitnet", weight_type="TQ2_0", seed=6)
     assert f1["sha256"] == f2["sha256"] != f3["sha256"]
+    assert f1["sha256"] == hashlib.sha256((tmp_path / "a.gguf").read_bytes()).hexdigest()
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
 
 
@@ -107,6 +110,10 @@ def test_gguf_py_reads_mainline_fixture(tmp_path: Path) -> None:
         assert tuple(int(s) for s in t.shape) == ours.tensors[t.name].shape
         assert bytes(np.asarray(t.data).view(np.uint8).reshape(-1)) == bytes(ours.raw(t.name))
     assert "blk.0.attn_q.scale" in ours.tensors and "blk.1.ffn_sub_norm.weight" in ours.tensors
+    fields = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert list(fields) == list(ours.metadata)  # every key, in file order
+    for key, value in fields.items():
+        assert ours.metadata[key] == value, key
     assert ours.metadata["general.architecture"] == "bitnet"
     assert ours.metadata["bitnet.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
 

@@ -86,16 +86,95 @@ def test_i2s_to_tq2_0_then_gguf_dequantize(scale: float) -> None:
     np.testing.assert_allclose(via_tq2, direct, rtol=2.0 ** -11, atol=0)
 
 
-@pytest.mark.parametrize("name", ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0",
-                                  "TQ2_0", "MXFP4"])
-def test_gguf_types_match_gguf_py(name: str) -> None:
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((3, 512)).astype(np.float32)
-    raw = np.asarray(gq.quantize(x, GGMLQuantizationType[name])).view(np.uint8).reshape(-1)
-    expect = gq.dequantize(raw, GGMLQuantizationType[name]).reshape(-1)
-    got = quants.dequantize(raw, name, x.size)
-    assert got.dtype == np.float32 and got.shape == (x.size,)
-    np.testing.assert_array_equal(got, expect)
+# --- independent per-element decoders, written from ggml's dequantize_row_* (ggml-quants.c) ------------
+def _h(b: bytes) -> float:
+    return float(np.frombuffer(b, "<f2")[0])
+
+
+def _dec_q4_0(blk: bytes) -> list[float]:
+    d, qs = _h(blk[:2]), blk[2:18]
+    return [((q & 0xF) - 8) * d for q in qs] + [((q >> 4) - 8) * d for q in qs]
+
+
+def _dec_q4_1(blk: bytes) -> list[float]:
+    d, m, qs = _h(blk[:2]), _h(blk[2:4]), blk[4:20]
+    return [np.float32((q & 0xF) * d) + np.float32(m) for q in qs] + \
+        [np.float32((q >> 4) * d) + np.float32(m) for q in qs]
+
+
+def _q5(qh: int, qs: bytes) -> list[int]:
+    lo = [(q & 0xF) | (((qh >> j) << 4) & 0x10) for j, q in enumerate(qs)]
+    hi = [(q >> 4) | ((qh >> (j + 12)) & 0x10) for j, q in enumerate(qs)]
+    return lo + hi
+
+
+def _dec_q5_0(blk: bytes) -> list[float]:
+    d, qh = _h(blk[:2]), struct.unpack("<I", blk[2:6])[0]
+    return [(q - 16) * d for q in _q5(qh, blk[6:22])]
+
+
+def _dec_q5_1(blk: bytes) -> list[float]:
+    d, m, qh = _h(blk[:2]), _h(blk[2:4]), struct.unpack("<I", blk[4:8])[0]
+    return [np.float32(q * d) + np.float32(m) for q in _q5(qh, blk[8:24])]
+
+
+def _dec_q8_0(blk: bytes) -> list[float]:
+    d = _h(blk[:2])
+    return [q * d for q in struct.unpack("<32b", blk[2:34])]
+
+
+def _dec_tq2_0(blk: bytes) -> list[float]:
+    qs, d = blk[:64], _h(blk[64:66])
+    return [(((qs[j + m] >> (2 * sh)) & 3) - 1) * d for j in (0, 32) for sh in range(4) for m in range(32)]
+
+
+def _dec_bf16(blk: bytes) -> list[float]:
+    return [struct.unpack("<f", b"\0\0" + blk[i:i + 2])[0] for i in range(0, len(blk), 2)]
+
+
+# name -> (block elements, block bytes, byte offsets of fp16 scales to make finite, decoder)
+INDEPENDENT = {
+    "Q4_0": (32, 18, (0,), _dec_q4_0), "Q4_1": (32, 20, (0, 2), _dec_q4_1), "Q5_0": (32, 22, (0,), _dec_q5_0),
+    "Q5_1": (32, 24, (0, 2), _dec_q5_1), "Q8_0": (32, 34, (0,), _dec_q8_0), "TQ2_0": (256, 66, (64,), _dec_tq2_0),
+    "BF16": (1, 2, (), _dec_bf16), "F16": (1, 2, (), lambda b: [_h(b)]),
+    "F32": (1, 4, (), lambda b: list(struct.unpack("<f", b))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INDEPENDENT))
+def test_block_types_against_independent_decoders(name: str) -> None:
+    blk, size, scales, decode = INDEPENDENT[name]
+    rng = np.random.default_rng(11)
+    n_blocks = max(3, 96 // blk)
+    raw = bytearray(rng.integers(0, 256, size=n_blocks * size, dtype=np.uint8).tobytes())
+    for b in range(n_blocks):  # finite scales; for the plain float types, finite values
+        for off in scales:
+            raw[b * size + off:b * size + off + 2] = np.float16(rng.uniform(-2, 2)).tobytes()
+        if name in ("F16", "BF16"):
+            raw[b * size + 1] &= 0x3F  # exponent well below inf/nan
+        if name == "F32":
+            raw[b * size + 3] &= 0x3F
+    expect = [v for b in range(n_blocks) for v in decode(bytes(raw[b * size:(b + 1) * size]))]
+    got = quants.dequantize(np.frombuffer(bytes(raw), np.uint8), name, n_blocks * blk)
+    assert got.dtype == np.float32 and got.shape == (n_blocks * blk,)
+    np.testing.assert_array_equal(got, np.array(expect, np.float32))
+
+
+def test_tq1_0_and_mxfp4_exactly_representable_values_round_trip() -> None:
+    """Values the format holds exactly (ternary x fp16 scale; e2m1 x power of two) come back unchanged:
+    the expectation is the input, not a dequantizer."""
+    rng = np.random.default_rng(12)
+    t = rng.integers(-1, 2, size=(2, 256)).astype(np.float32)
+    t[:, 0] = 1
+    x = t * np.float32(np.float16(0.0371))
+    raw = np.asarray(gq.quantize(x, GGMLQuantizationType.TQ1_0)).view(np.uint8).reshape(-1)
+    np.testing.assert_array_equal(quants.dequantize(raw, "TQ1_0", x.size), x.reshape(-1))
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+    y = rng.choice(np.concatenate([e2m1, -e2m1]), size=(2, 64)).astype(np.float32)
+    y[:, 0], y[:, 32] = 6, -6
+    y *= np.float32(0.25)
+    raw = np.asarray(gq.quantize(y, GGMLQuantizationType.MXFP4)).view(np.uint8).reshape(-1)
+    np.testing.assert_array_equal(quants.dequantize(raw, "MXFP4", y.size), y.reshape(-1))
 
 
 def test_q8_1_q8_k_q1_0_from_hand_built_blocks() -> None:

@@ -13,10 +13,11 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from parity_both.fixtures import TensorSpec, kv_str, kv_u32, read_raw_kvs, write_fixture, write_gguf
+from parity_both.fixtures import write_fixture
 from parity_both.gguf import quants
 from parity_both.gguf.reader import GGUFError, read_gguf
 from parity_both.gguf.transcode import transcode
+from parity_both.gguf.writer import TensorSpec, kv_str, kv_u32, read_raw_kvs, write_gguf
 
 from conftest import llama_cpp_model
 
@@ -44,7 +45,7 @@ def i2s_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_transcoded_fixture_loads_in_llama_cpp(i2s_fixture: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError):  # mainline cannot load the BitNet.cpp original
+    with pytest.raises(ValueError, match="Failed to load model"):  # mainline cannot load the BitNet.cpp original
         make_llama(i2s_fixture)
     out = tmp_path / "tq2.gguf"
     rec = transcode(i2s_fixture, out)

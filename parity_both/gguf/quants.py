@@ -16,15 +16,15 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
+from parity_both.gguf.constants import I2S_BLOCK, I2S_TAIL_BYTES
+
 # --- I2_S (BitNet.cpp, x86 build, the layout its quantizer writes by default) --------------------
 # Row-major ternary weights in blocks of 128 elements stored in 32 bytes: element j of a block sits
 # in byte j % 32 at bit shift 6 - 2*(j // 32) (most significant pair first); codes 0/1/2 mean
 # -1/0/+1 (3 is never written and reads as 0). After the n/4 packed bytes: ONE float32 per-tensor
 # scale, then 28 bytes of padding (n/4 + 32 bytes in all). Source: BitNet.cpp's quantize_i2_s as
 # described in the project notes (formats-and-graphs.md); BitNet.cpp's sources are not vendored.
-I2S_BLOCK = 128
 I2S_BLOCK_BYTES = 32
-I2S_TAIL_BYTES = 32
 _I2S_SHIFTS = np.array([6, 4, 2, 0], dtype=np.uint8)  # field g of a byte holds element g*32 + byte
 # code -> ternary value; code 3 is never written by BitNet.cpp: read it as 0 like its kernels do
 _I2S_VALUES = np.array([-1, 0, 1, 0], dtype=np.int8)
