@@ -226,3 +226,38 @@ def test_failed_run_summary_lists_lanes_that_could_not_run():
     assert "bitnet: build (exit 5): cmake failed" in render_text(s)
     empty = build_summary([], errors=[], lanes=["llama"])
     assert empty["overall"]["exit_code"] == 2 and "No lane produced a receipt" in render_text(empty)
+
+
+def test_write_failed_summary_keeps_only_this_runs_receipts(tmp_path):
+    """The workflow's onerror handler: receipts downstream of a job that failed in this run are an
+    earlier run's and are left out; failure records older than the run are ignored; summary.json goes."""
+    import os
+    import time
+
+    from parity_both.pipeline import write_failed_summary
+
+    out = tmp_path / "results"
+    paths = {}
+    for lane in ("llama", "bitnet"):
+        r = build_receipt(**_inputs())
+        r["backend"] = lane
+        paths[lane] = out / f"m/receipts/{lane}/p.json"
+        paths[lane].parent.mkdir(parents=True)
+        paths[lane].write_text(json.dumps(r))
+    (out / "summary.json").write_text("{}")
+    logs = out / "logs/backends"
+    logs.mkdir(parents=True)
+    stale = logs / "llama.log.failure.json"
+    stale.write_text(json.dumps({"exit_code": 3, "rule": "backend", "wildcards": {"lane": "llama"}}))
+    os.utime(stale, (0, 0))  # written by an earlier run
+    since = time.time() - 1
+    (logs / "bitnet.log.failure.json").write_text(json.dumps(
+        {"exit_code": 5, "kind": "build", "rule": "backend", "message": "cmake failed", "wildcards": {"lane": "bitnet"},
+         "log": "results/logs/backends/bitnet.log"}))
+    path = write_failed_summary(str(out), [str(p) for p in paths.values()], ["bitnet", "llama"], since)
+    s = json.loads(path.read_text())
+    assert path == out / "summary.failed.json" and (out / "summary.failed.txt").read_text() == render_text(s)
+    assert not (out / "summary.json").exists()
+    assert list(s["models"]["m"]["lanes"]) == ["llama"] and s["overall"]["receipts"] == 1
+    assert s["lanes"]["bitnet"]["status"] == "error" and s["lanes"]["llama"]["status"] == "ok"
+    assert [e["exit_code"] for e in s["errors"]] == [5] and s["overall"]["exit_code"] == 5
