@@ -373,7 +373,7 @@ def upgrade_v2(old: Mapping[str, Any]) -> dict[str, Any]:
     `quantized` verdict; the graph verdict did not exist yet (`skipped`)."""
     r = copy.deepcopy(dict(old))
     summary = dict(r.get("summary") or {})
-    # v2's tokenizer_inconsistent and gate failures were verdicts on top of a comparison that passed
+    # v2's tokenizer_inconsistent was a verdict on top of a comparison that passed
     q_status = "pass" if r["status"] == "tokenizer_inconsistent" else r["status"]
     files = r.pop("evaluated_files", None) or {"reference": r.get("model"), "lane": r.get("model")}
     r["quantized"] = {
