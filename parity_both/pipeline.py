@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -239,31 +239,37 @@ def load_lane(path: str) -> dict[str, Any]:
 
 # -- receipts and summary ---------------------------------------------------------------------
 def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json: str, tokenizer_json: str,
-                 prompt_json: str,
-                 reference_npz: str, lane_npz: str, lane_vocab_json: str, backend_json: str,
-                 thresholds: Mapping[str, Any], mode: str, gates: Collection[str], lane_gguf: str | None = None,
-                 transcode_json: str | None = None) -> dict[str, Any]:
-    from parity_both.receipt import build_receipt, validate_receipt
+                 prompt_json: str, reference_npz: str, lane_npz: str, lane_vocab_json: str, backend_json: str,
+                 thresholds: Mapping[str, Mapping[str, Any]], mode: str, gates: Collection[str],
+                 lane_gguf: str | None = None, transcode_json: str | None = None,
+                 twin_reference_npz: str | None = None, twin_lane_npz: str | None = None,
+                 twin_gguf: str | None = None) -> dict[str, Any]:
+    """The receipt of one lane and prompt, validated. thresholds: {"quantized": ..., "graph": ...}.
+    The graph verdict is evaluated when the twin's reference and lane npz are given, else skipped."""
+    from parity_both.receipt import Evaluation, build_receipt, validate_receipt
 
+    model = read_json(model_json)
     lane_vocab_rec = read_json(lane_vocab_json)
     authority = read_json(authority_json)
     lane_auth = {k: v for k, v in lane_vocab_rec.items() if k != "tokens"}
     if lane_auth.get("vocab_hash") != authority.get("vocab_hash"):
         lane_auth["difference"] = vocab_difference(tokenizer_json, authority, lane_vocab_rec)
-    receipt = build_receipt(
-        lane=lane, model=read_json(model_json), authority=authority, lane_vocab=lane_auth,
-        prompt=read_json(prompt_json), reference=load_reference(reference_npz), lane_result=load_lane(lane_npz),
-        backend=read_json(backend_json), thresholds=thresholds, mode=mode, gates=list(gates))
-    receipt["model_name"] = model_name
-    model_file = read_json(model_json)["path"]
-    receipt["evaluated_files"] = {
-        "reference": model_file,
-        "lane": str(Path(lane_gguf).resolve()) if lane_gguf else model_file,
+    quantized = Evaluation(load_reference(reference_npz), load_lane(lane_npz), {
+        "reference": model["path"],
+        "lane": str(Path(lane_gguf).resolve()) if lane_gguf else model["path"],
         "transcode": read_json(transcode_json) if transcode_json else None,
-    }
-    from parity_both.receipt import content_hash
-
-    receipt["content_sha256"] = content_hash(receipt)
+    })
+    graph = None
+    if twin_reference_npz or twin_lane_npz:
+        if not (twin_reference_npz and twin_lane_npz):
+            raise ValueError("the graph verdict needs both the twin's reference npz and its lane npz")
+        twin = str(Path(twin_gguf).resolve()) if twin_gguf else None
+        graph = Evaluation(load_reference(twin_reference_npz), load_lane(twin_lane_npz),
+                           {"reference": twin, "lane": twin})
+    receipt = build_receipt(
+        lane=lane, model_name=model_name, model=model, authority=authority, lane_vocab=lane_auth,
+        prompt=read_json(prompt_json), backend=read_json(backend_json), mode=mode, gates=list(gates),
+        quantized=quantized, thresholds=thresholds["quantized"], graph=graph, graph_thresholds=thresholds["graph"])
     validate_receipt(receipt)
     return receipt
 
@@ -282,21 +288,81 @@ def vocab_difference(tokenizer_json: str, authority: Mapping[str, Any],
     return compare_vocabs(ref, lane)
 
 
-def make_summary(receipt_paths: list[str]) -> dict[str, Any]:
+def make_summary(receipt_paths: Sequence[str], errors: Sequence[Mapping[str, Any]] | None = None,
+                 lanes: Sequence[str] = ()) -> dict[str, Any]:
+    """The summary of these receipts (see summary.build_summary for `errors` and `lanes`)."""
     from parity_both.receipt import load_receipt
     from parity_both.summary import build_summary
 
     receipts = []
     for p in receipt_paths:
         r = load_receipt(p)
-        r["_path"] = p
+        r["_path"] = str(p)
         receipts.append(r)
-    return build_summary(receipts)
+    return build_summary(receipts, errors, lanes)
+
+
+def write_summary(summary: Mapping[str, Any], json_path: str | Path, text_path: str | Path) -> None:
+    from parity_both.summary import render_text
+
+    write_json(json_path, summary)
+    write_text(text_path, render_text(summary))
+
+
+def failure_records(logs_dir: str | Path, since: float) -> list[dict[str, Any]]:
+    """The failure records (parity_both.jobs) written beside the logs under `logs_dir` at or after
+    `since` (a job removes its record when it starts, so older ones belong to earlier runs)."""
+    records = []
+    for p in sorted(Path(logs_dir).rglob("*.failure.json")):
+        try:
+            if p.stat().st_mtime < since:
+                continue
+            records.append(json.loads(p.read_text()))
+        except (OSError, ValueError):  # vanished or half-written: not a record of this run
+            continue
+    return records
+
+
+def write_failed_summary(out_dir: str, receipt_paths: Sequence[str], lanes: Sequence[str], since: float) -> Path:
+    """After a failed run (the workflow's onerror handler): summary.failed.json/.txt from the receipts
+    that exist and are not downstream of a job that failed in this run, plus the failure records;
+    summary.json/.txt are removed, so no earlier run's verdict stands for this one."""
+    errors = failure_records(Path(out_dir) / "logs", since)
+
+    def downstream_of_failure(path: str) -> bool:
+        model, _, lane, prompt = Path(path).with_suffix("").parts[-4:]
+        wildcards = {"model": model, "lane": lane, "prompt": prompt}
+        # a job whose wildcards are a subset of the receipt's is upstream of it (backend {lane},
+        # reference {model, prompt}, ...): the receipt on disk is an earlier run's
+        return any(e.get("wildcards") and e["wildcards"].items() <= wildcards.items() for e in errors)
+
+    usable = [p for p in receipt_paths if Path(p).is_file() and not downstream_of_failure(p)]
+    summary = make_summary(usable, errors, lanes)
+    for name in ("summary.json", "summary.txt"):
+        Path(out_dir, name).unlink(missing_ok=True)
+    out = Path(out_dir) / "summary.failed.json"
+    write_summary(summary, out, out.with_suffix(".txt"))
+    return out
+
+
+def clear_failed_summary(out_dir: str) -> None:
+    """After a run that succeeded (onsuccess): an earlier failed run's summary no longer applies."""
+    for name in ("summary.failed.json", "summary.failed.txt"):
+        Path(out_dir, name).unlink(missing_ok=True)
 
 
 # -- small utilities --------------------------------------------------------------------------
 def read_json(path: str) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomic text file (no half-written results)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
 
 
 def save_npz(path: str, **arrays: Any) -> None:
@@ -309,4 +375,5 @@ def save_npz(path: str, **arrays: Any) -> None:
 
 
 __all__ = ["InputError", "model_facts", "prompt_record", "reference_logits", "lane_vocab", "lane_eval",
-           "make_receipt", "make_summary", "write_json", "read_json", "compare_ids"]
+           "make_receipt", "make_summary", "write_summary", "write_failed_summary", "failure_records",
+           "write_json", "write_text", "read_json", "compare_ids"]

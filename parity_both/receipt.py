@@ -1,11 +1,15 @@
-"""Parity receipts (schema v2): what was compared, how, and the verdict.
+"""Parity receipts (schema v3): what was compared, how, and the verdicts.
 
-A receipt holds every field of the seed's v1 ParityReceipt (version, timestamp, model, backend,
-prompt, positions, thresholds, rows, summary) plus what makes it trustworthy: the tokenizer
-authority on both sides, the prompt template and contract, determinism settings, the model's
-SHA-256, the backend identity, the reference settings, more metrics and their definitions.
-`content_sha256` covers everything except the timestamp and timings, so a rerun that computes the
-same numbers yields the same content hash.
+A receipt compares one lane with the reference for one prompt, twice: `quantized` (both evaluate the
+model file itself) and `graph` (both evaluate the model's lossless twin, every tensor dequantized,
+where an honest engine agrees to ~1e-7 and a graph bug stands out). Each verdict section has its
+files, sequence, thresholds, per-position rows, greedy agreement, summary and status; the receipt's
+status passes only if both pass (a twin that was not evaluated is `skipped`, not failed).
+Around them: the tokenizer authority on both sides, the prompt template and contract, determinism
+settings, the model's SHA-256, the backend identity, the reference settings and the metric
+definitions. `content_sha256` covers everything except the timestamp and timings, so a rerun that
+computes the same numbers yields the same content hash. v1 (BitNet-rs crossval) and v2 receipts load
+upgraded to this shape (`load_receipt`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +27,20 @@ import numpy as np
 from parity_both import metrics
 from parity_both.gguf.constants import BITNET_ARCHS
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "receipt.schema.json"
 VOLATILE_KEYS = ("timestamp", "timings", "content_sha256")
+VERDICTS = ("graph", "quantized")  # the order verdicts are reported in (graph first: engine bugs)
+TWIN_OFF_REASON = "no lossless twin was evaluated for this model (twin: off)"
 
-# Lane status -> exit code contribution (the seed's table).
+# Lane status -> exit code contribution (the seed's table), and statuses from least to most severe.
 STATUS_EXIT = {"pass": 0, "fail": 1, "token_mismatch": 2, "tokenizer_inconsistent": 2, "error": 2}
+SEVERITY = ("pass", "fail", "error", "tokenizer_inconsistent", "token_mismatch")
+
+
+def worst(statuses: Sequence[str]) -> str:
+    """The most severe status ("pass" for none)."""
+    return max(statuses, key=SEVERITY.index, default="pass")
 
 
 def canonical_json(obj: Any) -> str:
@@ -44,6 +57,17 @@ def _finite(x: float | None) -> float | None:
         return None
     x = float(x)
     return x if np.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The reference and the lane on one file: `reference` as pipeline.load_reference gives it
+    (ids, logits, n_prompt, settings, timings), `lane` as pipeline.load_lane (token_parity, logits or
+    None, settings, identity, timings, timestamp), `files` what each side evaluated."""
+
+    reference: Mapping[str, Any]
+    lane: Mapping[str, Any]
+    files: Mapping[str, Any] = field(default_factory=dict)
 
 
 def position_failures(row: metrics.PositionMetrics, th: Mapping[str, Any]) -> list[str]:
@@ -66,7 +90,7 @@ def evaluate_gates(receipt: Mapping[str, Any], gates: Sequence[str]) -> list[dic
         return []
     import jq
 
-    doc = json.loads(canonical_json(receipt))
+    doc = json.loads(canonical_json(_clean(receipt)))
     results = []
     for expr in gates:
         try:
@@ -78,35 +102,100 @@ def evaluate_gates(receipt: Mapping[str, Any], gates: Sequence[str]) -> list[dic
     return results
 
 
-def build_receipt(
-    *,
-    lane: str,
-    model: Mapping[str, Any],
-    authority: Mapping[str, Any],
-    lane_vocab: Mapping[str, Any],
-    prompt: Mapping[str, Any],
-    reference: Mapping[str, Any],
-    lane_result: Mapping[str, Any],
-    backend: Mapping[str, Any],
-    thresholds: Mapping[str, Any],
-    mode: str,
-    gates: Sequence[str] = (),
-) -> dict[str, Any]:
-    """reference: {'ids', 'logits', 'n_prompt', 'settings', 'timings'};
-    lane_result: {'lane_ids', 'token_parity', 'logits' or None, 'settings', 'identity', 'timings', 'timestamp'}."""
-    ids = [int(i) for i in reference["ids"]]
-    n_prompt = int(reference["n_prompt"])
-    tok_consistent = lane_vocab.get("vocab_hash") == authority.get("vocab_hash")
-    receipt: dict[str, Any] = {
+# -- one verdict ------------------------------------------------------------------------------
+def _unusable(ev: Evaluation) -> tuple[str, dict[str, Any]] | None:
+    """(status, summary) when the lane's logits cannot be compared, else None."""
+    if not ev.lane["token_parity"]["match"]:
+        return "token_mismatch", {"reason": "token ids differ: no logits were computed for this lane"}
+    if ev.lane.get("logits") is None:
+        return "error", {"reason": "lane produced no logits"}
+    ref = np.asarray(ev.reference["logits"])
+    lane = np.asarray(ev.lane["logits"])
+    if ref.shape != lane.shape:
+        return "error", {"reason": f"logit shapes differ: reference {ref.shape}, lane {lane.shape}"}
+    if not np.all(np.isfinite(lane)):
+        bad = int(np.argmax(~np.all(np.isfinite(lane), axis=1)))
+        return "fail", {"reason": f"lane logits contain NaN/Inf (first at position {bad})",
+                        "first_divergence": {"pos": bad, "reasons": ["non-finite logits"]}}
+    return None
+
+
+def _threshold_failures(agg: Mapping[str, Any], greedy: Mapping[str, Any], first: Mapping[str, Any] | None,
+                        th: Mapping[str, Any]) -> list[str]:
+    failures = []
+    if first:
+        failures.append(f"position {first['pos']}: {'; '.join(first['reasons'])}")
+    if th.get("mean_kl_max") is not None and agg["mean_kl"] > th["mean_kl_max"]:
+        failures.append(f"mean KL {agg['mean_kl']:.3g} > mean_kl_max {th['mean_kl_max']}")
+    rate = agg["same_top1"]["rate"]
+    if th.get("same_top1_min") is not None and rate is not None and rate < th["same_top1_min"]:
+        failures.append(f"same-top-1 rate {rate:.3f} < same_top1_min {th['same_top1_min']}")
+    if th.get("greedy_contained") and greedy["n_generated"] and not greedy["all_contained"]:
+        step = next(s for s in greedy["steps"] if not s["contained"])
+        failures.append(f"greedy step {step['step']}: reference token {step['ref_token']} and lane token "
+                        f"{step['lane_token']} are not in each other's top-5")
+    return failures
+
+
+def _judge(ev: Evaluation, th: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """(rows, greedy, summary) of comparable logits under the thresholds `th`."""
+    ids = [int(i) for i in ev.reference["ids"]]
+    ref = np.asarray(ev.reference["logits"], dtype=np.float32)
+    lane = np.asarray(ev.lane["logits"], dtype=np.float32)
+    pos = metrics.compare_positions(ref, lane, ids)
+    greedy = metrics.greedy_agreement(ref, lane, ids, int(ev.reference["n_prompt"]))
+    rows, first = [], None
+    for r in pos:
+        fails = position_failures(r, th)
+        row = {**r.as_row(), "passed": not fails}
+        if fails:
+            row["failures"] = fails
+            if first is None:
+                first = {"pos": r.pos, "token_id": r.token_id, "reasons": fails}
+        rows.append(row)
+    agg = metrics.aggregate(pos, ref, lane)
+    summary = {**agg, "first_divergence": first, "failures": _threshold_failures(agg, greedy, first, th)}
+    return rows, greedy, summary
+
+
+def verdict(ev: Evaluation, th: Mapping[str, Any]) -> dict[str, Any]:
+    """One verdict section: the lane against the reference on `ev.files`, under thresholds `th`."""
+    ids = [int(i) for i in ev.reference["ids"]]
+    n_prompt = int(ev.reference["n_prompt"])
+    section: dict[str, Any] = {
+        "files": dict(ev.files), "thresholds": dict(th),
+        "sequence": {"ids": ids, "n_prompt": n_prompt, "n_generated": len(ids) - n_prompt},
+        "rows": [], "greedy": None,
+        "summary": {"first_divergence": None, "failures": [], "mean_mse": None, "mean_kl": None},
+    }
+    problem = _unusable(ev)
+    if problem:
+        section["status"] = problem[0]
+        section["summary"].update(problem[1])
+    else:
+        section["rows"], section["greedy"], section["summary"] = _judge(ev, th)
+        section["status"] = "fail" if section["summary"]["failures"] else "pass"
+    section["positions"] = len(section["rows"])
+    return section
+
+
+# -- the receipt ------------------------------------------------------------------------------
+def _context(*, lane: str, model_name: str, model: Mapping[str, Any], authority: Mapping[str, Any],
+             lane_vocab: Mapping[str, Any], prompt: Mapping[str, Any], backend: Mapping[str, Any], mode: str,
+             ev: Evaluation) -> dict[str, Any]:
+    """Everything the two verdicts share: what was compared, by whom, under which settings."""
+    ref_settings = ev.reference["settings"]
+    return {
         "version": SCHEMA_VERSION,
-        "timestamp": lane_result.get("timestamp"),
+        "timestamp": ev.lane.get("timestamp"),
         "model": model["path"],
+        "model_name": model_name,
         "model_sha256": model["sha256"],
         "model_facts": {k: model.get(k) for k in ("architecture", "file_name", "size_bytes", "quant_types",
                                                    "type_numbering")},
         "backend": lane,
         # what the backend rule provisioned, plus what the engine said about itself while running
-        "backend_identity": {**dict(backend.get("identity") or {}), "runtime": dict(lane_result.get("identity") or {})},
+        "backend_identity": {**dict(backend.get("identity") or {}), "runtime": dict(ev.lane.get("identity") or {})},
         "prompt": prompt["prompt"]["text"],
         "prompt_name": prompt["prompt"]["name"],
         "prompt_template": {
@@ -117,104 +206,97 @@ def build_receipt(
         "tokenization_contract": prompt["contract"],
         "tokenizer_authority": dict(authority),
         "lane_tokenizer_authority": dict(lane_vocab),
-        "tokenizer_consistent": tok_consistent,
-        "token_parity": dict(lane_result["token_parity"]),
-        "sequence": {"ids": ids, "n_prompt": n_prompt, "n_generated": len(ids) - n_prompt},
-        "reference_settings": dict(reference["settings"]),
-        "determinism": {"lane": dict(lane_result.get("settings") or {}),
-                        "reference": {"mode": mode,
-                                      "threads": (reference["settings"].get("numpy") or {}).get("blas_threads"),
-                                      "dtype": reference["settings"].get("dtype"),
-                                      "kv_cache": reference["settings"].get("kv_cache")}},
-        "thresholds": dict(thresholds),
+        "tokenizer_consistent": lane_vocab.get("vocab_hash") == authority.get("vocab_hash"),
+        "token_parity": dict(ev.lane["token_parity"]),
+        "reference_settings": dict(ref_settings),
+        "determinism": {"lane": dict(ev.lane.get("settings") or {}),
+                        "reference": {"mode": mode, "threads": (ref_settings.get("numpy") or {}).get("blas_threads"),
+                                      "dtype": ref_settings.get("dtype"), "kv_cache": ref_settings.get("kv_cache")}},
         "metric_definitions": dict(metrics.METRIC_DEFINITIONS),
-        "timings": {"lane": dict(lane_result.get("timings") or {}),
-                    "reference": dict(reference.get("timings") or {})},
     }
-    summary: dict[str, Any] = {"all_passed": False, "first_divergence": None, "mean_mse": None, "mean_kl": None}
-    rows: list[dict[str, Any]] = []
-    if not lane_result["token_parity"]["match"]:
-        status = "token_mismatch"
-        summary["reason"] = "token ids differ: no logits were computed for this lane"
-        greedy = None
-    elif lane_result.get("logits") is None:
-        status = "error"
-        summary["reason"] = "lane produced no logits"
-        greedy = None
-    else:
-        ref_logits = np.asarray(reference["logits"], dtype=np.float32)
-        lane_logits = np.asarray(lane_result["logits"], dtype=np.float32)
-        if ref_logits.shape != lane_logits.shape:
-            status = "error"
-            summary["reason"] = f"logit shapes differ: reference {ref_logits.shape}, lane {lane_logits.shape}"
-            greedy = None
-        elif not np.all(np.isfinite(lane_logits)):
-            bad = int(np.argmax(~np.all(np.isfinite(lane_logits), axis=1)))
-            status = "fail"
-            summary["reason"] = f"lane logits contain NaN/Inf (first at position {bad})"
-            summary["first_divergence"] = {"pos": bad, "reasons": ["non-finite logits"]}
-            greedy = None
-        else:
-            pos = metrics.compare_positions(ref_logits, lane_logits, ids)
-            agg = metrics.aggregate(pos, ref_logits, lane_logits)
-            greedy = metrics.greedy_agreement(ref_logits, lane_logits, ids, n_prompt)
-            failures = []
-            first = None
-            for r in pos:
-                f = position_failures(r, thresholds)
-                row = r.as_row()
-                row["passed"] = not f
-                if f:
-                    row["failures"] = f
-                    if first is None:
-                        first = {"pos": r.pos, "token_id": r.token_id, "reasons": f}
-                rows.append(row)
-            if first:
-                failures.append(f"position {first['pos']}: {'; '.join(first['reasons'])}")
-            if thresholds.get("mean_kl_max") is not None and agg["mean_kl"] > thresholds["mean_kl_max"]:
-                failures.append(f"mean KL {agg['mean_kl']:.3g} > mean_kl_max {thresholds['mean_kl_max']}")
-            rate = agg["same_top1"]["rate"]
-            if thresholds.get("same_top1_min") is not None and rate is not None and rate < thresholds["same_top1_min"]:
-                failures.append(f"same-top-1 rate {rate:.3f} < same_top1_min {thresholds['same_top1_min']}")
-            if thresholds.get("greedy_contained") and greedy["n_generated"] and not greedy["all_contained"]:
-                step = next(s for s in greedy["steps"] if not s["contained"])
-                failures.append(f"greedy step {step['step']}: reference token {step['ref_token']} and lane token "
-                                f"{step['lane_token']} are not in each other's top-5")
-            summary.update(agg)
-            summary["first_divergence"] = first
-            summary["failures"] = failures
-            status = "fail" if failures else "pass"
-    if not tok_consistent and status == "pass":
+
+
+def _overall(sections: Mapping[str, Mapping[str, Any]], tokenizer_consistent: bool) -> tuple[str, dict[str, Any]]:
+    """The receipt's status and summary from its verdicts: it passes only if every evaluated verdict
+    passes. mean_mse/mean_kl are the quantized verdict's (the seed's comparison, on the model file)."""
+    evaluated = [v for v in VERDICTS if sections[v]["status"] != "skipped"]
+    status = worst([sections[v]["status"] for v in evaluated])
+    q = sections["quantized"]["summary"]
+    summary: dict[str, Any] = {
+        "verdicts": {v: sections[v]["status"] for v in VERDICTS},
+        "first_divergence": next(({"verdict": v, **sections[v]["summary"]["first_divergence"]} for v in evaluated
+                                  if sections[v]["summary"].get("first_divergence")), None),
+        "mean_mse": q.get("mean_mse"), "mean_kl": q.get("mean_kl"),
+        "failures": [f"{v}: {f}" for v in evaluated for f in sections[v]["summary"].get("failures") or []],
+    }
+    reasons = [f"{v}: {sections[v]['summary']['reason']}" for v in evaluated if sections[v]["summary"].get("reason")]
+    if reasons:
+        summary["reason"] = "; ".join(reasons)
+    if not tokenizer_consistent and status == "pass":
         status = "tokenizer_inconsistent"
         summary["reason"] = "the lane's vocabulary differs from the reference tokenizer authority"
-    receipt["positions"] = len(rows)
-    receipt["rows"] = rows
-    receipt["greedy"] = greedy
-    gate_results = evaluate_gates({**receipt, "summary": summary, "status": status}, gates)
-    receipt["gates"] = gate_results
-    failed_gates = [g["expression"] for g in gate_results if not g["passed"]]
+    return status, summary
+
+
+def build_receipt(
+    *,
+    lane: str,
+    model_name: str,
+    model: Mapping[str, Any],
+    authority: Mapping[str, Any],
+    lane_vocab: Mapping[str, Any],
+    prompt: Mapping[str, Any],
+    backend: Mapping[str, Any],
+    mode: str,
+    quantized: Evaluation,
+    thresholds: Mapping[str, Any],
+    graph: Evaluation | None = None,
+    graph_thresholds: Mapping[str, Any] | None = None,
+    graph_skipped_reason: str = TWIN_OFF_REASON,
+    gates: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The complete receipt, hashed once. `quantized`: both sides on the model file, judged by
+    `thresholds`; `graph`: both sides on the lossless twin, judged by `graph_thresholds` (None: the
+    graph verdict is skipped for `graph_skipped_reason`)."""
+    receipt = _context(lane=lane, model_name=model_name, model=model, authority=authority, lane_vocab=lane_vocab,
+                       prompt=prompt, backend=backend, mode=mode, ev=quantized)
+    receipt["quantized"] = verdict(quantized, thresholds)
+    receipt["timings"] = {"quantized": {"lane": dict(quantized.lane.get("timings") or {}),
+                                        "reference": dict(quantized.reference.get("timings") or {})}}
+    if graph is None:
+        receipt["graph"] = {"status": "skipped", "reason": graph_skipped_reason}
+    else:
+        if graph_thresholds is None:
+            raise ValueError("a graph evaluation needs graph_thresholds")
+        receipt["graph"] = verdict(graph, graph_thresholds)
+        receipt["timings"]["graph"] = {"lane": dict(graph.lane.get("timings") or {}),
+                                       "reference": dict(graph.reference.get("timings") or {})}
+    status, summary = _overall(receipt, receipt["tokenizer_consistent"])
+    receipt["gates"] = evaluate_gates({**receipt, "summary": summary, "status": status}, gates)
+    failed_gates = [g["expression"] for g in receipt["gates"] if not g["passed"]]
     if failed_gates and status == "pass":
         status = "fail"
-    if failed_gates:
-        summary.setdefault("failures", []).extend(f"gate failed: {e}" for e in failed_gates)
+    summary["failures"] += [f"gate failed: {e}" for e in failed_gates]
     summary["all_passed"] = status == "pass"
-    hints = diagnose(status, receipt, summary, thresholds)
+    hints = diagnose(status, receipt)
     if hints:
         summary["hints"] = hints
-    receipt["summary"] = _clean(summary)
-    receipt["status"] = status
-    receipt["exit_code"] = STATUS_EXIT[status]
+    receipt.update(summary=summary, status=status, exit_code=STATUS_EXIT[status])
     receipt = _clean(receipt)
     receipt["content_sha256"] = content_hash(receipt)
     return receipt
 
 
-
-
-def diagnose(status: str, receipt: Mapping[str, Any], summary: Mapping[str, Any],
-             thresholds: Mapping[str, Any]) -> list[str]:
+def diagnose(status: str, receipt: Mapping[str, Any]) -> list[str]:
     """Plain-language pointers to the likely cause of a failure, from what the receipt records."""
     hints: list[str] = []
+    graph, quantized = receipt["graph"]["status"], receipt["quantized"]["status"]
+    if graph == "pass" and quantized == "fail":
+        hints.append("the lane computes the same graph as the reference on the lossless twin: the quantized "
+                     "difference comes from the weight types' kernels and rounding, not from the graph")
+    if graph == "fail" and quantized == "pass":
+        hints.append("the lane's graph differs from the reference's on the lossless twin although the quantized "
+                     "comparison passes: the quantization noise hides a graph difference there")
     ref = receipt.get("reference_settings") or {}
     lane = (receipt.get("determinism") or {}).get("lane") or {}
     if status == "fail" and ref.get("arch") in BITNET_ARCHS:
@@ -280,22 +362,46 @@ def upgrade_v1(old: Mapping[str, Any]) -> dict[str, Any]:
               "prompt_template", "tokenization_contract", "determinism", "backend_identity",
               "reference_settings", "greedy", "token_parity", "metric_definitions", "status", "exit_code"):
         r.setdefault(k, None)
-    if r["status"] is None and summary["all_passed"] is not None:
-        r["status"] = "pass" if summary["all_passed"] else "fail"
+    if r["status"] is None:
+        r["status"] = {True: "pass", False: "fail", None: "error"}[summary["all_passed"]]
         r["exit_code"] = STATUS_EXIT[r["status"]]
-    r["upgraded_from_version"] = old.get("version", 1)
+    return r
+
+
+def upgrade_v2(old: Mapping[str, Any]) -> dict[str, Any]:
+    """A v2 receipt (one comparison, on the model file) in v3 shape: that comparison becomes the
+    `quantized` verdict; the graph verdict did not exist yet (`skipped`)."""
+    r = copy.deepcopy(dict(old))
+    summary = dict(r.get("summary") or {})
+    # v2's tokenizer_inconsistent was a verdict on top of a comparison that passed
+    q_status = "pass" if r["status"] == "tokenizer_inconsistent" else r["status"]
+    files = r.pop("evaluated_files", None) or {"reference": r.get("model"), "lane": r.get("model")}
+    r["quantized"] = {
+        "status": q_status, "files": files, "sequence": r.pop("sequence", None),
+        "thresholds": r.pop("thresholds", None), "positions": r.pop("positions", len(r.get("rows") or [])),
+        "rows": r.pop("rows", None) or [], "greedy": r.pop("greedy", None),
+        "summary": {k: v for k, v in summary.items() if k not in ("all_passed", "hints")},
+    }
+    r["graph"] = {"status": "skipped", "reason": f"receipt v{old.get('version')} predates the graph verdict"}
+    summary["verdicts"] = {"graph": "skipped", "quantized": q_status}
+    r["summary"] = summary
     r["version"] = SCHEMA_VERSION
     return r
 
 
 def load_receipt(path: str | Path) -> dict[str, Any]:
+    """A receipt of any schema version in the current shape; older ones say `upgraded_from_version`."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or "version" not in data:
         raise ValueError(f"{path} is not a parity receipt (no 'version' field)")
-    if int(data["version"]) == 1:
-        return upgrade_v1(data)
-    if int(data["version"]) != SCHEMA_VERSION:
-        raise ValueError(f"{path}: receipt version {data['version']} is not supported (expected 1 or 2)")
+    version = data["version"]
+    if version not in (1, 2, SCHEMA_VERSION):
+        raise ValueError(f"{path}: receipt version {version} is not supported (expected 1, 2 or {SCHEMA_VERSION})")
+    if version == 1:
+        data = upgrade_v1(data)
+    if version in (1, 2):
+        data = upgrade_v2(data)
+        data["upgraded_from_version"] = version
     return data
 
 

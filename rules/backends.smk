@@ -7,7 +7,7 @@ rule backend:
     output:
         f"{OUT}/backends/{{lane}}.json",
     params:
-        backends=config.get("backends", {}),
+        backends=config["backends"],
     conda:
         "../envs/parity-both.yaml"
     log:

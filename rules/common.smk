@@ -1,5 +1,8 @@
 # Parse-time helpers: standard library only (see parity_both/config.py) so that an up-to-date
-# run answers fast.
+# run answers fast. `validate` also fills every default from the schema (the one place defaults
+# live), so rules read config[...] directly.
+import sys
+import time
 from pathlib import Path
 
 from snakemake.utils import validate
@@ -10,7 +13,8 @@ from parity_both.provision import probes
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-OUT = config.get("out_dir", "results")
+OUT = config["out_dir"]
+RUN_STARTED = time.time()  # failure records written after this belong to this run
 MODELS = sorted(config["models"])
 PROMPTS = sorted(config["prompts"])
 LANES = list(config["lanes"])
@@ -108,7 +112,8 @@ _probe_lanes()
 
 
 def lane_thresholds(wildcards):
-    return pbconfig.thresholds(config, REF["mode"])
+    """The quantized verdict's thresholds (the reference mode's set) and the graph verdict's."""
+    return {"quantized": pbconfig.thresholds(config, REF["mode"]), "graph": pbconfig.thresholds(config, "graph")}
 
 
 def receipts():

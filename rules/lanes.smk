@@ -25,7 +25,7 @@ rule lane_eval:
     output:
         f"{OUT}/{{model}}/lanes/{{lane}}/{{prompt}}.npz",
     params:
-        threads=config.get("threads", 1),
+        threads=config["threads"],
     conda:
         "../envs/parity-both.yaml"
     log:

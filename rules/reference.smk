@@ -7,7 +7,7 @@ rule reference:
     output:
         f"{OUT}/{{model}}/reference/{{prompt}}.npz",
     params:
-        max_tokens=config.get("max_tokens", 8),
+        max_tokens=config["max_tokens"],
         mode=REF["mode"],
         activation=model_activation,
     conda:

@@ -1,5 +1,6 @@
 rule receipt:
-    """Compare one lane with the reference for one prompt (schema v2 receipt)."""
+    """Compare one lane with the reference for one prompt (schema v3 receipt: the quantized verdict on
+    the model file; the graph verdict on the lossless twin, skipped until its npz are inputs)."""
     input:
         model=f"{OUT}/{{model}}/model.json",
         authority=f"{OUT}/{{model}}/tokenizer/authority.json",
@@ -15,7 +16,7 @@ rule receipt:
     params:
         thresholds=lane_thresholds,
         mode=REF["mode"],
-        gates=config.get("gates", []),
+        gates=config["gates"],
         lane_gguf=lane_gguf,
     conda:
         "../envs/parity-both.yaml"
@@ -38,3 +39,23 @@ rule summary:
         f"{OUT}/logs/summary.log",
     script:
         "../scripts/summary.py"
+
+
+# The verdict of a run that failed: a job's failure stops the summary rule, so the handler writes
+# summary.failed.{json,txt} from the receipts that exist and the failure records the jobs wrote
+# beside their logs (the `parity-both` command prints exactly that), and removes summary.{json,txt}
+# so no earlier run's verdict stands. A later run that succeeds removes summary.failed.*.
+onsuccess:
+    from parity_both.pipeline import clear_failed_summary
+
+    clear_failed_summary(OUT)
+
+
+onerror:
+    from parity_both.pipeline import write_failed_summary
+
+    try:
+        path = write_failed_summary(OUT, receipts(), LANES, RUN_STARTED)
+        print(f"parity-both: the run failed; its summary is {path} (and {path.with_suffix('.txt')})", file=sys.stderr)
+    except Exception as err:  # the handler must not mask the run's own failure
+        print(f"parity-both: could not write the failed run's summary: {err!r}", file=sys.stderr)

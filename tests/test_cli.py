@@ -27,10 +27,13 @@ def test_json_stdout_is_pure_and_receipt_written(tmp_path):
     summary = json.loads(p.stdout)  # the whole of stdout is one JSON document
     assert summary["overall"]["exit_code"] == 0 and summary["overall"]["both_passed"] is True
     assert summary["lanes"]["llama"]["status"] == "ok"
+    assert summary == json.loads((out / "results/summary.json").read_text())  # the workflow's own summary
+    lane = summary["models"]["model"]["lanes"]["llama"]
+    assert lane["quantized"]["status"] == "pass" and lane["graph"]["status"] == "skipped"
     receipt = json.loads((out / "receipt_llama.json").read_text())
     assert receipt["prompt_template"]["used"] == "chatml"
     assert receipt["prompt_template"]["system_prompt"] == "Be brief."
-    assert receipt["sequence"]["n_generated"] <= 2
+    assert receipt["quantized"]["sequence"]["n_generated"] <= 2
     # --dump-ids / --dump-cpp-ids go to stderr
     assert "reference token ids" in p.stderr and "llama token ids vs reference (match)" in p.stderr
 
@@ -47,12 +50,14 @@ def test_token_mismatch_exits_2_without_logits(tmp_path, smol_path):
                 "--prompt-template", "raw",
                 "--max-tokens", "1", "--cos-tol", "0.99", "--metrics", "cos,kl")
     assert p.returncode == 2, p.stdout + p.stderr[-3000:]
-    assert "token_mismatch" in p.stdout.lower() or "TOKEN_MISMATCH" in p.stdout
+    assert "TOKEN_MISMATCH" in p.stdout
+    assert p.stdout == (out / "results/summary.txt").read_text()  # the workflow's own text summary
     receipt = json.loads((out / "receipt_llama.json").read_text())
-    assert receipt["status"] == "token_mismatch" and receipt["rows"] == []
+    assert receipt["status"] == "token_mismatch" and receipt["quantized"]["rows"] == []
     tp = receipt["token_parity"]
     assert tp["match"] is False and tp["ref_id"] != tp["lane_id"] and "first_divergent_pos" in tp
-    assert receipt["thresholds"]["cos_tol"] == 0.99 and receipt["thresholds"]["topk_min"] is None
+    th = receipt["quantized"]["thresholds"]
+    assert th["cos_tol"] == 0.99 and th["topk_min"] is None and th["same_top1_min"] is None and th["kl_max"] == 0.1
     with np.load(out / "results/model/lanes/llama/prompt.npz") as z:
         assert not bool(z["has_logits"]) and z["logits"].size == 0  # no logits computed on a mismatch
     assert receipt["tokenizer_authority"]["source"] == "external"
@@ -101,8 +106,14 @@ def test_broken_tokenizer_json_exits_2_with_a_clear_paragraph(tmp_path):
     p = run_cli("--out-dir", str(out), "--lanes", "llama", "--tokenizer", str(tok), "--max-tokens", "1",
                 "--format", "json")
     assert p.returncode == 2, p.stderr[-2000:]
-    assert json.loads(p.stdout)["overall"]["exit_code"] == 2  # stdout stays one JSON document
-    assert "tokenizer" in p.stderr and "cannot be used" in p.stderr and "log:" in p.stderr
+    summary = json.loads(p.stdout)  # stdout stays one JSON document
+    assert summary["overall"]["exit_code"] == 2
+    # what the CLI prints is the failed run's summary the workflow itself wrote, with the failure records
+    assert summary == json.loads((out / "results/summary.failed.json").read_text())
+    assert [e["rule"] for e in summary["errors"]] == ["tokenizer_authority"]
+    assert not (out / "results/summary.json").exists()
+    assert "tokenizer" in p.stderr and "cannot be used" in p.stderr
+    assert f"log: {out}/results/logs/model/tokenizer_authority.log" in p.stderr
     # no half-written results: the failed job's outputs are gone, no receipt exists
     assert not (out / "results/model/tokenizer/authority.json").exists()
     assert not list(out.glob("receipt_*.json"))
