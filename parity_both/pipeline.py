@@ -130,9 +130,36 @@ def prompt_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: 
 
 
 # -- reference --------------------------------------------------------------------------------
+def twin(gguf_path: str, out_gguf: str, dtype: str, out_record: str) -> dict[str, Any]:
+    """Write the model's lossless twin and its record (progress in the job's log)."""
+    from parity_both.gguf.twin import write_twin
+
+    def progress(done: int, total: int, name: str) -> None:
+        if done == total or done % 20 == 0:
+            log.info("twin: %d/%d tensors written (%s)", done, total, name)
+
+    record = write_twin(gguf_path, out_gguf, dtype, progress=progress)
+    write_json(out_record, record)
+    return record
+
+
+def effective_activation(activation: str | None, twin_record: Mapping[str, Any] | None) -> str | None:
+    """The FFN activation for a reference run: the configured one, else - on a twin whose key prefix was
+    renamed (bitnet-b1.58 -> bitnet) - the ORIGINAL architecture's default, so both verdicts compute the
+    same model."""
+    if activation or not twin_record:
+        return activation
+    from parity_both.reference.bitnet import DEFAULT_ACTIVATION
+
+    return DEFAULT_ACTIVATION.get(str(twin_record["source"]["architecture"]))
+
+
 def reference_logits(gguf_path: str, prompt: Mapping[str, Any], max_tokens: int, mode: str,
-                     activation: str | None, out_npz: str, prepared_dir: str | None = None) -> dict[str, Any]:
+                     activation: str | None, out_npz: str, prepared_dir: str | None = None,
+                     twin_record: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from parity_both.reference import run_reference
+
+    activation = effective_activation(activation, twin_record)
 
     res = run_reference(gguf_path, list(prompt["ids"]), int(max_tokens), mode=mode, activation=activation,
                         stop_ids=prompt.get("stop_ids") or (), prepared_dir=prepared_dir)
@@ -243,7 +270,7 @@ def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json:
                  thresholds: Mapping[str, Mapping[str, Any]], mode: str, gates: Collection[str],
                  lane_gguf: str | None = None, transcode_json: str | None = None,
                  twin_reference_npz: str | None = None, twin_lane_npz: str | None = None,
-                 twin_gguf: str | None = None) -> dict[str, Any]:
+                 twin_record_json: str | None = None) -> dict[str, Any]:
     """The receipt of one lane and prompt, validated. thresholds: {"quantized": ..., "graph": ...}.
     The graph verdict is evaluated when the twin's reference and lane npz are given, else skipped."""
     from parity_both.receipt import Evaluation, build_receipt, validate_receipt
@@ -263,9 +290,12 @@ def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json:
     if twin_reference_npz or twin_lane_npz:
         if not (twin_reference_npz and twin_lane_npz):
             raise ValueError("the graph verdict needs both the twin's reference npz and its lane npz")
-        twin = str(Path(twin_gguf).resolve()) if twin_gguf else None
-        graph = Evaluation(load_reference(twin_reference_npz), load_lane(twin_lane_npz),
-                           {"reference": twin, "lane": twin})
+        rec = read_json(twin_record_json) if twin_record_json else {}
+        twin = str(Path(rec["twin"]["path"]).resolve()) if rec else None
+        graph = Evaluation(load_reference(twin_reference_npz), load_lane(twin_lane_npz), {
+            "reference": twin, "lane": twin,
+            "twin": {k: rec[k] for k in ("dtype", "exact", "twin", "source") if k in rec} if rec else None,
+        })
     receipt = build_receipt(
         lane=lane, model_name=model_name, model=model, authority=authority, lane_vocab=lane_auth,
         prompt=read_json(prompt_json), backend=read_json(backend_json), mode=mode, gates=list(gates),

@@ -25,6 +25,7 @@ wildcard_constraints:
     model="[A-Za-z0-9][A-Za-z0-9._-]*",
     prompt="[A-Za-z0-9][A-Za-z0-9._-]*",
     lane="[A-Za-z0-9][A-Za-z0-9._-]*",
+    dtype="F32|F16|BF16",
 
 
 def _fail_config(err):
@@ -75,6 +76,32 @@ def lane_transcode_effect(wildcards):
     if lane_gguf(wildcards) != model_gguf(wildcards):
         return [f"{OUT}/{wildcards.model}/transcoded/effect.json"]
     return []
+
+
+def twin_dir(wildcards):
+    """results/{model}/twin/{dtype}: the lossless twin of the model (graph verdict), or None (`twin: off`)."""
+    dtype = pbconfig.twin_dtype(config, wildcards.model)
+    return f"{OUT}/{wildcards.model}/twin/{dtype}" if dtype else None
+
+
+def twin_gguf(wildcards):
+    return f"{twin_dir(wildcards)}.gguf"
+
+
+def twin_record(wildcards):
+    return f"{twin_dir(wildcards)}.json"
+
+
+def twin_receipt_inputs(wildcards):
+    """The graph verdict's inputs for a receipt: none when the model's twin is off (verdict skipped)."""
+    base = twin_dir(wildcards)
+    if base is None:
+        return {}
+    return {
+        "twin_record": f"{base}.json",
+        "twin_reference": f"{base}/reference/{wildcards.prompt}.npz",
+        "twin_lane": f"{base}/lanes/{wildcards.lane}/{wildcards.prompt}.npz",
+    }
 
 
 def fixture_spec(wildcards):

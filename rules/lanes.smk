@@ -35,3 +35,25 @@ rule lane_eval:
     threads: 1
     script:
         "../scripts/lane_eval.py"
+
+
+rule twin_lane_eval:
+    """The lane on the lossless twin, teacher-forced with the twin reference's sequence (graph verdict)."""
+    input:
+        backend=f"{OUT}/backends/{{lane}}.json",
+        gguf=f"{OUT}/{{model}}/twin/{{dtype}}.gguf",
+        prompt=prompt_record,
+        reference=f"{OUT}/{{model}}/twin/{{dtype}}/reference/{{prompt}}.npz",
+    output:
+        f"{OUT}/{{model}}/twin/{{dtype}}/lanes/{{lane}}/{{prompt}}.npz",
+    params:
+        threads=config["threads"],
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/twin_{{dtype}}/lanes/{{lane}}/{{prompt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/twin_{{dtype}}/lanes/{{lane}}/{{prompt}}.tsv"
+    threads: 1
+    script:
+        "../scripts/lane_eval.py"

@@ -40,3 +40,22 @@ rule transcode:
         f"{OUT}/logs/{{model}}/transcode.log",
     script:
         "../scripts/transcode.py"
+
+
+rule twin:
+    """The lossless twin: every tensor dequantized (F32 by default), metadata and vocabulary unchanged
+    (BitNet.cpp's key prefix renamed as for the transcode), written tensor by tensor; the record says
+    what the conversion rounded. Every lane and the reference evaluate it for the graph verdict."""
+    input:
+        gguf=model_gguf,
+    output:
+        gguf=f"{OUT}/{{model}}/twin/{{dtype}}.gguf",
+        record=f"{OUT}/{{model}}/twin/{{dtype}}.json",
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/twin_{{dtype}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/twin_{{dtype}}.tsv"
+    script:
+        "../scripts/twin.py"

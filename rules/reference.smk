@@ -37,3 +37,27 @@ rule prepare_reference:
         f"{OUT}/benchmarks/{{model}}/prepare_reference.tsv"
     script:
         "../scripts/prepare_reference.py"
+
+
+rule twin_reference:
+    """Reference logits on the lossless twin (always exact: its weights are plain floats). The FFN
+    activation default follows the original file's architecture, which the twin's key prefix may hide."""
+    input:
+        gguf=f"{OUT}/{{model}}/twin/{{dtype}}.gguf",
+        record=f"{OUT}/{{model}}/twin/{{dtype}}.json",
+        prompt=prompt_record,
+    output:
+        f"{OUT}/{{model}}/twin/{{dtype}}/reference/{{prompt}}.npz",
+    params:
+        max_tokens=config["max_tokens"],
+        mode="exact",
+        activation=model_activation,
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/twin_{{dtype}}/reference/{{prompt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/twin_{{dtype}}/reference/{{prompt}}.tsv"
+    threads: 1
+    script:
+        "../scripts/reference.py"

@@ -1,7 +1,8 @@
 rule receipt:
     """Compare one lane with the reference for one prompt (schema v3 receipt: the quantized verdict on
-    the model file; the graph verdict on the lossless twin, skipped until its npz are inputs)."""
+    the model file; the graph verdict on the lossless twin, skipped when the model's twin is off)."""
     input:
+        unpack(twin_receipt_inputs),
         model=f"{OUT}/{{model}}/model.json",
         authority=f"{OUT}/{{model}}/tokenizer/authority.json",
         tokenizer=f"{OUT}/{{model}}/tokenizer/tokenizer.json",

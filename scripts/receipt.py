@@ -9,7 +9,9 @@ def main() -> None:
         authority_json=sm.input.authority, tokenizer_json=sm.input.tokenizer, prompt_json=sm.input.prompt,
         reference_npz=sm.input.reference, lane_npz=sm.input.lane, lane_vocab_json=sm.input.lane_vocab,
         backend_json=sm.input.backend, thresholds=sm.params.thresholds, mode=sm.params.mode, gates=sm.params.gates,
-        lane_gguf=sm.params.lane_gguf, transcode_json=sm.input.transcode[0] if sm.input.transcode else None)
+        lane_gguf=sm.params.lane_gguf, transcode_json=sm.input.transcode[0] if sm.input.transcode else None,
+        twin_reference_npz=sm.input.get("twin_reference"), twin_lane_npz=sm.input.get("twin_lane"),
+        twin_record_json=sm.input.get("twin_record"))
     pipeline.write_json(sm.output[0], receipt)
 
 
