@@ -76,7 +76,14 @@ def tokenizer_source(config: Mapping[str, Any], model: str) -> tuple[str, str | 
 
 def prompt_settings(config: Mapping[str, Any], prompt: str) -> dict[str, Any]:
     spec = config["prompts"][prompt]
+    if spec.get("corpus"):
+        return {"corpus": spec["corpus"], "window": spec["window"], "windows": spec["windows"]}
     return {"text": spec["text"], "template": spec["template"], "system_prompt": spec["system_prompt"]}
+
+
+def corpus_file(config: Mapping[str, Any], prompt: str) -> str | None:
+    """The text file of a `corpus` prompt (an input of its prompt record), else None."""
+    return config["prompts"][prompt].get("corpus")
 
 
 # Which thresholds each --metrics family gates.

@@ -97,6 +97,8 @@ def prompt_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: 
     from parity_both.tokenize import templates
     from parity_both.tokenize.vocab import ReferenceTokenizer
 
+    if settings.get("corpus"):
+        return corpus_record(gguf_path, authority, tokenizer_json, name, settings)
     md = read_gguf(gguf_path).metadata
     requested = settings.get("template") or "auto"
     if requested == "auto":
@@ -127,6 +129,65 @@ def prompt_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: 
         "n_tokens": len(ids),
         "stop_ids": stop_ids,
     }
+
+
+def corpus_windows(body: list[int], window: int, windows: int, bos_id: int | None) -> list[list[int]]:
+    """`windows` consecutive windows of `window` tokens from a tokenized text, each starting with BOS when the
+    vocabulary adds one (llama-perplexity's chunking); the text must be long enough for all of them."""
+    step = window - (1 if bos_id is not None else 0)
+    if len(body) < step * windows:
+        raise InputError(f"the corpus has {len(body)} tokens, fewer than {windows} window(s) of {window} need "
+                         f"({step * windows}); use a longer text or fewer/smaller windows")
+    head = [bos_id] if bos_id is not None else []
+    return [head + body[k * step:(k + 1) * step] for k in range(windows)]
+
+
+def corpus_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str,
+                  settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The prompt record of a corpus prompt: the windows' ids back to back and where each window starts."""
+    from parity_both.tokenize.vocab import ReferenceTokenizer
+
+    path = Path(settings["corpus"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"corpus {path} of prompt {name!r} cannot be read as UTF-8 text ({e}); "
+                         f"point `corpus:` at a UTF-8 text file") from e
+    tok = ReferenceTokenizer.from_files(tokenizer_json, authority)
+    ctx = int(read_gguf(gguf_path).arch_key("context_length", 0) or 0)
+    window, n = int(settings["window"]), int(settings["windows"])
+    if ctx and window > ctx:
+        raise InputError(f"prompt {name!r}: window {window} is longer than the model's context ({ctx} tokens); "
+                         f"set a smaller `window`")
+    wins = corpus_windows(tok.encode(text, parse_special=False), window, n, tok.bos_id if tok.add_bos else None)
+    ids = [i for w in wins for i in w]
+    return {
+        "prompt": {"name": name, "corpus": str(path), "corpus_sha256": sha256_text(text), "window": window,
+                   "windows": n, "text": None, "system_prompt": None},
+        "template": {"requested": "raw", "used": "raw", "evidence": {"rule": "corpus prompts are raw text"},
+                     "notes": []},
+        "formatted": None,
+        "contract": {"add_bos": bool(tok.add_bos and tok.bos_id is not None), "add_eos": False,
+                     "parse_special": False},  # per window
+        "ids": ids,
+        "pieces": [tok.piece(i) for i in ids],
+        "n_tokens": len(ids),
+        "window_starts": [k * window for k in range(n)],
+        "stop_ids": [],
+    }
+
+
+def windows_of(prompt: Mapping[str, Any], ids: list[int]) -> list[list[int]]:
+    """The sequences evaluated from an empty cache: one per corpus window, else the whole sequence."""
+    starts = list(prompt.get("window_starts") or [0])
+    ends = starts[1:] + [len(ids)]
+    return [ids[s:e] for s, e in zip(starts, ends, strict=True)]
+
+
+def sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # -- reference --------------------------------------------------------------------------------
@@ -160,15 +221,25 @@ def reference_logits(gguf_path: str, prompt: Mapping[str, Any], max_tokens: int,
     from parity_both.reference import run_reference
 
     activation = effective_activation(activation, twin_record)
-
-    res = run_reference(gguf_path, list(prompt["ids"]), int(max_tokens), mode=mode, activation=activation,
-                        stop_ids=prompt.get("stop_ids") or (), prepared_dir=prepared_dir)
+    if prompt.get("window_starts"):  # a corpus: every window from an empty cache, nothing generated
+        max_tokens = 0
+        runs = [run_reference(gguf_path, w, 0, mode=mode, activation=activation, prepared_dir=prepared_dir)
+                for w in windows_of(prompt, list(prompt["ids"]))]
+    else:
+        runs = [run_reference(gguf_path, list(prompt["ids"]), int(max_tokens), mode=mode, activation=activation,
+                              stop_ids=prompt.get("stop_ids") or (), prepared_dir=prepared_dir)]
+    res = runs[-1]
+    logits = np.concatenate([np.asarray(r.logits, dtype=np.float32) for r in runs])
+    ids = [i for r in runs for i in r.ids]
+    n_prompt = sum(r.n_prompt for r in runs)
+    timings = {k: sum(float(r.timings.get(k, 0.0)) for r in runs) for k in res.timings}
     settings = dict(res.settings)
     settings.update(max_tokens=int(max_tokens), stop_ids=list(prompt.get("stop_ids") or []))
-    save_npz(out_npz, logits=np.asarray(res.logits, dtype=np.float32), ids=np.asarray(res.ids, dtype=np.int64),
-             n_prompt=np.int64(res.n_prompt), settings=json.dumps(settings, sort_keys=True),
-             timings=json.dumps(res.timings, sort_keys=True))
-    return {"n_tokens": len(res.ids), "timings": res.timings}
+    if prompt.get("window_starts"):
+        settings.update(window_starts=list(prompt["window_starts"]))
+    save_npz(out_npz, logits=logits, ids=np.asarray(ids, dtype=np.int64), n_prompt=np.int64(n_prompt),
+             settings=json.dumps(settings, sort_keys=True), timings=json.dumps(timings, sort_keys=True))
+    return {"n_tokens": len(ids), "timings": timings}
 
 
 def load_reference(path: str) -> dict[str, Any]:
@@ -223,24 +294,37 @@ def compare_ids(ref_ids: list[int], ref_pieces: list[str], lane_ids: list[int], 
     return out
 
 
-def lane_eval(backend: Mapping[str, Any], model_path: str, prompt: Mapping[str, Any], reference_npz: str,
-              threads: int, out_npz: str) -> dict[str, Any]:
+def lane_tokenization(engine: Any, prompt: Mapping[str, Any]) -> list[int]:
+    """The lane's own token ids for the prompt: the formatted text under the prompt's contract, or for a corpus
+    the text file chunked into the same windows."""
     from parity_both.lanes.base import TokenizationContract, apply_contract
 
+    vocab = engine.vocab()
+    if prompt.get("window_starts"):
+        meta = prompt["prompt"]
+        body = engine.tokenize(Path(meta["corpus"]).read_text(encoding="utf-8"), False)
+        bos = vocab.bos_id if vocab.add_bos else None
+        return [i for w in corpus_windows(body, int(meta["window"]), int(meta["windows"]), bos) for i in w]
+    contract = TokenizationContract(**prompt["contract"])
+    body = engine.tokenize(prompt["formatted"], contract.parse_special)
+    return apply_contract(body, contract, vocab.bos_id, vocab.eos_id)
+
+
+def lane_eval(backend: Mapping[str, Any], model_path: str, prompt: Mapping[str, Any], reference_npz: str,
+              threads: int, out_npz: str) -> dict[str, Any]:
     ref = load_reference(reference_npz)
     full_ids = ref["ids"]
     t0 = time.perf_counter()
     engine = open_lane(backend, model_path, n_ctx=max(len(full_ids), len(prompt["ids"])) + 8, threads=threads)
     try:
         t_load = time.perf_counter() - t0
-        contract = TokenizationContract(**prompt["contract"])
-        vocab = engine.vocab()
-        body = engine.tokenize(prompt["formatted"], contract.parse_special)
-        lane_ids = apply_contract(body, contract, vocab.bos_id, vocab.eos_id)
+        lane_ids = lane_tokenization(engine, prompt)
         lane_pieces = [engine.piece(i) for i in lane_ids]
         parity = compare_ids(list(prompt["ids"]), list(prompt["pieces"]), lane_ids, lane_pieces)
         t1 = time.perf_counter()
-        logits = engine.eval_logits(full_ids) if parity["match"] else None  # no logits on a mismatch
+        logits = None  # no logits on a mismatch
+        if parity["match"]:
+            logits = np.concatenate([engine.eval_logits(w) for w in windows_of(prompt, full_ids)])
         t_eval = time.perf_counter() - t1
         identity, settings = engine.identity(), engine.settings()
     finally:

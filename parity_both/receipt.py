@@ -196,8 +196,9 @@ def _context(*, lane: str, model_name: str, model: Mapping[str, Any], authority:
         "backend": lane,
         # what the backend rule provisioned, plus what the engine said about itself while running
         "backend_identity": {**dict(backend.get("identity") or {}), "runtime": dict(ev.lane.get("identity") or {})},
-        "prompt": prompt["prompt"]["text"],
+        "prompt": prompt_text(prompt),
         "prompt_name": prompt["prompt"]["name"],
+        "corpus": corpus_facts(prompt),
         "prompt_template": {
             "requested": prompt["template"]["requested"], "used": prompt["template"]["used"],
             "evidence": prompt["template"]["evidence"], "notes": prompt["template"]["notes"],
@@ -333,6 +334,22 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, np.bool_):
         return bool(obj)
     return obj
+
+
+def prompt_text(prompt: Mapping[str, Any]) -> str:
+    """The prompt as the receipt states it: its text, or for a corpus prompt which windows of which file."""
+    meta = prompt["prompt"]
+    if meta.get("corpus"):
+        return f"corpus {meta['corpus']}: {meta['windows']} window(s) of {meta['window']} tokens"
+    return str(meta["text"])
+
+
+def corpus_facts(prompt: Mapping[str, Any]) -> dict[str, Any] | None:
+    meta = prompt["prompt"]
+    if not meta.get("corpus"):
+        return None
+    return {"path": meta["corpus"], "sha256": meta["corpus_sha256"], "window": meta["window"],
+            "windows": meta["windows"], "window_starts": list(prompt["window_starts"])}
 
 
 def validate_receipt(receipt: Mapping[str, Any]) -> None:

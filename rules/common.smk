@@ -56,6 +56,11 @@ def prompt_settings(wildcards):
     return pbconfig.prompt_settings(config, wildcards.prompt)
 
 
+def corpus_inputs(wildcards):
+    path = pbconfig.corpus_file(config, wildcards.prompt)
+    return [path] if path else []
+
+
 def prompt_record(wildcards):
     # format_prompt is a checkpoint: after it runs, Snakemake re-evaluates the jobs below it, and
     # because the prompt record is checksummed, an unchanged record does not rerun them.

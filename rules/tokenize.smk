@@ -22,6 +22,7 @@ checkpoint format_prompt:
         gguf=model_gguf,
         authority=f"{OUT}/{{model}}/tokenizer/authority.json",
         tokenizer=f"{OUT}/{{model}}/tokenizer/tokenizer.json",
+        corpus=corpus_inputs,
     output:
         record=f"{OUT}/{{model}}/prompts/{{prompt}}.json",
     params:
