@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--system-prompt", default=None, help="system prompt for chat templates")
     p.add_argument("--lanes", default=None, help="comma-separated lanes (default: config.yaml's lanes)")
     p.add_argument("--no-repair", action="store_true", help="never build or install a missing backend")
+    p.add_argument("--diagnose", action="store_true",
+                   help="capture every graph node of every lane and localize departures (also automatic on a failure)")
     p.add_argument("--verbose", action="store_true", help="stream the workflow's progress to stderr")
     p.add_argument("--dump-ids", action="store_true", help="print the reference token ids with pieces to stderr")
     p.add_argument("--dump-cpp-ids", action="store_true",
@@ -138,6 +140,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         base["lanes"] = [s.strip() for s in args.lanes.split(",")]
     if args.no_repair:
         base["repair"] = "never"
+    if args.diagnose:
+        base["diagnose"] = True
     cfg = with_defaults(base)
     if args.cos_tol is not None:
         cfg["thresholds"][cfg["reference"]["mode"]]["cos_tol"] = args.cos_tol
