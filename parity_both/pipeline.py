@@ -348,13 +348,57 @@ def load_lane(path: str) -> dict[str, Any]:
                 "timings": json.loads(str(z["timings"])), "timestamp": str(z["timestamp"])}
 
 
+# -- localization -----------------------------------------------------------------------------
+def node_names_generation(backend: Mapping[str, Any]) -> str:
+    """Whose graph node names the lane's engine uses: the October-2024 tree's, or current llama.cpp's."""
+    identity = backend.get("identity") or {}
+    return "2024-10" if identity.get("api_generation") == "2024-10" else "current"
+
+
+def graph_status(reference_npz: str, lane_npz: str, thresholds: Mapping[str, Any]) -> str:
+    """The graph verdict's status, judged exactly as the receipt judges it."""
+    from parity_both.receipt import Evaluation, verdict
+
+    return verdict(Evaluation(load_reference(reference_npz), load_lane(lane_npz), {}), thresholds)["status"]
+
+
+def localization(*, backend: Mapping[str, Any], twin_gguf: str, twin_record: Mapping[str, Any],
+                 prompt: Mapping[str, Any], reference_npz: str, lane_npz: str, thresholds: Mapping[str, Any],
+                 floor: float, diagnose: bool, activation: str | None, threads: int,
+                 capture_dir: str) -> dict[str, Any]:
+    """The receipt's `localization` section. When the graph verdict fails (or diagnose is on), capture every
+    node the lane evaluates on the twin and every node the reference computes, keep both captures beside the
+    record, and name the first layer and node where the lane departs."""
+    status = graph_status(reference_npz, lane_npz, thresholds)
+    if status != "fail" and not diagnose:
+        return {"status": "not_run", "reason": f"graph verdict {status} and diagnose is off", "graph_status": status}
+    from parity_both.capture import load_capture, save_capture
+    from parity_both.compare.localize import localize
+    from parity_both.reference import reference_capture
+
+    ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0]  # the first window of a corpus
+    lane_prefix, ref_prefix = Path(capture_dir) / "lane", Path(capture_dir) / "reference"
+    engine = open_lane(backend, twin_gguf, n_ctx=len(ids) + 8, threads=threads)
+    try:
+        engine.eval_capture(ids, lane_prefix)
+    finally:
+        engine.close()
+    index, arrays = reference_capture(twin_gguf, ids, "exact", effective_activation(activation, twin_record),
+                                      generation=node_names_generation(backend))
+    save_capture(ref_prefix, index, arrays)
+    section = localize(load_capture(ref_prefix), load_capture(lane_prefix), floor)
+    section.update(graph_status=status, n_tokens=len(ids), names=node_names_generation(backend),
+                   captures={"lane": str(lane_prefix), "reference": str(ref_prefix)})
+    return section
+
+
 # -- receipts and summary ---------------------------------------------------------------------
 def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json: str, tokenizer_json: str,
                  prompt_json: str, reference_npz: str, lane_npz: str, lane_vocab_json: str, backend_json: str,
                  thresholds: Mapping[str, Mapping[str, Any]], mode: str, gates: Collection[str],
                  lane_gguf: str | None = None, transcode_json: str | None = None,
                  twin_reference_npz: str | None = None, twin_lane_npz: str | None = None,
-                 twin_record_json: str | None = None) -> dict[str, Any]:
+                 twin_record_json: str | None = None, localization_json: str | None = None) -> dict[str, Any]:
     """The receipt of one lane and prompt, validated. thresholds: {"quantized": ..., "graph": ...}.
     The graph verdict is evaluated when the twin's reference and lane npz are given, else skipped."""
     from parity_both.receipt import Evaluation, build_receipt, validate_receipt
@@ -383,7 +427,8 @@ def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json:
     receipt = build_receipt(
         lane=lane, model_name=model_name, model=model, authority=authority, lane_vocab=lane_auth,
         prompt=read_json(prompt_json), backend=read_json(backend_json), mode=mode, gates=list(gates),
-        quantized=quantized, thresholds=thresholds["quantized"], graph=graph, graph_thresholds=thresholds["graph"])
+        quantized=quantized, thresholds=thresholds["quantized"], graph=graph, graph_thresholds=thresholds["graph"],
+        localization=read_json(localization_json) if localization_json else None)
     validate_receipt(receipt)
     return receipt
 

@@ -255,6 +255,7 @@ def build_receipt(
     graph_thresholds: Mapping[str, Any] | None = None,
     graph_skipped_reason: str = TWIN_OFF_REASON,
     gates: Sequence[str] = (),
+    localization: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The complete receipt, hashed once. `quantized`: both sides on the model file, judged by
     `thresholds`; `graph`: both sides on the lossless twin, judged by `graph_thresholds` (None: the
@@ -272,6 +273,8 @@ def build_receipt(
         receipt["graph"] = verdict(graph, graph_thresholds)
         receipt["timings"]["graph"] = {"lane": dict(graph.lane.get("timings") or {}),
                                        "reference": dict(graph.reference.get("timings") or {})}
+    if localization is not None:
+        receipt["localization"] = dict(localization)
     status, summary = _overall(receipt, receipt["tokenizer_consistent"])
     receipt["gates"] = evaluate_gates({**receipt, "summary": summary, "status": status}, gates)
     failed_gates = [g["expression"] for g in receipt["gates"] if not g["passed"]]
@@ -288,9 +291,20 @@ def build_receipt(
     return receipt
 
 
+def _localization_hints(loc: Mapping[str, Any] | None) -> list[str]:
+    """Where localization found the lane departing from the reference on the twin."""
+    if not loc or loc.get("status") != "departs":
+        return []
+    node = loc["first_node"]
+    at = f"layer {loc['first_layer']}, " if loc.get("first_layer") is not None else ""
+    return [f"on the lossless twin the lane first departs from the reference at {at}node {node['name']} "
+            f"({node['op']}{', occurrence ' + str(node['occurrence'] + 1) if node['occurrence'] else ''}): "
+            f"NMSE {node['nmse']:.3g} (floor {loc['floor_nmse']:.3g}); captures in {loc.get('captures')}"]
+
+
 def diagnose(status: str, receipt: Mapping[str, Any]) -> list[str]:
     """Plain-language pointers to the likely cause of a failure, from what the receipt records."""
-    hints: list[str] = []
+    hints = _localization_hints(receipt.get("localization"))
     graph, quantized = receipt["graph"]["status"], receipt["quantized"]["status"]
     if graph == "pass" and quantized == "fail":
         hints.append("the lane computes the same graph as the reference on the lossless twin: the quantized "

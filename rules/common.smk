@@ -106,6 +106,7 @@ def twin_receipt_inputs(wildcards):
         "twin_record": f"{base}.json",
         "twin_reference": f"{base}/reference/{wildcards.prompt}.npz",
         "twin_lane": f"{base}/lanes/{wildcards.lane}/{wildcards.prompt}.npz",
+        "localization": f"{base}/localize/{wildcards.lane}/{wildcards.prompt}.json",
     }
 
 

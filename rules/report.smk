@@ -60,3 +60,32 @@ onerror:
         print(f"parity-both: the run failed; its summary is {path} (and {path.with_suffix('.txt')})", file=sys.stderr)
     except Exception as err:  # the handler must not mask the run's own failure
         print(f"parity-both: could not write the failed run's summary: {err!r}", file=sys.stderr)
+
+
+rule localize:
+    """Where a lane departs from the reference on the lossless twin: when its graph verdict fails (or
+    diagnose is on), every node the lane evaluates and every node the reference computes are captured
+    (kept in capture/ beside the record) and paired by llama.cpp's node names."""
+    input:
+        backend=f"{OUT}/backends/{{lane}}.json",
+        gguf=f"{OUT}/{{model}}/twin/{{dtype}}.gguf",
+        record=f"{OUT}/{{model}}/twin/{{dtype}}.json",
+        prompt=prompt_record,
+        reference=f"{OUT}/{{model}}/twin/{{dtype}}/reference/{{prompt}}.npz",
+        lane=f"{OUT}/{{model}}/twin/{{dtype}}/lanes/{{lane}}/{{prompt}}.npz",
+    output:
+        f"{OUT}/{{model}}/twin/{{dtype}}/localize/{{lane}}/{{prompt}}.json",
+    params:
+        thresholds=lambda wc: pbconfig.thresholds(config, "graph"),
+        floor=config["localization_floor"],
+        diagnose=config["diagnose"],
+        activation=model_activation,
+        threads=config["threads"],
+        capture_dir=lambda wc: f"{OUT}/{wc.model}/twin/{wc.dtype}/capture/{wc.lane}/{wc.prompt}",
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/twin_{{dtype}}/localize/{{lane}}/{{prompt}}.log",
+    threads: 1
+    script:
+        "../scripts/localize.py"
