@@ -134,11 +134,8 @@ def write_from_raw_dir(raw_dir: str | Path, out_prefix: str | Path, *, engine: s
         flat = np.asarray(blob[d["offset"]: d["offset"] + d["count"]], dtype=np.float32)
         return flat.reshape(tuple(int(n) for n in reversed(entry["ne"])))
 
-    try:
-        return write_capture(out_prefix, engine=engine, n_tokens=raw["n_tokens"], nodes=raw["nodes"],
-                             leaves=raw["leaves"], data=data)
-    finally:
-        del blob
+    return write_capture(out_prefix, engine=engine, n_tokens=raw["n_tokens"], nodes=raw["nodes"],
+                         leaves=raw["leaves"], data=data)
 
 
 def load_capture(prefix: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

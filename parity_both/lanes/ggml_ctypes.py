@@ -62,7 +62,9 @@ def load_ggml_base(lib_dir: str | Path) -> ctypes.CDLL:
         fn.restype, fn.argtypes = res, args
     want = lib.ggml_tensor_overhead() - GGML_OBJECT_SIZE
     if ctypes.sizeof(GgmlTensor) != want:
-        raise RuntimeError(f"struct ggml_tensor is {want} bytes in {lib_dir}, the ctypes layout {ctypes.sizeof(GgmlTensor)}")
+        raise RuntimeError(
+            f"struct ggml_tensor is {want} bytes in {lib_dir}, the ctypes layout {ctypes.sizeof(GgmlTensor)}"
+        )
     return lib
 
 
