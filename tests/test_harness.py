@@ -299,6 +299,7 @@ def test_cannot_load_model_is_bad_input_for_the_pipeline(build_2025: HarnessBuil
         lane.eval_logits([1, 2, 3])
     assert "cannot load model" in str(info.value)
     assert classify(info.value) == (2, "bad_input")  # the pipeline's exit code 2, not an internal error
+    assert info.value.record == {"harness_exit_code": 2, "harness_stage": "load_model"}  # in the failure record
 
 
 # --------------------------------------------------------------------------------------- per-node capture

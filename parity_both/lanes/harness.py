@@ -141,10 +141,15 @@ class HarnessLane:
                 self.binary, [args[0], "--model", str(self.model_path), *args[1:]], timeout=self.timeout
             )
         except HarnessRunError as exc:
+            # kept in the job's failure record (jobs.run_job adds an exception's `record`)
+            record = {"harness_exit_code": exc.returncode, "harness_stage": exc.status.get("stage")}
             if exc.returncode == EXIT_BAD_INPUT:
                 from parity_both.pipeline import InputError
 
-                raise InputError(f"{exc.status.get('error') or exc} (harness stage {exc.status.get('stage')})") from exc
+                err = InputError(f"{exc.status.get('error') or exc} (harness stage {exc.status.get('stage')})")
+                err.record = record  # type: ignore[attr-defined]
+                raise err from exc
+            exc.record = record  # type: ignore[attr-defined]
             raise
 
     def vocab(self) -> VocabDump:
