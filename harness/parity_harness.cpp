@@ -28,11 +28,12 @@
 // Exit codes (mapped by parity_both/lanes/harness.py):
 //   0  ok
 //   1  usage: malformed command line (a bug in the caller)
-//   2  bad input: the model cannot be loaded, an input file is unreadable or malformed, a token id is
-//      outside the vocabulary, a setting cannot be honoured (n_ctx below the sequence, a KV type)
-//      -> the pipeline's bad-input exit 2
+//   2  bad input: the model cannot be loaded (other than for lack of memory), an input file is
+//      unreadable or malformed, a token id is outside the vocabulary, a setting cannot be honoured
+//      (n_ctx below the sequence, a KV type) -> the pipeline's bad-input exit 2
 //   3  engine failure: the engine failed a valid request (context creation, tokenize, decode, logits)
-//   4  internal: an output cannot be written, std::bad_alloc or any other exception
+//   4  internal: out of memory (std::bad_alloc here, or llama.cpp's log says so when it fails to load
+//      the model or create the context), an output cannot be written, any other exception
 // Every failure prints {"ok": false, "exit_code": N, "stage": ..., "error": ...}.
 //
 // The llama.h generation is detected at configure time (CMake check_cxx_source_compiles) and
@@ -334,6 +335,16 @@ struct Engine {
     }
 };
 
+// llama.cpp reports a failure as a null handle; when its log says memory ran out, that is an
+// internal failure (exit 4), not bad input or an engine refusal.
+void fail_if_out_of_memory(const std::string & stage) {
+    for (const std::string & line : log_tail()) {
+        if (line.find("bad_alloc") != std::string::npos || line.find("Cannot allocate memory") != std::string::npos) {
+            fail(kInternal, stage, "out of memory (" + line + ")");
+        }
+    }
+}
+
 // llama_model_params.use_extra_bufts (weight repacking; 2025+ llama.h): "default" keeps the engine's
 // default. Returns the JSON value used: true, false, or null when this llama.h has no such field.
 std::string set_extra_bufts(llama_model_params & mp, const std::string & want) {
@@ -364,7 +375,10 @@ llama_model * load_model(const std::string & path, bool vocab_only, const std::s
 #else
     llama_model * m = llama_load_model_from_file(path.c_str(), mp);
 #endif
-    if (m == nullptr) fail(kBadInput, "load_model", "cannot load model " + path);
+    if (m == nullptr) {
+        fail_if_out_of_memory("load_model");  // llama.cpp returns no model for any failure
+        fail(kBadInput, "load_model", "cannot load model " + path);
+    }
     return m;
 }
 
@@ -775,6 +789,7 @@ llama_context * new_context(llama_model * model, EvalSettings & s, Capture * cap
                   (tail.empty() ? std::string("no log") : tail.back()) + "); used f16";
         s.type_v = GGML_TYPE_F16;
     }
+    fail_if_out_of_memory("new_context");
     fail(kEngine, "new_context", "cannot create a context");
 }
 

@@ -292,6 +292,31 @@ def test_harness_exit_codes(build_2024: HarnessBuild, build_2025: HarnessBuild, 
     assert any("flash_attn" in line for line in st["engine_log_tail"]), st["engine_log_tail"]
 
 
+def test_out_of_memory_still_prints_a_status_line(build_2025: HarnessBuild, tmp_path: Path) -> None:
+    """Address-space limits make allocations fail inside the harness (std::bad_alloc while reading a 64 MB
+    ids file) or inside llama.cpp's loader: always one status line, exit 4 (internal), never bad input."""
+    import resource
+
+    ids = tmp_path / "big.i32"
+    ids.write_bytes(bytes(64 * 2**20))
+    seen = set()
+    for mib in (96, 128, 160, 192, 256):
+        limit = mib * 2**20
+
+        def cap(limit: int = limit) -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        proc = subprocess.run([build_2025.harness_path, "eval", "--model", str(model_path()), "--ids-file", str(ids),
+                               "--out", str(tmp_path / "l")], capture_output=True, text=True, check=False,
+                              timeout=300, preexec_fn=cap)
+        lines = proc.stdout.strip().splitlines()
+        assert len(lines) == 1, (mib, proc.returncode, proc.stdout, proc.stderr[-2000:])
+        st = json.loads(lines[0])
+        assert proc.returncode == st["exit_code"] == 4 and st["ok"] is False, (mib, st)
+        seen.add(st["stage"])
+    assert "internal" in seen, seen  # std::bad_alloc caught by the harness's catch-all
+
+
 def test_cannot_load_model_is_bad_input_for_the_pipeline(build_2025: HarnessBuild, tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
