@@ -441,6 +441,21 @@ def test_capture_python_lane_equals_harness_on_the_same_libraries(captures: dict
     assert "llama-cpp-python" in py["index"]["engine"] and "parity_harness" in h["index"]["engine"]
 
 
+@pytest.mark.parametrize("type_name", ["f32", "f16", "bf16", "i32", "i64"])
+def test_strided_conversion_reads_permuted_views(type_name: str) -> None:
+    """A permuted ggml view (ne, nb of the view, bytes of the base) reads back as the permuted array."""
+    from parity_both.lanes.capture import strided_to_f32
+
+    base = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) - 7  # small integers: exact in every type
+    stored = {"f32": base, "f16": base.astype(np.float16), "i32": base.astype(np.int32),
+              "i64": base.astype(np.int64), "bf16": (base.view(np.uint32) >> 16).astype(np.uint16)}[type_name]
+    view = stored.transpose(0, 2, 1)  # what ggml_permute makes: same bytes, other strides
+    ne, nb = [*reversed(view.shape), 1], [*reversed(view.strides), stored.nbytes]
+    got = strided_to_f32(np.frombuffer(stored.tobytes(), np.uint8), type_name, ne, nb)
+    assert got.dtype == np.float32 and got.shape == (1, 2, 4, 3)
+    assert np.array_equal(got[0], base.transpose(0, 2, 1))
+
+
 # --------------------------------------------------------------------------------------- use_extra_bufts
 
 
