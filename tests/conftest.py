@@ -75,34 +75,26 @@ def drop_merge_for(tokenizer_json: Path, text: str, avoid: tuple[str, ...] = ())
     return target
 
 
-def llama_cpp_model(path: Path | str, *, n_ctx: int = 64, n_threads: int = 2, vocab_only: bool = False) -> Any:
-    """A real llama-cpp-python model with the parity settings (F32 K/V, flash attention off, one batch
-    of n_ctx) and ggml's extra buffer types off, so the plain CPU kernels are used whatever the build."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    lib = llama_cpp.llama_cpp
-    orig = lib.llama_model_default_params
+def llama_cpp_model(path: Path | str, *, n_ctx: int = 64, n_threads: int = 2, vocab_only: bool = False,
+                    use_extra_bufts: bool | None = None) -> Any:
+    """A real llama-cpp-python model built exactly as the `llama` lane builds it (parity settings: F32 K/V,
+    flash attention off, one batch of n_ctx; parity_both.lanes.llama_cpp_python.open_llama). Like the
+    lane, use_extra_bufts=None keeps the engine's default (weight repacking on); a test that needs the
+    plain CPU buffers passes use_extra_bufts=False and says why."""
+    from parity_both.lanes.llama_cpp_python import open_llama
 
-    def model_params() -> Any:
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = model_params
-    try:
-        return llama_cpp.Llama(str(path), vocab_only=vocab_only, logits_all=True, n_ctx=n_ctx, n_batch=n_ctx,
-                               n_ubatch=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, type_k=0, type_v=0,
-                               flash_attn=False, verbose=False)
-    finally:
-        lib.llama_model_default_params = orig
+    return open_llama(path, n_ctx=n_ctx, threads=n_threads, vocab_only=vocab_only, use_extra_bufts=use_extra_bufts)
 
 
-def llama_cpp_logits(path: Path | str, ids: list[int], n_threads: int = 2) -> Any:
-    """All-position logits for `ids` from llama-cpp-python (one batch, fresh cache)."""
+def llama_cpp_logits(path: Path | str, ids: list[int], n_threads: int = 2, *,
+                     use_extra_bufts: bool | None = None) -> Any:
+    """All-position logits for `ids` from llama-cpp-python (one batch, fresh cache), the lane's settings."""
     import numpy as np
 
-    llm = llama_cpp_model(path, n_ctx=max(64, len(ids)), n_threads=n_threads)
-    llm.reset()
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
+    llm = llama_cpp_model(path, n_ctx=max(64, len(ids)), n_threads=n_threads, use_extra_bufts=use_extra_bufts)
+    try:
+        llm.reset()
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()

@@ -8,6 +8,7 @@ compared id by id before any logits are computed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -64,6 +65,12 @@ class LaneEngine(Protocol):
 
     def eval_logits(self, ids: list[int]) -> np.ndarray:
         """float32 [len(ids), n_vocab]: row i = logits after ids[: i + 1], one batch, fresh cache."""
+        ...
+
+    def eval_capture(self, ids: list[int], out_prefix: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+        """eval_logits plus every graph node the same decode evaluates (ggml's cb_eval), written as
+        {out_prefix}.npz + {out_prefix}.json in the capture format (lanes/capture.py); returns
+        (logits, the JSON index). The logits are bitwise those of eval_logits."""
         ...
 
     def close(self) -> None: ...

@@ -1,14 +1,24 @@
 """The C++ harness as a lane: ``HarnessLane`` implements ``LaneEngine`` by running the binary built by
-``parity_both.provision.harness`` in a subprocess, one request each."""
+``parity_both.provision.harness`` in a subprocess, one request each.
+
+The harness's exit codes (documented at the top of harness/parity_harness.cpp) map to the pipeline's:
+2 (bad input: the model cannot be loaded, a token id outside the vocabulary, ...) raises the pipeline's
+``InputError`` (exit 2); 1 (usage), 3 (engine failure), 4 (internal) and a killed process raise
+``HarnessRunError`` (an internal failure of the lane, exit 1).
+"""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from parity_both.provision.harness import HarnessBuild, HarnessRunError, run_harness
+
+# harness/parity_harness.cpp's exit codes
+EXIT_USAGE, EXIT_BAD_INPUT, EXIT_ENGINE, EXIT_INTERNAL = 1, 2, 3, 4
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,6 +40,7 @@ class HarnessLane:
         type_k: str = "f32",
         type_v: str = "f32",
         v_f16_fallback: bool = True,
+        use_extra_bufts: bool | None = None,
         identity_extra: dict[str, Any] | None = None,
         timeout: float = 600.0,
     ) -> None:
@@ -43,6 +54,7 @@ class HarnessLane:
         self.type_k = type_k
         self.type_v = type_v
         self.v_f16_fallback = v_f16_fallback
+        self.use_extra_bufts = use_extra_bufts  # None: the engine's default (recorded after an eval)
         self.timeout = timeout
         self._identity_extra = dict(identity_extra or {})
         self._vocab: VocabDump | None = None
@@ -117,15 +129,28 @@ class HarnessLane:
             "type_v": self.type_v,
             "flash_attn": False,
             "one_batch": True,
+            "use_extra_bufts": self.use_extra_bufts,
         }
         if v_note:
             out["type_v_note"] = v_note
         return out
 
     def _run(self, args: Sequence[str]) -> dict[str, Any]:
-        return run_harness(
-            self.binary, [args[0], "--model", str(self.model_path), *args[1:]], timeout=self.timeout
-        )
+        try:
+            return run_harness(
+                self.binary, [args[0], "--model", str(self.model_path), *args[1:]], timeout=self.timeout
+            )
+        except HarnessRunError as exc:
+            # kept in the job's failure record (jobs.run_job adds an exception's `record`)
+            record = {"harness_exit_code": exc.returncode, "harness_stage": exc.status.get("stage")}
+            if exc.returncode == EXIT_BAD_INPUT:
+                from parity_both.pipeline import InputError
+
+                err = InputError(f"{exc.status.get('error') or exc} (harness stage {exc.status.get('stage')})")
+                err.record = record  # type: ignore[attr-defined]
+                raise err from exc
+            exc.record = record  # type: ignore[attr-defined]
+            raise
 
     def vocab(self) -> VocabDump:
         from parity_both.lanes.base import VocabDump
@@ -192,6 +217,26 @@ class HarnessLane:
         return self._pieces[token_id]
 
     def eval_logits(self, ids: list[int]) -> np.ndarray:
+        return self._eval(ids, None)
+
+    def eval_capture(self, ids: list[int], out_prefix: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+        """Logits as eval_logits, from the same single decode that records every graph node
+        (``--capture``); writes {out_prefix}.npz + {out_prefix}.json (lanes/capture.py)."""
+        from parity_both.lanes.capture import write_from_raw_dir
+
+        raw_dir = Path(self._tmp.name) / "capture"
+        shutil.rmtree(raw_dir, ignore_errors=True)
+        raw_dir.mkdir()
+        try:
+            logits = self._eval(ids, raw_dir)
+            ident = self.identity()
+            engine = f"{ident['engine']} via parity_harness ({ident['api_generation']})"
+            index = write_from_raw_dir(raw_dir, out_prefix, engine=engine)
+        finally:
+            shutil.rmtree(raw_dir, ignore_errors=True)
+        return logits, index
+
+    def _eval(self, ids: list[int], capture_dir: Path | None) -> np.ndarray:
         import numpy as np
 
         if not ids:
@@ -199,6 +244,7 @@ class HarnessLane:
         ids_path = Path(self._tmp.name) / "ids.i32"
         out_path = Path(self._tmp.name) / "logits.f32"
         np.asarray(ids, dtype="<i4").tofile(ids_path)
+        extra = "default" if self.use_extra_bufts is None else str(int(self.use_extra_bufts))
         args = [
             "eval",
             "--ids-file",
@@ -213,10 +259,14 @@ class HarnessLane:
             self.type_v,
             "--v-f16-fallback",
             str(int(self.v_f16_fallback)),
+            "--extra-bufts",
+            extra,
         ]
         if self.n_ctx:
             n_ctx = max(self.n_ctx, len(ids))
             args += ["--n-ctx", str(n_ctx), "--n-batch", str(n_ctx), "--n-ubatch", str(n_ctx)]
+        if capture_dir is not None:
+            args += ["--capture", str(capture_dir)]
         st = self._run(args)
         n_tok, n_vocab = int(st["n_tokens"]), int(st["n_vocab"])
         logits = np.fromfile(out_path, dtype="<f4")
