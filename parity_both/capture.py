@@ -87,7 +87,7 @@ class Capture:
 
 def capture_paths(prefix: str | Path) -> tuple[Path, Path]:
     p = Path(prefix)
-    return p.with_suffix(".npz"), p.with_suffix(".json")
+    return p.with_name(p.name + ".npz"), p.with_name(p.name + ".json")
 
 
 def save_capture(prefix: str | Path, index: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
@@ -97,7 +97,7 @@ def save_capture(prefix: str | Path, index: Mapping[str, Any], arrays: Mapping[s
     tmp_npz = npz.with_name(f".{npz.name}.{os.getpid()}.tmp.npz")
     tmp_js = js.with_name(f".{js.name}.{os.getpid()}.tmp")
     np.savez(tmp_npz, **{k: np.ascontiguousarray(v) for k, v in sorted(arrays.items())})
-    tmp_js.write_text(json.dumps({**index, "schema": SCHEMA}, sort_keys=True, indent=1) + "\n")
+    tmp_js.write_text(json.dumps({**index, "schema": SCHEMA}, sort_keys=True, separators=(",", ":")) + "\n")
     os.replace(tmp_npz, npz)
     os.replace(tmp_js, js)
 
@@ -105,4 +105,5 @@ def save_capture(prefix: str | Path, index: Mapping[str, Any], arrays: Mapping[s
 def load_capture(prefix: str | Path) -> Capture:
     npz, js = capture_paths(prefix)
     index = json.loads(js.read_text())
-    return Capture(index, np.load(npz))
+    with np.load(npz, allow_pickle=False) as z:
+        return Capture(index, {k: z[k] for k in z.files})

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from parity_both.capture import SCHEMA, load_capture
 from parity_both.jobs import classify
-from parity_both.lanes.capture import SCHEMA, load_capture
 from parity_both.lanes.harness import HarnessLane
 from parity_both.lanes.llama_cpp_python import LlamaCppPythonLane, open_llama
 from parity_both.pipeline import InputError
@@ -354,7 +354,8 @@ def captures(
             settings = lane.settings()
         finally:
             lane.close()
-        saved, arrays = load_capture(out / which)
+        cap = load_capture(out / which)
+        saved, arrays = cap.index, cap.arrays
         assert saved == index
         res[which] = {"ids": ids, "plain": plain, "logits": logits, "index": index, "arrays": arrays,
                       "settings": settings, "prefix": out / which}

@@ -9,7 +9,8 @@ nodes op_params and src; each with its data as float32 in row-major order over n
 raw capture as ``capture.json`` + ``capture.f32`` (see harness/parity_harness.cpp); the
 llama-cpp-python lane builds it in memory with the same rules (lanes/llama_cpp_python.py).
 
-``write_capture`` turns it into ``{prefix}.npz`` (node data under ``n%04d``, leaf data under ``l%04d``)
+``write_capture`` turns it into the capture format of parity_both.capture, ``{prefix}.npz`` (node data under
+``n%04d``, leaf data under ``l%04d``)
 and ``{prefix}.json``::
 
     {"schema": "parity-both/capture/1", "engine": ..., "n_tokens": N,
@@ -21,14 +22,14 @@ and ``{prefix}.json``::
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SCHEMA = "parity-both/capture/1"
+from parity_both.capture import SCHEMA, save_capture
+
 RAW_FORMAT = "parity-harness/capture-raw/1"
 
 # ggml type name -> numpy dtype of one element, for the types a capture converts to float32
@@ -91,11 +92,7 @@ def write_capture(
             "src": [_source(s, saved_leaves) for s in node["src"]],
         })
     index = {"schema": SCHEMA, "engine": engine, "n_tokens": int(n_tokens), "nodes": out_nodes, "leaves": out_leaves}
-    prefix = Path(out_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(prefix.with_name(prefix.name + ".npz"), lambda p: np.savez(p, **arrays))
-    _atomic(prefix.with_name(prefix.name + ".json"),
-            lambda p: p.write_text(json.dumps(index, sort_keys=True, separators=(",", ":")) + "\n"))
+    save_capture(out_prefix, index, arrays)
     return index
 
 
@@ -107,12 +104,6 @@ def _source(src: Mapping[str, Any] | None, saved_leaves: set[int]) -> dict[str, 
             "node": None if src.get("node") is None else int(src["node"]),
             "key": _key("l", int(leaf)) if leaf is not None and int(leaf) in saved_leaves else None,
             "weight": bool(src.get("weight"))}
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_from_raw_dir(raw_dir: str | Path, out_prefix: str | Path, *, engine: str) -> dict[str, Any]:
@@ -136,12 +127,3 @@ def write_from_raw_dir(raw_dir: str | Path, out_prefix: str | Path, *, engine: s
 
     return write_capture(out_prefix, engine=engine, n_tokens=raw["n_tokens"], nodes=raw["nodes"],
                          leaves=raw["leaves"], data=data)
-
-
-def load_capture(prefix: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read {prefix}.json and {prefix}.npz back: (index, arrays by key)."""
-    prefix = Path(prefix)
-    index = json.loads(prefix.with_name(prefix.name + ".json").read_text())
-    with np.load(prefix.with_name(prefix.name + ".npz"), allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    return index, arrays
