@@ -392,13 +392,40 @@ def localization(*, backend: Mapping[str, Any], twin_gguf: str, twin_record: Map
     return section
 
 
+# -- op-by-op kernel check ----------------------------------------------------------------------
+def kernel_check(*, backend: Mapping[str, Any], lane_gguf: str, prompt: Mapping[str, Any], reference_npz: str,
+                 activation: str | None, threads: int, capture_prefix: str, keep_capture: bool) -> dict[str, Any]:
+    """The receipt's `kernels` section: capture every node the lane evaluates on the file it evaluates (the
+    quantized model, or its transcoded copy) and recompute each from the lane's own captured sources with the
+    model's parameters. The capture is kept beside the section only when diagnosing (it is large)."""
+    from parity_both.capture import capture_paths
+    from parity_both.compare.kernels import check_kernels
+
+    ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0]  # the first window of a corpus
+    engine = open_lane(backend, lane_gguf, n_ctx=len(ids) + 8, threads=threads)
+    try:
+        engine.eval_capture(ids, capture_prefix)
+    finally:
+        engine.close()
+    try:
+        section = check_kernels(capture_prefix, lane_gguf, activation=activation)
+    finally:
+        if not keep_capture:
+            for path in capture_paths(capture_prefix):
+                path.unlink(missing_ok=True)
+    section["n_tokens"] = len(ids)
+    section["capture"] = capture_prefix if keep_capture else None
+    return section
+
+
 # -- receipts and summary ---------------------------------------------------------------------
 def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json: str, tokenizer_json: str,
                  prompt_json: str, reference_npz: str, lane_npz: str, lane_vocab_json: str, backend_json: str,
                  thresholds: Mapping[str, Mapping[str, Any]], mode: str, gates: Collection[str],
                  lane_gguf: str | None = None, transcode_json: str | None = None,
                  twin_reference_npz: str | None = None, twin_lane_npz: str | None = None,
-                 twin_record_json: str | None = None, localization_json: str | None = None) -> dict[str, Any]:
+                 twin_record_json: str | None = None, localization_json: str | None = None,
+                 kernels_json: str | None = None) -> dict[str, Any]:
     """The receipt of one lane and prompt, validated. thresholds: {"quantized": ..., "graph": ...}.
     The graph verdict is evaluated when the twin's reference and lane npz are given, else skipped."""
     from parity_both.receipt import Evaluation, build_receipt, validate_receipt
@@ -428,7 +455,8 @@ def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json:
         lane=lane, model_name=model_name, model=model, authority=authority, lane_vocab=lane_auth,
         prompt=read_json(prompt_json), backend=read_json(backend_json), mode=mode, gates=list(gates),
         quantized=quantized, thresholds=thresholds["quantized"], graph=graph, graph_thresholds=thresholds["graph"],
-        localization=read_json(localization_json) if localization_json else None)
+        localization=read_json(localization_json) if localization_json else None,
+        kernels=read_json(kernels_json) if kernels_json else None)
     validate_receipt(receipt)
     return receipt
 

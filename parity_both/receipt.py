@@ -233,6 +233,12 @@ def _overall(sections: Mapping[str, Mapping[str, Any]], tokenizer_consistent: bo
     reasons = [f"{v}: {sections[v]['summary']['reason']}" for v in evaluated if sections[v]["summary"].get("reason")]
     if reasons:
         summary["reason"] = "; ".join(reasons)
+    kernels = sections.get("kernels")
+    if kernels is not None:
+        summary["verdicts"]["kernels"] = kernels["status"]
+        if kernels["status"] == "fail":
+            summary["failures"].append(f"kernels: {kernels.get('diagnosis')}")
+            status = worst([status, "fail"])
     if not tokenizer_consistent and status == "pass":
         status = "tokenizer_inconsistent"
         summary["reason"] = "the lane's vocabulary differs from the reference tokenizer authority"
@@ -256,6 +262,7 @@ def build_receipt(
     graph_skipped_reason: str = TWIN_OFF_REASON,
     gates: Sequence[str] = (),
     localization: Mapping[str, Any] | None = None,
+    kernels: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The complete receipt, hashed once. `quantized`: both sides on the model file, judged by
     `thresholds`; `graph`: both sides on the lossless twin, judged by `graph_thresholds` (None: the
@@ -275,6 +282,8 @@ def build_receipt(
                                        "reference": dict(graph.reference.get("timings") or {})}
     if localization is not None:
         receipt["localization"] = dict(localization)
+    if kernels is not None:
+        receipt["kernels"] = dict(kernels)
     status, summary = _overall(receipt, receipt["tokenizer_consistent"])
     receipt["gates"] = evaluate_gates({**receipt, "summary": summary, "status": status}, gates)
     failed_gates = [g["expression"] for g in receipt["gates"] if not g["passed"]]

@@ -110,6 +110,13 @@ def twin_receipt_inputs(wildcards):
     }
 
 
+def kernel_inputs(wildcards):
+    """The op-by-op kernel check's record for a receipt, unless `kernels: false`."""
+    if not config["kernels"]:
+        return {}
+    return {"kernels": f"{OUT}/{wildcards.model}/kernels/{wildcards.lane}/{wildcards.prompt}.json"}
+
+
 def fixture_spec(wildcards):
     return dict(config["models"][wildcards.model]["fixture"])
 

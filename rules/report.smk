@@ -3,6 +3,7 @@ rule receipt:
     the model file; the graph verdict on the lossless twin, skipped when the model's twin is off)."""
     input:
         unpack(twin_receipt_inputs),
+        unpack(kernel_inputs),
         model=f"{OUT}/{{model}}/model.json",
         authority=f"{OUT}/{{model}}/tokenizer/authority.json",
         tokenizer=f"{OUT}/{{model}}/tokenizer/tokenizer.json",
@@ -89,3 +90,29 @@ rule localize:
     threads: 1
     script:
         "../scripts/localize.py"
+
+
+rule kernels:
+    """The op-by-op kernel check: every node the lane evaluates on the file it evaluates, recomputed from the
+    lane's own captured sources with the model's parameters (ggml's activation quantization emulated)."""
+    input:
+        backend=f"{OUT}/backends/{{lane}}.json",
+        gguf=lane_gguf,
+        prompt=prompt_record,
+        reference=f"{OUT}/{{model}}/reference/{{prompt}}.npz",
+    output:
+        f"{OUT}/{{model}}/kernels/{{lane}}/{{prompt}}.json",
+    params:
+        activation=model_activation,
+        threads=config["threads"],
+        diagnose=config["diagnose"],
+        capture_prefix=lambda wc: f"{OUT}/{wc.model}/lanes/{wc.lane}/capture/{wc.prompt}",
+    conda:
+        "../envs/parity-both.yaml"
+    log:
+        f"{OUT}/logs/{{model}}/kernels/{{lane}}/{{prompt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/kernels/{{lane}}/{{prompt}}.tsv"
+    threads: 1
+    script:
+        "../scripts/kernels.py"

@@ -11,7 +11,8 @@ def main() -> None:
         backend_json=sm.input.backend, thresholds=sm.params.thresholds, mode=sm.params.mode, gates=sm.params.gates,
         lane_gguf=sm.params.lane_gguf, transcode_json=sm.input.transcode[0] if sm.input.transcode else None,
         twin_reference_npz=sm.input.get("twin_reference"), twin_lane_npz=sm.input.get("twin_lane"),
-        twin_record_json=sm.input.get("twin_record"), localization_json=sm.input.get("localization"))
+        twin_record_json=sm.input.get("twin_record"), localization_json=sm.input.get("localization"),
+        kernels_json=sm.input.get("kernels"))
     pipeline.write_json(sm.output[0], receipt)
 
 
