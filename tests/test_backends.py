@@ -624,7 +624,8 @@ def test_bitnet_second_provision_reuses_cache(
     ident = provision_backend(spec, test_cache, tmp_path / "again.log", "never")
     assert time.monotonic() - t0 < 5
     assert ident == bitnet_build[0]
-    assert leftovers(test_cache) == []
+    # (only this backend's entries: a shared cache may hold other builds in progress)
+    assert [p for p in leftovers(test_cache) if "bitnet" in p.lower()] == []
 
 
 def test_bitnet_cpp_dir_existing_build_skips_clone(

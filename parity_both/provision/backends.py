@@ -1,17 +1,7 @@
-"""Backends: a lane = an engine kind + a source, probed cheaply and provisioned on demand.
+"""Probe or provision one backend (a lane's engine) from the command line.
 
-The provisioning package, by job:
-
-    specs.py     what a backend is (BackendSpec, the built-in lanes, cache keys)
-    probes.py    is it there, which one (cheap, deterministic: parse time), the probe stamps
-    fetch.py     getting sources and packages (git, sdist, pip) with retries
-    build.py     building an engine's libraries;  harness.py: building and running the C++ harness
-    provision.py making a backend usable (repair mode, repair, identity), the backend rule's body
-    failures.py  BackendFailure and its exit codes (2 missing/unusable, 3 network, 4 permission,
-                 5 build, 6 recursion)
-
-This module is the command line (for the repair hint; exit status = failure code) and re-exports
-the names callers use::
+The command line (for the repair hint; exit status = failure code) and the public names callers use,
+re-exported from the provisioning modules (listed in parity_both/provision/__init__.py)::
 
     python -m parity_both.provision.backends probe NAME [--cache-dir D] [--config BACKENDS.json] [--out F]
     python -m parity_both.provision.backends provision NAME [--cache-dir D] [--log L] [--out ID.json]

@@ -14,9 +14,8 @@ import errno
 from pathlib import Path
 from typing import Any
 
+from parity_both.hashing import ENV_CACHE
 from parity_both.provision.build import HarnessBuildError
-
-ENV_CACHE = "PARITY_BOTH_CACHE"
 
 EXIT_MISSING = 2
 EXIT_NETWORK = 3

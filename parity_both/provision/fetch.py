@@ -24,7 +24,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from parity_both.hashing import sha256_file
+from parity_both.hashing import ENV_CACHE, sha256_file
 from parity_both.provision.build import (
     ENGINE_BASE_CMAKE_ARGS,
     HarnessBuildError,
@@ -34,7 +34,6 @@ from parity_both.provision.build import (
     ensure_writable_dir,
 )
 from parity_both.provision.failures import (
-    ENV_CACHE,
     EXIT_BUILD,
     EXIT_NETWORK,
     EXIT_PERMISSION,

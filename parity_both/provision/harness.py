@@ -120,18 +120,13 @@ def compile_harness(
         f"-DHARNESS_RPATH={rpath}",
         f"-DHARNESS_VERSION={digest[:12]}",
         "-DCMAKE_BUILD_TYPE=Release",
+        *([f"-DCMAKE_CXX_COMPILER={cxx}"] if cxx else []),
     ]
-    if cxx:
-        args.append(f"-DCMAKE_CXX_COMPILER={cxx}")
     env = compiler_env(None, cxx)
     progress("configure harness", "probing llama.h")
     t0 = time.monotonic()
-    run_logged(
-        ["cmake", "-S", HARNESS_SOURCE_DIR, "-B", build_dir, *generator_args(), *args],
-        log_path,
-        "configure",
-        env=env,
-    )
+    configure = ["cmake", "-S", HARNESS_SOURCE_DIR, "-B", build_dir, *generator_args(), *args]
+    run_logged(configure, log_path, "configure", env=env)
     progress("compile harness")
     run_logged(["cmake", "--build", build_dir, "-j", str(jobs)], log_path, "compile", env=env)
     t_build = time.monotonic() - t0
