@@ -142,20 +142,6 @@ def ci_detected(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def repair_mode(config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """(mode, why): `auto` for people, `never` under CI unless config says otherwise explicitly."""
-    explicit = config.get("repair")
-    if explicit:
-        return str(explicit), "set in config (repair:)"
-    env = os.environ if environ is None else environ
-    if env.get("PARITY_BOTH_REPAIR"):
-        return env["PARITY_BOTH_REPAIR"], "set by PARITY_BOTH_REPAIR"
-    var = ci_detected(env)
-    if var:
-        return "never", f"CI environment detected ({var} is set)"
-    return "auto", "default for interactive use"
-
-
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
 

@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+ENV_CACHE = "PARITY_BOTH_CACHE"
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file's bytes (large unbuffered reads: as fast as sha256sum). The one file hasher:
@@ -29,7 +31,7 @@ def cache_dir(env: Mapping[str, str] | None = None) -> Path:
     """The project's one cache directory (engine builds, wheels, sdists, hashes): $PARITY_BOTH_CACHE or
     ~/.cache/parity-both."""
     env = os.environ if env is None else env
-    return Path(env.get("PARITY_BOTH_CACHE") or Path.home() / ".cache" / "parity-both").expanduser()
+    return Path(env.get(ENV_CACHE) or Path.home() / ".cache" / "parity-both").expanduser()
 
 
 def _key(path: Path) -> str:

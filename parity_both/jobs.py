@@ -1,4 +1,4 @@
-"""Glue for scripts/: logging into the rule's log file, and structured failure records.
+"""Glue for scripts/: logging into the rule's log file, and the structured failure record.
 
 When a job fails, Snakemake keeps its log but deletes its outputs (no half-written results). The
 failure record written beside the log says what kind of failure it was, so the `parity-both`
@@ -12,18 +12,66 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 
 def failure_record_path(log_path: str | Path) -> Path:
+    """Where a failure record goes: beside the log, as ``<log>.failure.json``."""
     return Path(f"{log_path}.failure.json")
 
 
+def failure_record(
+    exc: BaseException,
+    *,
+    rule: str | None = None,
+    wildcards: Mapping[str, Any] | None = None,
+    log: str | Path | None = None,
+) -> dict[str, Any]:
+    """The one failure record (one schema for every writer: a workflow job, or the provisioning
+    command ``python -m parity_both.provision.backends provision``). Every key is always present:
+
+    - ``exit_code``: the documented exit status (2 bad input, 3 network, 4 permission, 5 build,
+      6 recursion, 1 internal); ``kind``: its class (e.g. ``bad_model``, ``network``,
+      ``backend_missing``, ``bad_source``, ``internal``); ``message``: the error's first line;
+    - ``rule``, ``wildcards``: the failed job (None and {} outside a workflow); ``log``: its log;
+    - for provisioning failures (else None / "" / {}): ``backend`` (the backend's name), ``phase``
+      (spec, prepare, fetch, checkout, install, configure, compile, verify, probe, guard),
+      ``hint`` (how to fix it, e.g. the repair command), ``build_log`` (the full build output),
+      ``details`` (errno, returncode, command, attempts, ...).
+    """
+    code, kind = classify(exc)
+    record: dict[str, Any] = {
+        "exit_code": code,
+        "kind": kind,
+        "message": first_line(exc),
+        "rule": rule,
+        "wildcards": dict(wildcards or {}),
+        "log": str(log) if log else None,
+        "backend": None,
+        "phase": None,
+        "hint": "",
+        "build_log": None,
+        "details": {},
+    }
+    record.update(getattr(exc, "record", {}) or {})
+    return record
+
+
+def write_failure_record(log_path: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write the record beside log_path (atomically); returns its path."""
+    path = failure_record_path(log_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dict(record), sort_keys=True, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def run_job(snakemake: Any, body: Callable[[], None]) -> None:
-    """Run a script body with stderr and logging sent to the rule's log."""
-    # Fixed BLAS threads: the reference's numbers must not depend on the machine's core count.
+    """Run a script body with stderr and logging sent to the rule's log; on failure write the
+    failure record and exit with its code."""
     log_path = snakemake.log[0] if snakemake.log else None
     fh = open(log_path, "w", buffering=1) if log_path else sys.stderr
     logging.basicConfig(stream=fh, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
@@ -34,17 +82,14 @@ def run_job(snakemake: Any, body: Callable[[], None]) -> None:
     try:
         body()
     except BaseException as exc:  # noqa: BLE001 - every failure gets a record, then propagates
-        code, kind = classify(exc)
-        record = {"exit_code": code, "kind": kind, "rule": getattr(snakemake, "rule", None),
-                  "message": first_line(exc), "wildcards": dict(getattr(snakemake, "wildcards", {}) or {}),
-                  "log": log_path}
-        record.update(getattr(exc, "record", {}) or {})
+        record = failure_record(exc, rule=getattr(snakemake, "rule", None),
+                                wildcards=getattr(snakemake, "wildcards", {}) or {}, log=log_path)
         print(f"ERROR: {record['message']}", file=fh)
         traceback.print_exc(file=fh)
         if log_path:
-            failure_record_path(log_path).write_text(json.dumps(record, sort_keys=True, indent=2))
+            write_failure_record(log_path, record)
         fh.flush()
-        os._exit(code if code else 1)
+        os._exit(record["exit_code"])
     fh.flush()
 
 
@@ -54,11 +99,10 @@ def first_line(exc: BaseException) -> str:
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
+    """(exit code, kind) of an exception: a provisioning failure carries its own (2-6)."""
     code = getattr(exc, "code", None)
     if isinstance(code, int) and code in (2, 3, 4, 5, 6):
         return code, getattr(exc, "kind", "backend")
-    if isinstance(code, int) and code == 7:  # a backend source/spec that cannot be used: bad input
-        return 2, getattr(exc, "kind", "bad_source")
     from parity_both.gguf.reader import GGUFError
 
     if isinstance(exc, GGUFError):

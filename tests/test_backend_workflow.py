@@ -89,7 +89,8 @@ def test_ci_environment_defaults_to_no_repair(tmp_path):
     p = run_cli(["--lanes", "llama-2024", "--max-tokens", "1", "--out-dir", str(out)],
                 {"PARITY_BOTH_CACHE": str(empty), "PARITY_BOTH_REPAIR": "", "CI": "true"})
     assert p.returncode == 2, p.stderr[-3000:]
-    assert "CI" in p.stderr or "repair" in p.stderr.lower()
+    assert "repair is disabled (CI environment detected: CI is set)" in p.stderr, p.stderr[-3000:]
+    assert "parity_both.provision.backends provision llama-2024" in p.stderr
 
 
 def test_unreachable_git_source_exits_3_after_retries(tmp_path):

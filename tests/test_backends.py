@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import logging
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -17,27 +19,34 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from parity_both.config import CI_ENV_VARS
+from parity_both.gguf.reader import GGUFError
+from parity_both.jobs import failure_record, failure_record_path, write_failure_record
 from parity_both.lanes.harness import HarnessLane
-from parity_both.provision import backends as B
-from parity_both.provision.backends import (
-    BUILTIN_SPECS,
-    BackendFailure,
-    BackendSpec,
-    SourceSpec,
-    failure_record_path,
-    probe_backend,
-    provision_backend,
-    resolve_repair_mode,
-    write_failure_record,
-)
+from parity_both.provision import probes
+from parity_both.provision.build import Progress
+from parity_both.provision.failures import BackendFailure
+from parity_both.provision.fetch import ensure_source
 from parity_both.provision.harness import HarnessBuild
+from parity_both.provision.probes import probe_backend, stable_probe
+from parity_both.provision.provision import (
+    ENV_GUARD,
+    ENV_REPAIR,
+    provision_backend,
+    provision_lane,
+    resolve_repair_mode,
+)
+from parity_both.provision.specs import BUILTIN_SPECS, BackendSpec, SourceSpec, spec_from_config
 
 REPO = Path(__file__).resolve().parent.parent
+# the failure record's schema (parity_both.jobs.failure_record), spelled out independently
+RECORD_KEYS = {"exit_code", "kind", "message", "rule", "wildcards", "log", "backend", "phase", "hint", "build_log",
+               "details"}
 FAST = {"retries": 3, "backoff": 0.05}
 
 
@@ -48,7 +57,7 @@ def model_path() -> Path:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in (*CI_ENV_VARS, B.ENV_REPAIR, B.ENV_GUARD, "BITNET_CPP_DIR"):
+    for var in (*CI_ENV_VARS, ENV_REPAIR, ENV_GUARD, "BITNET_CPP_DIR"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -106,22 +115,30 @@ def local_spec(path: Path, name: str = "local-tree") -> BackendSpec:
 
 
 @pytest.mark.parametrize(
-    ("requested", "env", "want"),
+    ("requested", "env", "want", "why"),
     [
-        (None, {}, "auto"),
-        ("default", {"CI": "true"}, "never"),
-        (None, {"GITHUB_ACTIONS": "true"}, "never"),
-        (None, {"JENKINS_HOME": "/var/jenkins"}, "never"),
-        (None, {"TF_BUILD": "True"}, "never"),
-        (None, {"CI": "false"}, "auto"),
-        (None, {"CI": "1", "PARITY_BOTH_REPAIR": "auto"}, "auto"),  # explicit override under CI
-        ("auto", {"GITLAB_CI": "true"}, "auto"),  # explicit request wins
-        ("never", {}, "never"),
-        ("always", {"CI": "true"}, "always"),
+        (None, {}, "auto", "default for interactive use"),
+        ("default", {"CI": "true"}, "never", "CI environment detected: CI is set"),
+        (None, {"GITHUB_ACTIONS": "true"}, "never", "CI environment detected: GITHUB_ACTIONS is set"),
+        (None, {"JENKINS_HOME": "/var/jenkins"}, "never", "CI environment detected: JENKINS_HOME is set"),
+        (None, {"TF_BUILD": "True"}, "never", "CI environment detected: TF_BUILD is set"),
+        (None, {"CI": "false"}, "auto", "default for interactive use"),
+        (None, {"CI": "1", "PARITY_BOTH_REPAIR": "auto"}, "auto", "set by PARITY_BOTH_REPAIR"),  # override under CI
+        (None, {"PARITY_BOTH_REPAIR": "default", "CI": "1"}, "never", "CI environment detected: CI is set"),
+        ("auto", {"GITLAB_CI": "true"}, "auto", "requested explicitly"),  # explicit request wins
+        ("never", {"PARITY_BOTH_REPAIR": "auto"}, "never", "requested explicitly"),
+        ("always", {"CI": "true"}, "always", "requested explicitly"),
     ],
 )
-def test_repair_mode_resolution(requested: str | None, env: dict[str, str], want: str) -> None:
-    assert resolve_repair_mode(requested, env) == want
+def test_repair_mode_resolution(requested: str | None, env: dict[str, str], want: str, why: str) -> None:
+    assert tuple(resolve_repair_mode(requested, env)) == (want, why)
+
+
+@pytest.mark.parametrize(("requested", "env"), [("sometimes", {}), (None, {"PARITY_BOTH_REPAIR": "yes"})])
+def test_invalid_repair_mode_is_bad_input(requested: str | None, env: dict[str, str]) -> None:
+    with pytest.raises(BackendFailure) as ei:
+        resolve_repair_mode(requested, env)
+    assert ei.value.code == 2 and ei.value.phase == "spec" and ei.value.kind == "bad_source"
 
 
 # ============================================================================ injected failures
@@ -142,9 +159,10 @@ def test_unreachable_https_git_is_network_after_retries(tmp_path: Path) -> None:
     assert 0.15 <= time.monotonic() - t0 < 30  # backoff 0.05 + 0.10 actually slept
     assert log.read_text().count("[attempt ") == 3
     assert leftovers(cache) == [] and not list((cache / "sources").iterdir())
-    rec = json.loads(write_failure_record(failure_record_path(log), f, "bitnet").read_text())
-    assert rec["code"] == 3 and rec["phase"] == "fetch" and rec["backend"] == "bitnet"
-    assert failure_record_path(log).parent == log.parent
+    rec = json.loads(write_failure_record(log, failure_record(f, log=log)).read_text())
+    assert rec["exit_code"] == 3 and rec["kind"] == "network" and rec["phase"] == "fetch"
+    assert rec["backend"] == "bitnet" and rec["build_log"] == str(log)
+    assert failure_record_path(log) == log.parent / "bitnet.log.failure.json"
 
 
 def test_nonexistent_file_url_is_network(tmp_path: Path) -> None:
@@ -179,7 +197,7 @@ def unwritable_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
         try:
             yield mnt / "cache", errno.EROFS
         finally:
-            subprocess.run(["umount", str(mnt)], check=False)
+            assert subprocess.run(["umount", str(mnt)], check=False).returncode == 0
     elif how == "immutable-dir":  # root: chattr +i (needs CAP_LINUX_IMMUTABLE and a supporting fs)
         d = tmp_path / "imm"
         d.mkdir()
@@ -188,7 +206,7 @@ def unwritable_cache(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
         try:
             yield d / "cache", errno.EPERM
         finally:
-            subprocess.run(["chattr", "-i", str(d)], check=False)
+            assert subprocess.run(["chattr", "-i", str(d)], check=False).returncode == 0
     else:  # not root: plain permissions
         if os.geteuid() == 0:
             pytest.skip("root ignores directory permission bits")
@@ -246,11 +264,11 @@ def test_tree_that_fails_to_build_is_build_failure(broken: str, tmp_path: Path) 
 
 
 def test_recursion_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(B.ENV_GUARD, "outer")
+    monkeypatch.setenv(ENV_GUARD, "outer")
     tree = _mini_tree(tmp_path / "tree", broken=None)
     with pytest.raises(BackendFailure) as ei:
         provision_backend(local_spec(tree), tmp_path / "cache", tmp_path / "r.log", "auto", **FAST)
-    assert ei.value.code == 6 and ei.value.kind == "recursion" and B.ENV_GUARD in ei.value.hint
+    assert ei.value.code == 6 and ei.value.kind == "recursion" and ENV_GUARD in ei.value.hint
     assert not (tmp_path / "cache").exists()
 
 
@@ -294,13 +312,122 @@ def test_ci_default_is_no_repair_cli(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "CI environment detected: CI is set" in proc.stderr and "PARITY_BOTH_REPAIR=auto" in proc.stderr
     rec = json.loads(failure_record_path(log).read_text())
-    assert rec["code"] == 2 and rec["backend"] == "mini" and "provision mini" in rec["hint"]
+    assert rec["exit_code"] == 2 and rec["kind"] == "backend_missing" and rec["phase"] == "probe"
+    assert rec["backend"] == "mini" and "provision mini" in rec["hint"] and rec["rule"] is None
+    assert set(rec) == RECORD_KEYS
     assert not (tmp_path / "cache").exists() or leftovers(tmp_path / "cache") == []
+
+
+def test_job_and_provisioning_failures_share_one_record_schema() -> None:
+    job = failure_record(GGUFError("bad magic"), rule="model_facts", wildcards={"model": "m"}, log="m.log")
+    assert set(job) == RECORD_KEYS
+    assert (job["exit_code"], job["kind"], job["message"], job["backend"]) == (2, "bad_model", "bad magic", None)
+    f = BackendFailure(5, "compile", "boom", log_path="b.build.log", hint="see the log")
+    f.backend = "x"
+    rec = failure_record(f, rule="backend", wildcards={"lane": "x"}, log="b.log")
+    assert set(rec) == RECORD_KEYS
+    assert (rec["exit_code"], rec["kind"], rec["phase"], rec["backend"]) == (5, "build", "compile", "x")
+    assert (rec["log"], rec["build_log"]) == ("b.log", "b.build.log")
+
+
+class _Job:
+    """What Snakemake hands scripts/backend.py (the attributes it and parity_both.jobs.run_job read)."""
+
+    class _Wildcards(dict):
+        __getattr__ = dict.__getitem__
+
+    def __init__(self, lane: str, stamp: Path, log: Path, out: Path) -> None:
+        self.rule = "backend"
+        self.wildcards = self._Wildcards(lane=lane)
+        self.input = SimpleNamespace(probe=str(stamp))
+        self.output = [str(out)]
+        self.log = [str(log)]
+        self.threads = 2
+        self.config: dict = {}
+        self.params = SimpleNamespace(backends={})
+
+
+@pytest.fixture
+def counted_probes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count backend probes and the `parity_harness info` runs they make (the costly part)."""
+    counts = {"probe": 0, "info": 0}
+    real_probe, real_run = probes.probe_backend, probes.run_harness
+
+    def probe(*args: object, **kwargs: object) -> dict:
+        counts["probe"] += 1
+        return real_probe(*args, **kwargs)
+
+    def run(binary: object, args: list[str], **kwargs: object) -> dict:
+        counts["info"] += list(args) == ["info"]
+        return real_run(binary, args, **kwargs)
+
+    monkeypatch.setattr(probes, "probe_backend", probe)
+    monkeypatch.setattr(probes, "run_harness", run)
+    return counts
+
+
+def _run_backend_job(job: _Job, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/backend.py as Snakemake runs it (in this process, so the probes can be counted)."""
+    monkeypatch.setattr(sys, "stderr", sys.stderr)  # run_job points stderr at the rule's log
+    handlers = logging.getLogger().handlers[:]
+    try:
+        runpy.run_path(str(REPO / "scripts" / "backend.py"), init_globals={"snakemake": job})
+    finally:
+        if sys.stderr is not sys.__stderr__ and Path(getattr(sys.stderr, "name", "")) == Path(job.log[0]):
+            sys.stderr.close()
+        logging.getLogger().handlers[:] = handlers
+
+
+@pytest.mark.parametrize("lane", ["llama-harness", "llama"])
+def test_backend_job_resolves_and_probes_once(
+    lane: str,
+    test_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    counted_probes: dict[str, int],
+) -> None:
+    """The backend job probes once when the backend is present (a repair adds exactly one probe, the
+    verification), and rewrites the probe stamp only when its content changed."""
+    monkeypatch.setenv("PARITY_BOTH_CACHE", str(test_cache))
+    stamp, out = tmp_path / "probes" / f"{lane}.json", tmp_path / f"{lane}.json"
+    (tmp_path / "logs").mkdir()  # Snakemake creates the log's directory
+    job = _Job(lane, stamp, tmp_path / "logs" / f"{lane}.log", out)
+    probes.write_if_changed(stamp, probes.probe_lane_text(lane))  # what the workflow does at parse time
+    mtimes, records, logs = [stamp.stat().st_mtime_ns], [], []
+    info_runs = 1 if lane == "llama-harness" else 0  # a missing build is found without running anything
+    for _ in range(2):
+        counted_probes.update(probe=0, info=0)
+        _run_backend_job(job, monkeypatch)
+        mtimes.append(stamp.stat().st_mtime_ns)
+        records.append(json.loads(out.read_text()))
+        logs.append(Path(job.log[0]).read_text())  # the job rewrites its log: keep each run's
+        repaired = f"backend {lane}: repaired" in logs[-1]
+        assert f"backend {lane}: {'repaired' if repaired else 'already present'}" in logs[-1]
+        assert counted_probes == {"probe": 1 + repaired, "info": info_runs}, logs[-1]
+    assert "backend " + lane + ": already present" in logs[1]
+    assert records[0] == records[1] and records[1]["probe"]["present"] is True
+    assert records[1]["repair"] == {"mode": "auto", "why": "default for interactive use"}
+    assert json.loads(stamp.read_text())["present"] is True
+    # the stamp moves only when its content changes: at most once (a repair), never on the rerun
+    assert mtimes[2] == mtimes[1] and (mtimes[1] == mtimes[0]) == ("already present" in logs[0])
+
+
+def test_repair_disabled_job_probes_once_then_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted_probes: dict[str, int]
+) -> None:
+    monkeypatch.setenv("PARITY_BOTH_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(BackendFailure) as ei:
+        provision_lane("llama-2024", tmp_path / "stamp.json", log_path=tmp_path / "b.log")
+    assert ei.value.code == 2 and ei.value.backend == "llama-2024"
+    assert "repair is disabled (CI environment detected: CI is set)" in ei.value.message
+    assert counted_probes == {"probe": 1, "info": 0}
+    assert not (tmp_path / "stamp.json").exists()
 
 
 def test_unknown_lane_is_bad_input() -> None:
     with pytest.raises(BackendFailure) as ei:
-        B.spec_from_config("no-such-lane")
+        spec_from_config("no-such-lane")
     assert ei.value.code == 2 and ei.value.kind == "bad_source"
 
 
@@ -322,10 +449,10 @@ def test_stable_probe_is_the_same_before_and_after_repair(tmp_path: Path) -> Non
     spec = local_spec(tree)
     before = probe_backend(spec, tmp_path / "cache")
     assert before["present"] is False
-    st = B.stable_probe(before)
+    st = stable_probe(before)
     assert "present" not in st and "problem" not in st and st["key"] and st["harness_dir"]
     (tree / "src" / "llama.cpp").write_text("int llama_dummy(void) { return 2; }\n")  # a new revision
-    assert B.stable_probe(probe_backend(spec, tmp_path / "cache"))["key"] != st["key"]
+    assert stable_probe(probe_backend(spec, tmp_path / "cache"))["key"] != st["key"]
 
 
 def test_python_lane_provision_identity(tmp_path: Path) -> None:
@@ -343,9 +470,7 @@ def _llama_2024_tree(test_cache: Path, tmp_path: Path) -> Path:
     """The 0.3.1 sdist's vendor/llama.cpp, fetched through the backend machinery (cached)."""
     spec = BUILTIN_SPECS["llama-2024"]
     log = tmp_path / "src.log"
-    from parity_both.provision.harness import Progress
-
-    return B._ensure_source(spec, test_cache, log, retries=2, backoff=0.5, progress=Progress("test"))
+    return ensure_source(spec, test_cache, log, retries=2, backoff=0.5, progress=Progress("test"))
 
 
 MIMIC_CMAKE = """cmake_minimum_required(VERSION 3.14)
@@ -499,7 +624,8 @@ def test_bitnet_second_provision_reuses_cache(
     ident = provision_backend(spec, test_cache, tmp_path / "again.log", "never")
     assert time.monotonic() - t0 < 5
     assert ident == bitnet_build[0]
-    assert leftovers(test_cache) == []
+    # (only this backend's entries: a shared cache may hold other builds in progress)
+    assert [p for p in leftovers(test_cache) if "bitnet" in p.lower()] == []
 
 
 def test_bitnet_cpp_dir_existing_build_skips_clone(
