@@ -255,10 +255,10 @@ def failure_paragraph(rec: dict[str, Any], workdir: Path) -> str:
              + f": {rec.get('message')}"]
     if rec.get("hint"):
         parts.append(f"  fix: {rec['hint']}")
-    if rec.get("repair_command"):
-        parts.append(f"  repair with: {rec['repair_command']}")
-    log = rec.get("log_path") or rec.get("log")
+    log = rec.get("log")
     parts.append(f"  log: {workdir / log if log else None}")
+    if rec.get("build_log"):
+        parts.append(f"  build log: {rec['build_log']}")
     return "\n".join(parts)
 
 
