@@ -23,7 +23,9 @@ from parity_both.tokenize.authority import (
     dump_ids_table,
     vocab_fingerprint,
 )
-from parity_both.tokenize.vocab import ReferenceTokenizer, embedded_model_gguf, vocab_dump_from_llama_cpp
+from parity_both.tokenize.llama_cpp import vocab_dump_from_llama_cpp
+from parity_both.tokenize.reference import ReferenceTokenizer
+from parity_both.tokenize.sources import embedded_model_gguf
 
 MODEL = embedded_model_gguf()
 pytestmark = pytest.mark.skipif(

@@ -20,20 +20,12 @@ import pytest
 import tokenizer_cases  # tests/ is on sys.path under pytest's default import mode
 
 from parity_both.tokenize.authority import build_authority, vocab_fingerprint
-from parity_both.tokenize.vocab import (
-    _PRE_NAMES,
-    _PRE_TYPE_REGEXES,
-    _UNSUPPORTED_PRE_TYPES,
-    ReferenceTokenizer,
-    TokenizerBuildError,
-    _hf_regex,
-    embedded_model_gguf,
-    find_vocab_ggufs,
-    llama_cpp_piece_bytes,
-    llama_sdist_dir,
-    load_llama_vocab,
-    vocab_dump_from_llama_cpp,
-)
+from parity_both.tokenize.llama_cpp import llama_cpp_piece_bytes, vocab_dump_from_llama_cpp
+from parity_both.tokenize.reference import ReferenceTokenizer
+from parity_both.tokenize.regexes import hf_regex
+from parity_both.tokenize.sources import embedded_model_gguf, find_vocab_ggufs, llama_sdist_dir
+from parity_both.tokenize.tables import PRE_NAMES, PRE_TYPE_REGEXES, UNSUPPORTED_PRE_TYPES
+from parity_both.tokenize.vocab import TokenizerBuildError, load_llama_vocab
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup)")
 
@@ -270,10 +262,10 @@ def test_regex_table_is_llama_vocab_cpp() -> None:
             for p in pending:
                 table[p] = tuple(lits)
             pending = []
-    assert table == _PRE_TYPE_REGEXES
+    assert table == PRE_TYPE_REGEXES
     chain = src[src.index("if (tokenizer_pre.empty()) {") : src.index("unknown pre-tokenizer type")]
     names = set(re.findall(r'tokenizer_pre == "([^"]+)"', chain))
-    assert names == set(_PRE_NAMES)
+    assert names == set(PRE_NAMES)
 
 
 @pytest.mark.skipif(llama_sdist_dir() is None, reason=_no_sdist())
@@ -291,7 +283,7 @@ def test_unicode_categories_match_llama_cpp() -> None:
         for (start, flags), (end, _) in zip(pairs, pairs[1:], strict=False):
             if flags & bit:
                 llama.update(range(start, end))
-        split = pre_tokenizers.Split(Regex(_hf_regex(f"\\p{{{cat}}}")), "removed")
+        split = pre_tokenizers.Split(Regex(hf_regex(f"\\p{{{cat}}}")), "removed")
         kept = {ord(ch) for piece, _ in split.pre_tokenize_str(text) for ch in piece}
         ours = set(cps) - kept
         assert ours == llama, f"\\p{{{cat}}}: {len(ours ^ llama)} code points classified differently"
@@ -358,13 +350,13 @@ def test_distinct_pre_tokenizers_match_llama_cpp(tmp_path: Path) -> None:
 def test_every_pre_tokenizer_matches_llama_cpp(tmp_path: Path) -> None:
     """One name per pre type in llama.cpp's table; the unsupported ones must be refused clearly."""
     reps: dict[str, str] = {}
-    for name, (pre_type, _flags) in _PRE_NAMES.items():
+    for name, (pre_type, _flags) in PRE_NAMES.items():
         reps.setdefault(pre_type, name)
-    supported = [n for t, n in sorted(reps.items()) if t not in _UNSUPPORTED_PRE_TYPES]
+    supported = [n for t, n in sorted(reps.items()) if t not in UNSUPPORTED_PRE_TYPES]
     bad = _check_relabelled(supported, 1000, tmp_path)
     assert not any(bad.values()), bad
     for t, n in reps.items():
-        if t in _UNSUPPORTED_PRE_TYPES:
+        if t in UNSUPPORTED_PRE_TYPES:
             from tokenizer_pre_ggufs import write_with_pre
 
             with pytest.raises(TokenizerBuildError, match="tokenizer.json"):
