@@ -2,8 +2,9 @@
 
 Every vocab-only GGUF in llama.cpp 0.3.36's models/ folder plus the embedded SmolLM2 model: a few
 thousand deterministic comparisons each (strings with and without parse_special), llama.cpp's own .inp/.out
-cases, per-id pieces (decoding), decode round trips, and the vocabulary fingerprint. Per-family
-agreement is printed and written to $PARITY_BOTH_FIDELITY_REPORT (default .cache/tokenizer_fidelity.json).
+cases (our ids must equal the .out files), per-id pieces (decoding), decode round trips, the vocabulary
+fingerprint, and the end-of-generation ids greedy decoding stops on. Per-family agreement is printed and
+written to $PARITY_BOTH_FIDELITY_REPORT (default .cache/tokenizer_fidelity.json).
 Larger sweeps: PARITY_BOTH_TOKENIZER_N=20000 or `-m slow`.
 """
 
@@ -13,21 +14,28 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 import tokenizer_cases  # tests/ is on sys.path under pytest's default import mode
 
 from parity_both.tokenize.authority import build_authority, vocab_fingerprint
-from parity_both.tokenize.llama_cpp import llama_cpp_piece_bytes, vocab_dump_from_llama_cpp
-from parity_both.tokenize.reference import ReferenceTokenizer
+from parity_both.tokenize.llama_cpp import llama_cpp_piece_bytes, llama_vocab_ptr, vocab_dump_from_llama_cpp
+from parity_both.tokenize.reference import ReferenceTokenizer, stop_ids
 from parity_both.tokenize.regexes import hf_regex
 from parity_both.tokenize.sources import embedded_model_gguf, find_vocab_ggufs, llama_sdist_dir
-from parity_both.tokenize.tables import PRE_NAMES, PRE_TYPE_REGEXES, UNSUPPORTED_PRE_TYPES
+from parity_both.tokenize.tables import (
+    AUTO_DETECT,
+    EOG_TEXTS,
+    NEWER_THAN_LLAMA_CPP_UNICODE,
+    PRE_NAMES,
+    PRE_TYPE_REGEXES,
+    UNSUPPORTED_PRE_TYPES,
+)
 from parity_both.tokenize.vocab import TokenizerBuildError, load_llama_vocab
-
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup)")
 
 REPO = Path(__file__).resolve().parent.parent
 N_STRINGS = int(os.environ.get("PARITY_BOTH_TOKENIZER_N", "1000"))
@@ -35,15 +43,7 @@ REFUSED = {"bert-bge": "bert", "nomic-bert-moe": "t5"}
 REPORT: dict[str, Any] = {}
 
 
-def _families() -> dict[str, Path]:
-    fams = dict(find_vocab_ggufs())
-    emb = embedded_model_gguf()
-    if emb is not None:
-        fams["smollm2-embedded"] = emb
-    return fams
-
-
-FAMILIES = _families()
+FAMILIES = {**find_vocab_ggufs(), "smollm2-embedded": embedded_model_gguf()}
 SUPPORTED = sorted(f for f in FAMILIES if f not in REFUSED)
 
 
@@ -80,24 +80,47 @@ def _load_llama(path: Path) -> Any:
     return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[dict[str, Any], ReferenceTokenizer]]:
+    """Per family, the gguf_embedded authority and its reference tokenizer, built once per module."""
+    root = tmp_path_factory.mktemp("authority")
+    built: dict[str, dict[str, Any]] = {}
+
+    def get(family: str) -> tuple[dict[str, Any], ReferenceTokenizer]:
+        out_json = root / f"{family}.tokenizer.json"
+        if family not in built:
+            built[family] = build_authority(str(FAMILIES[family]), "gguf_embedded", None, str(out_json))
+        return built[family], ReferenceTokenizer.from_files(out_json, built[family])
+
+    return get
+
+
+INP_OUT_SEPARATOR = "\n__ggml_vocab_test__\n"
+
+
 def _inp_out(path: Path) -> list[tuple[str, list[int]]]:
+    """llama.cpp's own cases for a vocabulary (<gguf>.inp texts, <gguf>.out expected ids), read as its
+    tests/test-tokenizer-0.cpp reads them (bytes, no newline translation); [] when it ships neither file.
+    Files that do not line up fail the test instead of leaving it nothing to check."""
     inp, out = Path(str(path) + ".inp"), Path(str(path) + ".out")
-    if not (inp.is_file() and out.is_file()):
+    if not inp.exists() and not out.exists():
         return []
-    raw = inp.read_text(encoding="utf-8")
-    sep = "\n__ggml_vocab_test__\n"
-    texts = raw.split(sep)
-    if texts and texts[-1] == "":
-        texts.pop()
-    outs = [[int(x) for x in line.split()] for line in out.read_text(encoding="utf-8").splitlines()]
-    return list(zip(texts, outs, strict=False)) if len(texts) == len(outs) else []
+    assert inp.is_file() and out.is_file(), f"{path.name}: .inp and .out come in pairs; one is missing"
+    texts = inp.read_bytes().decode("utf-8").split(INP_OUT_SEPARATOR)
+    if texts[-1] == "":
+        texts.pop()  # the file ends with the separator
+    lines = out.read_bytes().decode("utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the file ends with a newline
+    assert len(texts) == len(lines) > 0, f"{path.name}: {len(texts)} .inp cases but {len(lines)} .out lines"
+    return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines, strict=True)]
 
 
-def _run_family(family: str, tmp_path: Path, n_strings: int, config: pytest.Config) -> dict[str, Any]:
+def _run_family(
+    family: str, built: tuple[dict[str, Any], ReferenceTokenizer], n_strings: int, config: pytest.Config
+) -> dict[str, Any]:
     path = FAMILIES[family]
-    out_json = tmp_path / f"{family}.tokenizer.json"
-    auth = build_authority(str(path), "gguf_embedded", None, str(out_json))
-    ref = ReferenceTokenizer.from_files(out_json, auth)
+    auth, ref = built
     lv = load_llama_vocab(path)
     # the tokenizer.json used alone, with tokenizers' own special-token splitting
     alone = ReferenceTokenizer(ref._tok, {**auth, "special_split": "tokenizers"}, ref._json)
@@ -144,13 +167,15 @@ def _run_family(family: str, tmp_path: Path, n_strings: int, config: pytest.Conf
                 rt_agree += ref.decode(theirs) == llama_text
                 lossless += llama_text == s
     inp_cases = _inp_out(path)
-    inp_agree = 0
-    inp_expected = 0
+    inp_agree = inp_expected = 0
+    inp_first_bad: list[dict[str, Any]] = []
     for text, expected in inp_cases:
         ours = ref.encode(text, parse_special=False)
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         inp_agree += ours == theirs
         inp_expected += ours == expected
+        if ours != expected and len(inp_first_bad) < 3:
+            inp_first_bad.append({"text": text[:200], "ours": ours[:40], "out_file": expected[:40]})
     # per-id pieces (what a detokenizer concatenates), on every id seen plus a deterministic sample
     n_vocab = ref.vocab_size
     ids = sorted(
@@ -174,6 +199,7 @@ def _run_family(family: str, tmp_path: Path, n_strings: int, config: pytest.Conf
         "inp_total": len(inp_cases),
         "inp_agree": inp_agree,
         "inp_matches_out_file": inp_expected,
+        "inp_first_bad": inp_first_bad,
         "piece_total": len(ids),
         "piece_agree": len(ids) - len(piece_bad),
         "piece_first_bad": piece_bad[:5],
@@ -189,10 +215,11 @@ def _run_family(family: str, tmp_path: Path, n_strings: int, config: pytest.Conf
 
 @pytest.mark.skipif(not FAMILIES, reason=_no_sdist())
 @pytest.mark.parametrize("family", SUPPORTED)
-def test_family_matches_llama_cpp(family: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    e = _run_family(family, tmp_path, N_STRINGS, request.config)
+def test_family_matches_llama_cpp(family: str, authority: Callable, request: pytest.FixtureRequest) -> None:
+    e = _run_family(family, authority(family), N_STRINGS, request.config)
     assert e["vocab_fingerprint_equal"], "reference vocab_dump differs from llama.cpp's API view"
-    assert e["inp_agree"] == e["inp_total"], f"llama.cpp's own test cases: {e}"
+    assert e["inp_matches_out_file"] == e["inp_total"], f"llama.cpp's .out file: {e['inp_first_bad']}"
+    assert e["inp_agree"] == e["inp_total"], "llama.cpp's own test cases, tokenized by llama.cpp"
     assert e["piece_agree"] == e["piece_total"], f"pieces differ for ids {e['piece_first_bad']}"
     assert e["roundtrip_agree"] == e["roundtrip_total"], "decode(ids) differs from llama.cpp's rendering"
     assert e["roundtrip_lossless"] >= 0.9 * e["roundtrip_total"], "decoding loses text llama.cpp keeps"
@@ -208,14 +235,48 @@ def test_family_matches_llama_cpp(family: str, tmp_path: Path, request: pytest.F
 @pytest.mark.slow
 @pytest.mark.skipif(not FAMILIES, reason=_no_sdist())
 @pytest.mark.parametrize("family", SUPPORTED)
-def test_family_matches_llama_cpp_large_sweep(
-    family: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    e = _run_family(family, tmp_path, 20000, request.config)
+def test_family_matches_llama_cpp_large_sweep(family: str, authority: Callable, request: pytest.FixtureRequest) -> None:
+    e = _run_family(family, authority(family), 20000, request.config)
     if e["fidelity"] == "exact":
         assert e["agree"] == e["comparisons"], e["first_failures"]
     else:
         assert e["fidelity_reasons"] and e["agreement_pct"] >= 99.0, e["first_failures"]
+
+
+def _llama_cpp_eog_ids(path: Path) -> list[int]:
+    """The ids llama.cpp's llama_vocab_is_eog reports true for, over the whole vocabulary."""
+    llm = _load_llama(path)
+    vocab = llama_vocab_ptr(llm)
+    eog = [i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+    llm.close()
+    return eog
+
+
+@pytest.mark.parametrize("family", SUPPORTED)
+def test_stop_ids_are_llama_cpp_eog_ids(family: str, authority: Callable) -> None:
+    """Greedy decoding stops on every token llama.cpp's vocabulary marks end-of-generation, and only those."""
+    _auth, ref = authority(family)
+    eog = _llama_cpp_eog_ids(FAMILIES[family])
+    assert eog, "llama.cpp marks no token EOG"
+    assert stop_ids(FAMILIES[family], ref) == eog
+
+
+@pytest.mark.skipif(llama_sdist_dir() is None, reason=_no_sdist())
+def test_eog_and_auto_detected_texts_are_llama_vocab_cpp() -> None:
+    """EOG_TEXTS and AUTO_DETECT equal the text lists in the sdist's llama_vocab::impl::load (re-extracted here)."""
+    src = (llama_sdist_dir() / "vendor/llama.cpp/src/llama-vocab.cpp").read_text(encoding="utf-8")
+
+    def texts(block: str) -> tuple[str, ...]:
+        return tuple(re.findall(r't\.first == "([^"]+)"', block))
+
+    auto = {
+        m.group(1): texts(m.group(2))
+        for m in re.finditer(r"if \(special_(\w+)_id == LLAMA_TOKEN_NULL\) \{\s*if \(false(.*?)\) \{", src, re.S)
+    }
+    assert auto == {name: candidates for name, (_key, candidates) in AUTO_DETECT.items()}
+    eog_block = src[src.index("special_eog_ids.clear();") : src.index("special_eog_ids.insert(t.second);")]
+    eog = texts(eog_block)
+    assert len(eog) == len(set(eog)) and set(eog) == EOG_TEXTS
 
 
 @pytest.mark.skipif(not FAMILIES, reason=_no_sdist())
@@ -268,16 +329,25 @@ def test_regex_table_is_llama_vocab_cpp() -> None:
     assert names == set(PRE_NAMES)
 
 
-@pytest.mark.skipif(llama_sdist_dir() is None, reason=_no_sdist())
-def test_unicode_categories_match_llama_cpp() -> None:
-    """Pinned \\p{..} classes classify every code point as llama.cpp's unicode-data.cpp does."""
+def _category_mismatches(boundaries_only: bool) -> dict[str, int]:
+    """Per category, how many code points our pinned \\p{..} classes classify differently from llama.cpp's
+    unicode-data.cpp: all 1.1 million, or a bounded sample: each range start in llama.cpp's table and the code
+    points either side, the code points onig's newer Unicode assigns (pinned out), and every 101st code point."""
     from tokenizers import Regex, pre_tokenizers
 
     src = (llama_sdist_dir() / "vendor/llama.cpp/src/unicode-data.cpp").read_text(encoding="utf-8")
     body = re.search(r"unicode_ranges_flags = \{.*?\n(.*?)\n\};", src, re.S).group(1)
     pairs = [(int(a, 16), int(b, 16)) for a, b in re.findall(r"\{0x([0-9A-F]+), 0x([0-9A-F]+)\}", body)]
-    cps = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    if boundaries_only:  # where a classification can change
+        candidates = {start + d for start, _ in pairs for d in (-1, 0, 1)} | set(range(0, 0x110000, 101))
+        for item in NEWER_THAN_LLAMA_CPP_UNICODE.split():
+            a, _, b = item.partition("-")
+            candidates.update(range(int(a, 16) - 1, int(b or a, 16) + 2))
+    else:
+        candidates = set(range(0x110000))
+    cps = sorted(c for c in candidates if 0 <= c < 0x110000 and not 0xD800 <= c <= 0xDFFF)
     text = "".join(map(chr, cps))
+    bad = {}
     for cat, bit in (("L", 0x4), ("N", 0x2), ("P", 0x20), ("M", 0x10), ("S", 0x40)):
         llama = set()
         for (start, flags), (end, _) in zip(pairs, pairs[1:], strict=False):
@@ -285,8 +355,21 @@ def test_unicode_categories_match_llama_cpp() -> None:
                 llama.update(range(start, end))
         split = pre_tokenizers.Split(Regex(hf_regex(f"\\p{{{cat}}}")), "removed")
         kept = {ord(ch) for piece, _ in split.pre_tokenize_str(text) for ch in piece}
-        ours = set(cps) - kept
-        assert ours == llama, f"\\p{{{cat}}}: {len(ours ^ llama)} code points classified differently"
+        bad[cat] = len((set(cps) - kept) ^ (llama & set(cps)))
+    return bad
+
+
+@pytest.mark.skipif(llama_sdist_dir() is None, reason=_no_sdist())
+def test_unicode_categories_match_llama_cpp_at_range_boundaries() -> None:
+    """Pinned \\p{..} classes classify as llama.cpp does on each side of every range in its table."""
+    assert not any(_category_mismatches(boundaries_only=True).values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(llama_sdist_dir() is None, reason=_no_sdist())
+def test_unicode_categories_match_llama_cpp() -> None:
+    """Pinned \\p{..} classes classify every code point as llama.cpp's unicode-data.cpp does."""
+    assert not any(_category_mismatches(boundaries_only=False).values())
 
 
 def test_generated_strings_are_deterministic() -> None:
