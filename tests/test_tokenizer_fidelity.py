@@ -24,6 +24,7 @@ import tokenizer_cases  # tests/ is on sys.path under pytest's default import mo
 
 from parity_both.tokenize.authority import build_authority, vocab_fingerprint
 from parity_both.tokenize.llama_cpp import llama_cpp_piece_bytes, llama_vocab_ptr, vocab_dump_from_llama_cpp
+from parity_both.tokenize.rebuild import rebuild_from_gguf
 from parity_both.tokenize.reference import ReferenceTokenizer, stop_ids
 from parity_both.tokenize.regexes import hf_regex
 from parity_both.tokenize.sources import embedded_model_gguf, find_vocab_ggufs, llama_sdist_dir
@@ -116,6 +117,27 @@ def _inp_out(path: Path) -> list[tuple[str, list[int]]]:
     return [(t, [int(x) for x in line.split()]) for t, line in zip(texts, lines, strict=True)]
 
 
+# The vocabularies llama.cpp 0.3.36 ships without .inp/.out cases; every other one must have them.
+WITHOUT_CASES = {"aquila", "baichuan", "gpt-neox", "nomic-bert-moe", "smollm2-embedded"}
+
+
+@pytest.mark.skipif(llama_sdist_dir() is None, reason=_no_sdist())
+def test_llama_cpp_cases_are_read_and_must_line_up(tmp_path: Path) -> None:
+    with_cases = {f for f, p in FAMILIES.items() if _inp_out(p)}
+    assert with_cases == set(FAMILIES) - WITHOUT_CASES
+    base = tmp_path / "ggml-vocab-x.gguf"
+    inp, out = Path(f"{base}.inp"), Path(f"{base}.out")
+    inp.write_bytes(b"a\r\nb\n__ggml_vocab_test__\n\n__ggml_vocab_test__\n")
+    out.write_bytes(b" 64 201 65\n\n")
+    assert _inp_out(base) == [("a\r\nb", [64, 201, 65]), ("", [])]  # bytes as they are, an empty case kept
+    out.write_bytes(b" 64 201 65\n")
+    with pytest.raises(AssertionError, match="2 .inp cases but 1 .out lines"):
+        _inp_out(base)
+    out.unlink()
+    with pytest.raises(AssertionError, match="one is missing"):
+        _inp_out(base)
+
+
 def _run_family(
     family: str, built: tuple[dict[str, Any], ReferenceTokenizer], n_strings: int, config: pytest.Config
 ) -> dict[str, Any]:
@@ -182,6 +204,10 @@ def _run_family(
         seen_ids | set(range(min(n_vocab, 600))) | set(rng.sample(range(n_vocab), min(n_vocab, 3000)))
     )
     piece_bad = [i for i in ids if ref.piece_bytes(i) != llama_cpp_piece_bytes(llm, i)]
+    # the ids greedy decoding stops on (pipeline.prompt_record) against llama_vocab_is_eog over the vocabulary
+    vocab = llama_vocab_ptr(llm)
+    eog = [i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+    stops = stop_ids(path, ref)
     fp_ref = vocab_fingerprint(ref.vocab_dump())
     fp_llama = vocab_fingerprint(vocab_dump_from_llama_cpp(llm))
     entry = {
@@ -207,6 +233,8 @@ def _run_family(
         "roundtrip_agree": rt_agree,
         "roundtrip_lossless": lossless,
         "vocab_fingerprint_equal": fp_ref == fp_llama,
+        "eog_llama_cpp": eog,
+        "stop_ids": stops,
     }
     _report(family, entry, config)
     llm.close()
@@ -218,6 +246,9 @@ def _run_family(
 def test_family_matches_llama_cpp(family: str, authority: Callable, request: pytest.FixtureRequest) -> None:
     e = _run_family(family, authority(family), N_STRINGS, request.config)
     assert e["vocab_fingerprint_equal"], "reference vocab_dump differs from llama.cpp's API view"
+    # greedy decoding stops on every token llama.cpp's vocabulary marks end-of-generation, and only those
+    assert e["eog_llama_cpp"], "llama.cpp marks no token end-of-generation"
+    assert e["stop_ids"] == e["eog_llama_cpp"]
     assert e["inp_matches_out_file"] == e["inp_total"], f"llama.cpp's .out file: {e['inp_first_bad']}"
     assert e["inp_agree"] == e["inp_total"], "llama.cpp's own test cases, tokenized by llama.cpp"
     assert e["piece_agree"] == e["piece_total"], f"pieces differ for ids {e['piece_first_bad']}"
@@ -241,24 +272,6 @@ def test_family_matches_llama_cpp_large_sweep(family: str, authority: Callable, 
         assert e["agree"] == e["comparisons"], e["first_failures"]
     else:
         assert e["fidelity_reasons"] and e["agreement_pct"] >= 99.0, e["first_failures"]
-
-
-def _llama_cpp_eog_ids(path: Path) -> list[int]:
-    """The ids llama.cpp's llama_vocab_is_eog reports true for, over the whole vocabulary."""
-    llm = _load_llama(path)
-    vocab = llama_vocab_ptr(llm)
-    eog = [i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)]
-    llm.close()
-    return eog
-
-
-@pytest.mark.parametrize("family", SUPPORTED)
-def test_stop_ids_are_llama_cpp_eog_ids(family: str, authority: Callable) -> None:
-    """Greedy decoding stops on every token llama.cpp's vocabulary marks end-of-generation, and only those."""
-    _auth, ref = authority(family)
-    eog = _llama_cpp_eog_ids(FAMILIES[family])
-    assert eog, "llama.cpp marks no token EOG"
-    assert stop_ids(FAMILIES[family], ref) == eog
 
 
 @pytest.mark.skipif(llama_sdist_dir() is None, reason=_no_sdist())
@@ -409,9 +422,9 @@ def _check_relabelled(pres: list[str], n_strings: int, tmp_path: Path) -> dict[s
     bad: dict[str, int] = {}
     for pre in pres:
         path = write_with_pre(base, pre, tmp_path / f"{pre}.gguf")
-        auth = build_authority(str(path), "gguf_embedded", None, str(tmp_path / f"{pre}.json"))
-        assert auth["fidelity"]["level"] == "exact", auth["fidelity"]
-        ref = ReferenceTokenizer.from_files(tmp_path / f"{pre}.json", auth)
+        rb = rebuild_from_gguf(path)
+        assert rb.fidelity["level"] == "exact", rb.fidelity
+        ref = ReferenceTokenizer(rb.tokenizer, {"special_split": "llama.cpp"})
         llm = _load_llama(path)
         bad[pre] = sum(
             ref.encode(s, ps) != llm.tokenize(s.encode("utf-8"), add_bos=False, special=ps)

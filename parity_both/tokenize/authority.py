@@ -76,9 +76,7 @@ def _sha256_bytes(b: bytes) -> str:
 
 def _canonical(obj: Any) -> bytes:
     # surrogatepass: an engine may report invalid UTF-8 as surrogate escapes; hash it, never crash
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode(
-        "utf-8", "surrogatepass"
-    )
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
 
 def _merge_pairs(merges: Any) -> list[list[str]]:
@@ -93,9 +91,7 @@ def _merge_pairs(merges: Any) -> list[list[str]]:
     return out
 
 
-def config_hash(
-    tok_json: dict[str, Any], add_bos: bool, add_eos: bool, bos_id: int | None, eos_id: int | None
-) -> str:
+def config_hash(tok_json: dict[str, Any], add_bos: bool, add_eos: bool, bos_id: int | None, eos_id: int | None) -> str:
     """SHA-256 of what the tokenizer means, not of how the file is laid out (and never of a path)."""
     model = dict(tok_json.get("model") or {})
     vocab = model.pop("vocab", None)
@@ -106,10 +102,7 @@ def config_hash(
         vocab_c = vocab
     added = sorted(
         (
-            {
-                k: at.get(k)
-                for k in ("id", "content", "special", "lstrip", "rstrip", "normalized", "single_word")
-            }
+            {k: at.get(k) for k in ("id", "content", "special", "lstrip", "rstrip", "normalized", "single_word")}
             for at in tok_json.get("added_tokens") or []
         ),
         key=lambda d: int(d["id"]),
@@ -377,14 +370,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def dump_ids_table(
-    ref_ids: list[int], ref_pieces: list[str], lane_ids: list[int], lane_pieces: list[str]
-) -> str:
+def dump_ids_table(ref_ids: list[int], ref_pieces: list[str], lane_ids: list[int], lane_pieces: list[str]) -> str:
     """Side-by-side ids with pieces; the first position where the two sides differ is marked."""
     n = max(len(ref_ids), len(lane_ids))
-    first = next(
-        (i for i in range(n) if i >= len(ref_ids) or i >= len(lane_ids) or ref_ids[i] != lane_ids[i]), None
-    )
+    first = next((i for i in range(n) if i >= len(ref_ids) or i >= len(lane_ids) or ref_ids[i] != lane_ids[i]), None)
     rows = [("pos", "ref id", "ref piece", "lane id", "lane piece", "")]
     for i in range(n):
         r_id = str(ref_ids[i]) if i < len(ref_ids) else "-"
@@ -392,9 +381,7 @@ def dump_ids_table(
         l_id = str(lane_ids[i]) if i < len(lane_ids) else "-"
         l_pc = repr(lane_pieces[i]) if i < len(lane_pieces) and i < len(lane_ids) else ""
         mark = (
-            "<-- first divergence"
-            if i == first
-            else ("*" if first is not None and i > first and r_id != l_id else "")
+            "<-- first divergence" if i == first else ("*" if first is not None and i > first and r_id != l_id else "")
         )
         rows.append((str(i), r_id, r_pc, l_id, l_pc, mark))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]

@@ -110,7 +110,6 @@ def _added_tokens(v: LlamaVocab, vocab: dict[str, int]) -> tuple[list[AddedToken
     return special, user
 
 
-
 def _spm_tokenizer(v: LlamaVocab, vocab: dict[str, int]) -> Tokenizer:
     unk = v.tokens[v.unk_id] if v.unk_id is not None else None
     if any(f"<0x{b:02X}>" not in vocab for b in range(256)):
@@ -170,10 +169,14 @@ def _bpe_tokenizer(v: LlamaVocab, vocab: dict[str, int]) -> Tokenizer:
     unk = _unknown_stand_in(v, vocab)
     tok = Tokenizer(
         models.BPE(
-            vocab, merges, ignore_merges=v.ignore_merges, byte_fallback=not v.byte_encode, unk_token=unk,
+            vocab,
+            merges,
+            ignore_merges=v.ignore_merges,
+            byte_fallback=not v.byte_encode,
+            unk_token=unk,
             fuse_unk=False,
         )
-    )  # fmt: skip
+    )
     splits: list[Any] = [
         pre_tokenizers.Split(Regex(hf_regex(rx)), behavior="isolated") for rx in PRE_TYPE_REGEXES[v.pre_type]
     ]

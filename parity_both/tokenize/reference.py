@@ -159,9 +159,7 @@ class ReferenceTokenizer:
         self._special_cache = _special_cache(self._json, self._dropped)
 
     @classmethod
-    def from_files(
-        cls, tokenizer_json_path: str | os.PathLike[str], authority: dict[str, Any]
-    ) -> ReferenceTokenizer:
+    def from_files(cls, tokenizer_json_path: str | os.PathLike[str], authority: dict[str, Any]) -> ReferenceTokenizer:
         text = Path(tokenizer_json_path).read_text(encoding="utf-8")
         return cls(Tokenizer.from_str(text), authority, json.loads(text))
 

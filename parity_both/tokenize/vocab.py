@@ -76,10 +76,7 @@ class LlamaVocab:
     def dump(self) -> VocabDump:
         """The vocabulary exactly as llama.cpp's API reports it (text, kind per id, BOS/EOS, flags)."""
         return VocabDump(
-            tokens=[
-                (i, t, kind_from_attr(a))
-                for i, (t, a) in enumerate(zip(self.tokens, self.attrs, strict=False))
-            ],
+            tokens=[(i, t, kind_from_attr(a)) for i, (t, a) in enumerate(zip(self.tokens, self.attrs, strict=False))],
             bos_id=self.bos_id,
             eos_id=self.eos_id,
             add_bos=self.add_bos,
@@ -128,9 +125,15 @@ def _settings(path: str | os.PathLike[str], md: dict[str, Any], vocab_type: str)
     GGUF's own add_* keys (LlamaVocab fields, plus bos_null: the BOS default is dropped)."""
     model, pre = md["tokenizer.ggml.model"], md.get("tokenizer.ggml.pre")
     if vocab_type == "spm":
-        s: dict[str, Any] = {"pre_type": "DEFAULT", "add_space_prefix": True, "add_bos": True,
-                             "bos_null": False, "ignore_merges": False, "escape_whitespaces": True,
-                             "byte_encode": False}  # fmt: skip
+        s: dict[str, Any] = {
+            "pre_type": "DEFAULT",
+            "add_space_prefix": True,
+            "add_bos": True,
+            "bos_null": False,
+            "ignore_merges": False,
+            "escape_whitespaces": True,
+            "byte_encode": False,
+        }
     else:
         pre_type, flags = _resolve_pre(model, pre)
         if pre_type in UNSUPPORTED_PRE_TYPES:
@@ -138,11 +141,15 @@ def _settings(path: str | os.PathLike[str], md: dict[str, Any], vocab_type: str)
                 f"{path}: pre-tokenizer {pre!r} ({pre_type}) uses {UNSUPPORTED_PRE_TYPES[pre_type]}; "
                 "an exact rebuild is not implemented: provide the model's tokenizer.json instead"
             )
-        s = {"pre_type": pre_type, "add_space_prefix": False, "add_bos": bool(flags.get("add_bos", False)),
-             "bos_null": bool(flags.get("bos_null", False)),
-             "ignore_merges": bool(flags.get("ignore_merges", False)),
-             "escape_whitespaces": bool(flags.get("escape_whitespaces", False)),
-             "byte_encode": pre_type not in RAW_UTF8_PRE_TYPES}  # fmt: skip
+        s = {
+            "pre_type": pre_type,
+            "add_space_prefix": False,
+            "add_bos": bool(flags.get("add_bos", False)),
+            "bos_null": bool(flags.get("bos_null", False)),
+            "ignore_merges": bool(flags.get("ignore_merges", False)),
+            "escape_whitespaces": bool(flags.get("escape_whitespaces", False)),
+            "byte_encode": pre_type not in RAW_UTF8_PRE_TYPES,
+        }
     s["add_space_prefix"] = bool(md.get("tokenizer.ggml.add_space_prefix", s["add_space_prefix"]))
     s["add_bos"] = bool(md.get("tokenizer.ggml.add_bos_token", s["add_bos"]))
     s["add_eos"] = bool(md.get("tokenizer.ggml.add_eos_token", False))
@@ -159,9 +166,7 @@ def _read_tokens(path: str | os.PathLike[str], md: dict[str, Any], notes: list[s
     tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(raw_tokens)]
     if any("\ufffd" in t for t in tokens):
         # U+FFFD is either a real piece or what the GGUF reader made of invalid UTF-8: look at the bytes.
-        bad = [
-            i for i, b in enumerate(_raw_token_bytes(path)) if "\ufffd" in tokens[i] and not _valid_utf8(b)
-        ]
+        bad = [i for i, b in enumerate(_raw_token_bytes(path)) if "\ufffd" in tokens[i] and not _valid_utf8(b)]
         if bad:
             notes.append(
                 f"{len(bad)} token texts are not valid UTF-8 (first id {bad[0]}); tokenizer.json "
@@ -174,9 +179,7 @@ def _token_to_id(tokens: list[str], notes: list[str]) -> dict[str, int]:
     # token_to_id: on duplicate texts the LAST id wins, as in llama.cpp's unordered_map assignment.
     text_to_id = {t: i for i, t in enumerate(tokens)}
     if len(text_to_id) != len(tokens):
-        notes.append(
-            f"{len(tokens) - len(text_to_id)} duplicate token texts: only the last id of each is reachable"
-        )
+        notes.append(f"{len(tokens) - len(text_to_id)} duplicate token texts: only the last id of each is reachable")
     return text_to_id
 
 
@@ -375,7 +378,6 @@ def _apply_strip_attrs(
                 attrs[text_to_id[t]] &= ~ATTR_RSTRIP
     elif "modern-bert" in name and "[MASK]" in text_to_id:
         attrs[text_to_id["[MASK]"]] |= ATTR_LSTRIP
-
 
 
 # Names callers outside parity_both.tokenize still import from this module (parity_both/pipeline.py,
