@@ -4,7 +4,7 @@ Every vocab-only GGUF in llama.cpp 0.3.36's models/ folder plus the embedded Smo
 thousand deterministic comparisons each (strings with and without parse_special), llama.cpp's own .inp/.out
 cases (our ids must equal the .out files), per-id pieces (decoding), decode round trips, the vocabulary
 fingerprint, and the end-of-generation ids greedy decoding stops on. Per-family agreement is printed and
-written to $PARITY_BOTH_FIDELITY_REPORT (default .cache/tokenizer_fidelity.json).
+written to $PARITY_BOTH_FIDELITY_REPORT (default tokenizer_fidelity.json in $PARITY_BOTH_TEST_CACHE, else .cache).
 Larger sweeps: PARITY_BOTH_TOKENIZER_N=20000 or `-m slow`.
 """
 
@@ -57,7 +57,8 @@ def _no_sdist() -> str:
 
 def _report(family: str, entry: dict[str, Any], config: pytest.Config) -> None:
     REPORT[family] = entry
-    path = Path(os.environ.get("PARITY_BOTH_FIDELITY_REPORT", REPO / ".cache" / "tokenizer_fidelity.json"))
+    cache = Path(os.environ.get("PARITY_BOTH_TEST_CACHE") or REPO / ".cache")
+    path = Path(os.environ.get("PARITY_BOTH_FIDELITY_REPORT") or cache / "tokenizer_fidelity.json")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         old = json.loads(path.read_text()) if path.is_file() else {}
