@@ -242,6 +242,8 @@ def test_prompt_stop_ids_are_every_token_llama_cpp_marks_eog(embedded: tuple[dic
     texts = {i: llama_cpp.llama_vocab_get_text(vocab, i).decode() for i in eog}
     llm.close()
     assert rec["stop_ids"] == eog
+    # the fallback for a GGUF vocabulary llama.cpp's rules cannot be read here: the same rules on the tokenizer.json
+    assert ReferenceTokenizer.from_files(out, auth).eog_ids() == eog
     # SmolLM2: <|endoftext|>, <|im_end|> (its EOS and end of turn) and <reponame> (a FIM token llama.cpp
     # auto-detects); the list pipeline.py kept before missed the last one
     assert texts == {0: "<|endoftext|>", 2: "<|im_end|>", 4: "<reponame>"}
