@@ -19,11 +19,6 @@ from parity_both.receipt import write_json
 
 log = logging.getLogger("parity_both")
 
-# Pieces llama.cpp treats as end of generation (src/llama-vocab.cpp); greedy decoding stops on them.
-EOG_TEXTS = frozenset({"</s>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                       "<|eom_id|>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<|end_of_text|>"})
-
-
 class InputError(ValueError):
     """Unusable input (broken GGUF, bad tokenizer, bad prompt): one clear line, exit code 2."""
 
@@ -95,7 +90,8 @@ def prompt_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: 
                   settings: Mapping[str, Any]) -> dict[str, Any]:
     from parity_both.lanes.base import apply_contract
     from parity_both.tokenize import templates
-    from parity_both.tokenize.vocab import ReferenceTokenizer
+    from parity_both.tokenize.reference import ReferenceTokenizer
+    from parity_both.tokenize.reference import stop_ids as eog_stop_ids
 
     if settings.get("corpus"):
         return corpus_record(gguf_path, authority, tokenizer_json, name, settings)
@@ -116,9 +112,7 @@ def prompt_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: 
                          f"text already contains BOS - use a template without it or set the prompt's template")
     if not ids:
         raise InputError(f"prompt {name!r} tokenizes to no tokens; give it some text")
-    dump = tok.vocab_dump()
-    stop_ids = sorted({i for i, text, kind in dump.tokens if kind == "control" and text in EOG_TEXTS}
-                      | ({tok.eos_id} if tok.eos_id is not None else set()))
+    stop_ids = eog_stop_ids(gguf_path, tok)  # llama.cpp's end-of-generation set (tokenize.reference)
     return {
         "prompt": {"name": name, "text": settings["text"], "system_prompt": settings.get("system_prompt")},
         "template": {"requested": requested, "used": used, "evidence": evidence, "notes": list(fp.notes)},

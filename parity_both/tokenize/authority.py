@@ -3,7 +3,7 @@
 Three sources, in order of precedence:
 * external        -- the config names a tokenizer.json (it must exist);
 * auto_discovered -- a tokenizer.json sits beside the GGUF;
-* gguf_embedded   -- rebuilt from the GGUF's own vocabulary (parity_both.tokenize.vocab), exactly as
+* gguf_embedded   -- rebuilt from the GGUF's own vocabulary (parity_both.tokenize.rebuild), exactly as
                      llama.cpp tokenizes it, or refused / marked approximate with the reason.
 
 The authority records hashes of the EFFECTIVE tokenizer.json (file bytes, and a canonical form of
@@ -22,17 +22,12 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from parity_both.gguf.reader import read_gguf
 from parity_both.lanes.base import VocabDump
-from parity_both.tokenize.vocab import (
-    LLAMA_CPP_REFERENCE,
-    ReferenceTokenizer,
-    TokenizerBuildError,
-    _id_to_text,
-    kinds_from_tokenizer_json,
-    load_llama_vocab,
-    rebuild_from_gguf,
-    tokenizer_json,
-)
+from parity_both.tokenize.rebuild import rebuild_from_gguf, tokenizer_json
+from parity_both.tokenize.reference import ReferenceTokenizer, id_to_text, kinds_from_tokenizer_json
+from parity_both.tokenize.tables import LLAMA_CPP_REFERENCE
+from parity_both.tokenize.vocab import LlamaVocab, TokenizerBuildError, load_llama_vocab
 
 SOURCES = ("external", "auto_discovered", "gguf_embedded")
 MAX_LISTED_DIFFERENCES = 8
@@ -81,9 +76,7 @@ def _sha256_bytes(b: bytes) -> str:
 
 def _canonical(obj: Any) -> bytes:
     # surrogatepass: an engine may report invalid UTF-8 as surrogate escapes; hash it, never crash
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode(
-        "utf-8", "surrogatepass"
-    )
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
 
 
 def _merge_pairs(merges: Any) -> list[list[str]]:
@@ -98,9 +91,7 @@ def _merge_pairs(merges: Any) -> list[list[str]]:
     return out
 
 
-def config_hash(
-    tok_json: dict[str, Any], add_bos: bool, add_eos: bool, bos_id: int | None, eos_id: int | None
-) -> str:
+def config_hash(tok_json: dict[str, Any], add_bos: bool, add_eos: bool, bos_id: int | None, eos_id: int | None) -> str:
     """SHA-256 of what the tokenizer means, not of how the file is laid out (and never of a path)."""
     model = dict(tok_json.get("model") or {})
     vocab = model.pop("vocab", None)
@@ -111,10 +102,7 @@ def config_hash(
         vocab_c = vocab
     added = sorted(
         (
-            {
-                k: at.get(k)
-                for k in ("id", "content", "special", "lstrip", "rstrip", "normalized", "single_word")
-            }
+            {k: at.get(k) for k in ("id", "content", "special", "lstrip", "rstrip", "normalized", "single_word")}
             for at in tok_json.get("added_tokens") or []
         ),
         key=lambda d: int(d["id"]),
@@ -180,7 +168,7 @@ def _special_facts_from_config(tok_json_path: Path, tok_json: dict[str, Any]) ->
     if not cfg_path.is_file():
         return None
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    text_to_id = {t: i for i, t in _id_to_text(tok_json).items()}
+    text_to_id = {t: i for i, t in id_to_text(tok_json).items()}
 
     def token_id(key: str) -> int | None:
         val = cfg.get(key)
@@ -197,21 +185,15 @@ def _special_facts_from_config(tok_json_path: Path, tok_json: dict[str, Any]) ->
     }
 
 
-def gguf_agreement(tok_json: dict[str, Any], model_gguf: str, ref: ReferenceTokenizer) -> dict[str, Any]:
-    """Does an external tokenizer.json describe the same vocabulary (and tokenization) as the GGUF?"""
-    try:
-        lv = load_llama_vocab(model_gguf)
-    except TokenizerBuildError as e:
-        return {"agrees": None, "reason": f"the GGUF vocabulary cannot be read llama.cpp's way: {e}"}
-    id_to_text = _id_to_text(tok_json)
+def _vocab_differences(tok_json: dict[str, Any], lv: LlamaVocab) -> tuple[int, list[dict[str, Any]]]:
+    """(number of ids whose text, or special kind, differs; the first MAX_LISTED_DIFFERENCES of them)."""
+    texts = id_to_text(tok_json)
     kinds = {i: k for k, ids in kinds_from_tokenizer_json(tok_json).items() for i in ids}
+    gguf_kinds = {i: k for i, _t, k in lv.dump().tokens}
     diffs: list[dict[str, Any]] = []
-    n = max(len(lv.tokens), max(id_to_text) + 1 if id_to_text else 0)
-    gguf_dump = lv.dump()
-    gguf_kinds = {i: k for i, _t, k in gguf_dump.tokens}
     n_diff = 0
-    for i in range(n):
-        jt = id_to_text.get(i)
+    for i in range(max(len(lv.tokens), max(texts) + 1 if texts else 0)):
+        jt = texts.get(i)
         gt = lv.tokens[i] if i < len(lv.tokens) else None
         jk = kinds.get(i, "normal") if jt is not None else None
         gk = gguf_kinds.get(i)
@@ -226,41 +208,111 @@ def gguf_agreement(tok_json: dict[str, Any], model_gguf: str, ref: ReferenceToke
                         "gguf": None if gt is None else {"text": gt, "kind": gk},
                     }
                 )
+    return n_diff, diffs
+
+
+def _tokenization_probe(model_gguf: str, ref: ReferenceTokenizer) -> tuple[dict[str, Any], int]:
+    """PROBE_STRINGS tokenized by ref and by llama.cpp's view of the GGUF: (record, number that differ)."""
+    try:
+        rb = rebuild_from_gguf(model_gguf)
+    except TokenizerBuildError as e:
+        return {"skipped": str(e)}, 0
+    llama_view = ReferenceTokenizer(rb.tokenizer, {})
+    probe = []
+    for s in PROBE_STRINGS:
+        a, b = ref.encode(s, parse_special=False), llama_view.encode(s, parse_special=False)
+        if a != b:
+            probe.append({"text": s, "tokenizer_json": a, "gguf_llama_cpp": b})
+    record = {
+        "n_strings": len(PROBE_STRINGS),
+        "n_differ": len(probe),
+        "first_differences": probe[:3],
+        "gguf_fidelity": rb.fidelity["level"],
+    }
+    return record, len(probe)
+
+
+def gguf_agreement(tok_json: dict[str, Any], model_gguf: str, ref: ReferenceTokenizer) -> dict[str, Any]:
+    """Does an external tokenizer.json describe the same vocabulary (and tokenization) as the GGUF?"""
+    try:
+        lv = load_llama_vocab(model_gguf)
+    except TokenizerBuildError as e:
+        return {"agrees": None, "reason": f"the GGUF vocabulary cannot be read llama.cpp's way: {e}"}
+    n_diff, diffs = _vocab_differences(tok_json, lv)
     out: dict[str, Any] = {
-        "vocab_size": {"tokenizer_json": len(id_to_text), "gguf": len(lv.tokens)},
+        "vocab_size": {"tokenizer_json": len(id_to_text(tok_json)), "gguf": len(lv.tokens)},
         "n_differences": n_diff,
         "first_differences": diffs,
     }
     specials = {}
-    for name, jv, gv in (
-        ("bos_id", ref.bos_id, lv.bos_id),
-        ("eos_id", ref.eos_id, lv.eos_id),
-        ("add_bos", ref.add_bos, lv.add_bos),
-        ("add_eos", ref.add_eos, lv.add_eos),
-    ):
+    for name in ("bos_id", "eos_id", "add_bos", "add_eos"):
+        jv, gv = getattr(ref, name), getattr(lv, name)
         if jv != gv:
             specials[name] = {"tokenizer_json": jv, "gguf": gv}
     out["special_differences"] = specials
     # Same vocabulary is not enough: llama.cpp's pre-tokenizer for this GGUF may still differ.
-    try:
-        rb = rebuild_from_gguf(model_gguf)
-        llama_view = ReferenceTokenizer(rb.tokenizer, {})
-        probe = []
-        for s in PROBE_STRINGS:
-            a, b = ref.encode(s, parse_special=False), llama_view.encode(s, parse_special=False)
-            if a != b:
-                probe.append({"text": s, "tokenizer_json": a, "gguf_llama_cpp": b})
-        out["tokenization_probe"] = {
-            "n_strings": len(PROBE_STRINGS),
-            "n_differ": len(probe),
-            "first_differences": probe[:3],
-            "gguf_fidelity": rb.fidelity["level"],
-        }
-    except TokenizerBuildError as e:
-        probe = []
-        out["tokenization_probe"] = {"skipped": str(e)}
-    out["agrees"] = n_diff == 0 and not specials and not probe
+    out["tokenization_probe"], n_probe_diff = _tokenization_probe(model_gguf, ref)
+    out["agrees"] = n_diff == 0 and not specials and not n_probe_diff
     return out
+
+
+def _embedded(model_gguf: str, out_path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[int]]]:
+    """Rebuild the GGUF's vocabulary into out_path: (record fields, special facts, token kinds)."""
+    rb = rebuild_from_gguf(model_gguf)
+    _atomic_write(out_path, tokenizer_json(rb.tokenizer).encode("utf-8"))
+    v = rb.vocab
+    facts: dict[str, Any] = {
+        "bos_id": v.bos_id,
+        "eos_id": v.eos_id,
+        "add_bos": v.add_bos,
+        "add_eos": v.add_eos,
+        "special_facts_from": "gguf (llama.cpp rules)",
+        "special_split": "llama.cpp",
+    }
+    fields = {"path": str(model_gguf), "fidelity": rb.fidelity, "tokenizer_model": v.model, "tokenizer_pre": v.pre}
+    return fields, facts, v.token_kinds()
+
+
+def _gguf_special_facts(model_gguf: str) -> dict[str, Any]:
+    """BOS/EOS facts of the GGUF for an external tokenizer.json without a tokenizer_config.json."""
+    try:
+        lv = load_llama_vocab(model_gguf)
+    except TokenizerBuildError:
+        return {"bos_id": None, "eos_id": None, "add_bos": False, "add_eos": False, "special_facts_from": "none found"}
+    return {
+        "bos_id": lv.bos_id,
+        "eos_id": lv.eos_id,
+        "add_bos": lv.add_bos,
+        "add_eos": lv.add_eos,
+        "special_facts_from": "gguf (no tokenizer_config.json)",
+    }
+
+
+def _external(
+    model_gguf: str, source: str, tokenizer_json_path: str | None, out_path: Path
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[int]]]:
+    """Copy a tokenizer.json to out_path as is: (record fields, special facts, token kinds)."""
+    if not tokenizer_json_path or not Path(tokenizer_json_path).is_file():
+        raise AuthorityError(f"{source} tokenizer.json {tokenizer_json_path!r} does not exist")
+    raw = Path(tokenizer_json_path).read_bytes()
+    _atomic_write(out_path, raw)
+    tok_json_src = json.loads(raw.decode("utf-8"))
+    facts = _special_facts_from_config(Path(tokenizer_json_path), tok_json_src)
+    if facts is None:
+        facts = _gguf_special_facts(model_gguf)
+    md_model, md_pre = _gguf_tokenizer_names(model_gguf)
+    fields = {
+        "path": str(tokenizer_json_path),
+        "fidelity": {
+            "level": "exact",
+            "reasons": [],
+            "note": "the tokenizer.json is used as is; agreement with the GGUF is in gguf_agreement",
+            "reference": LLAMA_CPP_REFERENCE,
+        },
+        "tokenizer_model": md_model,
+        "tokenizer_pre": md_pre,
+    }
+    return fields, facts, kinds_from_tokenizer_json(tok_json_src)
 
 
 def build_authority(
@@ -271,80 +323,32 @@ def build_authority(
         raise AuthorityError(f"unknown tokenizer source {source!r}; expected one of {SOURCES}")
     out_path = Path(out_tokenizer_json)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"source": source}
     if source == "gguf_embedded":
-        rb = rebuild_from_gguf(model_gguf)
-        text = tokenizer_json(rb.tokenizer)
-        _atomic_write(out_path, text.encode("utf-8"))
-        v = rb.vocab
-        facts: dict[str, Any] = {
-            "bos_id": v.bos_id,
-            "eos_id": v.eos_id,
-            "add_bos": v.add_bos,
-            "add_eos": v.add_eos,
-            "special_facts_from": "gguf (llama.cpp rules)",
-            "special_split": "llama.cpp",
-        }
-        record["path"] = str(model_gguf)
-        record["fidelity"] = rb.fidelity
-        kinds = v.token_kinds()
-        md_model, md_pre = v.model, v.pre
+        fields, facts, kinds = _embedded(model_gguf, out_path)
     else:
-        if not tokenizer_json_path or not Path(tokenizer_json_path).is_file():
-            raise AuthorityError(f"{source} tokenizer.json {tokenizer_json_path!r} does not exist")
-        raw = Path(tokenizer_json_path).read_bytes()
-        _atomic_write(out_path, raw)
-        tok_json_src = json.loads(raw.decode("utf-8"))
-        cfg_facts = _special_facts_from_config(Path(tokenizer_json_path), tok_json_src)
-        if cfg_facts is None:
-            try:
-                lv = load_llama_vocab(model_gguf)
-                cfg_facts = {
-                    "bos_id": lv.bos_id,
-                    "eos_id": lv.eos_id,
-                    "add_bos": lv.add_bos,
-                    "add_eos": lv.add_eos,
-                    "special_facts_from": "gguf (no tokenizer_config.json)",
-                }
-            except TokenizerBuildError:
-                cfg_facts = {
-                    "bos_id": None,
-                    "eos_id": None,
-                    "add_bos": False,
-                    "add_eos": False,
-                    "special_facts_from": "none found",
-                }
-        facts = cfg_facts
-        record["path"] = str(tokenizer_json_path)
-        record["fidelity"] = {
-            "level": "exact",
-            "reasons": [],
-            "note": "the tokenizer.json is used as is; agreement with the GGUF is in gguf_agreement",
-            "reference": LLAMA_CPP_REFERENCE,
-        }
-        kinds = kinds_from_tokenizer_json(tok_json_src)
-        md_model, md_pre = _gguf_tokenizer_names(model_gguf)
+        fields, facts, kinds = _external(model_gguf, source, tokenizer_json_path, out_path)
     raw_effective = out_path.read_bytes()
     tok_json_eff = json.loads(raw_effective.decode("utf-8"))
     facts["token_kinds"] = kinds
     ref = ReferenceTokenizer(Tokenizer.from_str(raw_effective.decode("utf-8")), facts, tok_json_eff)
-    record.update(
-        {
-            "file_hash": _sha256_bytes(raw_effective),
-            "config_hash": config_hash(tok_json_eff, ref.add_bos, ref.add_eos, ref.bos_id, ref.eos_id),
-            "vocab_hash": vocab_fingerprint(ref.vocab_dump()),
-            "vocab_size": ref.vocab_size,
-            "bos_id": ref.bos_id,
-            "eos_id": ref.eos_id,
-            "add_bos": ref.add_bos,
-            "add_eos": ref.add_eos,
-            "special_facts_from": facts.get("special_facts_from"),
-            "special_split": facts.get("special_split", "tokenizers"),
-            "tokenizer_model": md_model,
-            "tokenizer_pre": md_pre,
-            "token_kinds": kinds,
-        }
-    )
+    record: dict[str, Any] = {
+        "source": source,
+        "path": fields["path"],
+        "fidelity": fields["fidelity"],
+        "file_hash": _sha256_bytes(raw_effective),
+        "config_hash": config_hash(tok_json_eff, ref.add_bos, ref.add_eos, ref.bos_id, ref.eos_id),
+        "vocab_hash": vocab_fingerprint(ref.vocab_dump()),
+        "vocab_size": ref.vocab_size,
+        "bos_id": ref.bos_id,
+        "eos_id": ref.eos_id,
+        "add_bos": ref.add_bos,
+        "add_eos": ref.add_eos,
+        "special_facts_from": facts.get("special_facts_from"),
+        "special_split": facts.get("special_split", "tokenizers"),
+        "tokenizer_model": fields["tokenizer_model"],
+        "tokenizer_pre": fields["tokenizer_pre"],
+        "token_kinds": kinds,
+    }
     if source != "gguf_embedded":
         record["gguf_agreement"] = gguf_agreement(tok_json_eff, model_gguf, ref)
     return record
@@ -356,8 +360,6 @@ def reference_from_authority(authority: dict[str, Any], effective_tokenizer_json
 
 
 def _gguf_tokenizer_names(model_gguf: str) -> tuple[str | None, str | None]:
-    from parity_both.gguf.reader import read_gguf
-
     md = read_gguf(model_gguf).metadata
     return md.get("tokenizer.ggml.model"), md.get("tokenizer.ggml.pre")
 
@@ -368,14 +370,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def dump_ids_table(
-    ref_ids: list[int], ref_pieces: list[str], lane_ids: list[int], lane_pieces: list[str]
-) -> str:
+def dump_ids_table(ref_ids: list[int], ref_pieces: list[str], lane_ids: list[int], lane_pieces: list[str]) -> str:
     """Side-by-side ids with pieces; the first position where the two sides differ is marked."""
     n = max(len(ref_ids), len(lane_ids))
-    first = next(
-        (i for i in range(n) if i >= len(ref_ids) or i >= len(lane_ids) or ref_ids[i] != lane_ids[i]), None
-    )
+    first = next((i for i in range(n) if i >= len(ref_ids) or i >= len(lane_ids) or ref_ids[i] != lane_ids[i]), None)
     rows = [("pos", "ref id", "ref piece", "lane id", "lane piece", "")]
     for i in range(n):
         r_id = str(ref_ids[i]) if i < len(ref_ids) else "-"
@@ -383,9 +381,7 @@ def dump_ids_table(
         l_id = str(lane_ids[i]) if i < len(lane_ids) else "-"
         l_pc = repr(lane_pieces[i]) if i < len(lane_pieces) and i < len(lane_ids) else ""
         mark = (
-            "<-- first divergence"
-            if i == first
-            else ("*" if first is not None and i > first and r_id != l_id else "")
+            "<-- first divergence" if i == first else ("*" if first is not None and i > first and r_id != l_id else "")
         )
         rows.append((str(i), r_id, r_pc, l_id, l_pc, mark))
     widths = [max(len(r[c]) for r in rows) for c in range(5)]

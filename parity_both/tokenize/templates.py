@@ -50,7 +50,7 @@ def detect(metadata: Mapping[str, Any], model_path: str | None = None) -> tuple[
     tpl = metadata.get("tokenizer.chat_template")
     if isinstance(tpl, str) and tpl.strip():
         evidence["checked"].append("tokenizer.chat_template")
-        evidence["chat_template_sha256"] = hashlib.sha256(tpl.encode("utf-8")).hexdigest()
+        evidence["chat_template_sha256"] = chat_template_hash(metadata)
         for name, markers in (("llama3-chat", _LLAMA3_MARKERS), ("chatml", _CHATML_MARKERS)):
             found = [m for m in markers if m in tpl]
             if found:
