@@ -139,7 +139,7 @@ def corpus_windows(body: list[int], window: int, windows: int, bos_id: int | Non
 def corpus_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str,
                   settings: Mapping[str, Any]) -> dict[str, Any]:
     """The prompt record of a corpus prompt: the windows' ids back to back and where each window starts."""
-    from parity_both.tokenize.vocab import ReferenceTokenizer
+    from parity_both.tokenize.reference import ReferenceTokenizer
 
     path = Path(settings["corpus"])
     try:
@@ -460,7 +460,7 @@ def vocab_difference(tokenizer_json: str, authority: Mapping[str, Any],
     """First id (or flag) where the lane's vocabulary differs from the reference authority's."""
     from parity_both.lanes.base import VocabDump
     from parity_both.tokenize.authority import compare_vocabs
-    from parity_both.tokenize.vocab import ReferenceTokenizer
+    from parity_both.tokenize.reference import ReferenceTokenizer
 
     ref = ReferenceTokenizer.from_files(tokenizer_json, authority).vocab_dump()
     lane = VocabDump([(int(i), str(t), str(k)) for i, t, k in lane_vocab_rec["tokens"]],

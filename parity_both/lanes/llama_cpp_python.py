@@ -90,7 +90,7 @@ class LlamaCppPythonLane:
     # -- vocabulary / tokenization -----------------------------------------------------------
     def vocab(self) -> VocabDump:
         # the same reading (and the same text decoding) the reference authority is checked against
-        from parity_both.tokenize.vocab import vocab_dump_from_llama_cpp
+        from parity_both.tokenize.llama_cpp import vocab_dump_from_llama_cpp
 
         dump = vocab_dump_from_llama_cpp(self.llm)
         dump.extra.setdefault("vocab_type", int(self._llama_cpp.llama_vocab_type(self._vocab)))

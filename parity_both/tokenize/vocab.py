@@ -242,41 +242,10 @@ def _valid_utf8(b: bytes) -> bool:
 
 
 def _raw_token_bytes(path: str | os.PathLike[str]) -> list[bytes]:
-    """tokenizer.ggml.tokens as raw bytes (the shared GGUF reader decodes them with errors='replace')."""
-    import struct
+    """tokenizer.ggml.tokens as raw bytes (read_gguf decodes them with errors='replace')."""
+    from parity_both.gguf.reader import read_string_array_bytes
 
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-    with open(path, "rb") as fh:
-
-        def u(fmt: str) -> int:
-            return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
-
-        def string() -> bytes:
-            return fh.read(u("<Q"))
-
-        def skip(vtype: int) -> None:
-            if vtype in sizes:
-                fh.seek(sizes[vtype], 1)
-            elif vtype == 8:
-                fh.seek(u("<Q"), 1)
-            elif vtype == 9:
-                itype, n = u("<I"), u("<Q")
-                if itype in sizes:
-                    fh.seek(sizes[itype] * n, 1)
-                else:
-                    for _ in range(n):
-                        skip(itype)
-
-        fh.read(8)
-        _n_tensors, n_kv = u("<Q"), u("<Q")
-        for _ in range(n_kv):
-            key = string()
-            vtype = u("<I")
-            if key == b"tokenizer.ggml.tokens" and vtype == 9:
-                _itype, n = u("<I"), u("<Q")
-                return [string() for _ in range(n)]
-            skip(vtype)
-    return []
+    return read_string_array_bytes(path, "tokenizer.ggml.tokens")
 
 
 def _set_ids(md: dict[str, Any], n: int) -> dict[str, int | None]:
@@ -378,20 +347,3 @@ def _apply_strip_attrs(
                 attrs[text_to_id[t]] &= ~ATTR_RSTRIP
     elif "modern-bert" in name and "[MASK]" in text_to_id:
         attrs[text_to_id["[MASK]"]] |= ATTR_LSTRIP
-
-
-# Names callers outside parity_both.tokenize still import from this module (parity_both/pipeline.py,
-# parity_both/lanes/llama_cpp_python.py); they now live in reference.py and llama_cpp.py. Resolved on first
-# use, as those modules import this one. Remove once the callers import from the new modules.
-_MOVED = {
-    "ReferenceTokenizer": "parity_both.tokenize.reference",
-    "vocab_dump_from_llama_cpp": "parity_both.tokenize.llama_cpp",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
