@@ -4,7 +4,10 @@
     res = run_reference(model_path, prompt_ids, max_tokens, mode="exact", activation=None,
                         stop_ids=(), prepared_dir=None)
 
-See engine.py (dispatch, greedy loop), llama.py (the graph), ops.py, weights.py.
+Files: hparams.py (HParams from GGUF metadata), weights.py (WeightStore: dequantization, streaming,
+linear), ops.py (norms, RoPE, attention, tracing), llama.py / bitnet.py (the forward graphs),
+engine.py (GRAPHS, load_model, greedy loop, settings), trace.py (intermediates under llama.cpp's
+node names, reference_capture), ggml_emul.py (ggml's quantized matmul arithmetic).
 """
 
 from parity_both.reference.engine import ReferenceResult, run_reference
