@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -18,6 +19,8 @@ from parity_both.fixtures import default_vocab_gguf, write_fixture
 from parity_both.gguf.quants import pack_i2s
 from parity_both.gguf.reader import read_gguf
 from parity_both.reference import ggml_emul
+
+from conftest import llama_cpp_model
 
 F32 = np.float32
 
@@ -227,8 +230,8 @@ class GgmlTensor(ctypes.Structure):
 
 
 def capture_llama(path: Path, tokens: list[int], names: set[str]) -> dict[str, np.ndarray]:
-    """Evaluate `tokens` in one batch and return the named F32 graph tensors (flat)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    """Evaluate `tokens` in one batch with llama-cpp-python (conftest's parity settings) and return
+    the named F32 graph tensors (flat; the last node of each name)."""
     lib = llama_cpp.llama_cpp
     base = ctypes.CDLL(os.path.join(os.path.dirname(lib.__file__), "lib", "libggml-base.so"))
     get = base.ggml_backend_tensor_get
@@ -249,29 +252,21 @@ def capture_llama(path: Path, tokens: list[int], names: set[str]) -> dict[str, n
         return True
 
     cb = lib.ggml_backend_sched_eval_callback(on_tensor)
-    orig_ctx, orig_model = lib.llama_context_default_params, lib.llama_model_default_params
+    orig_ctx = lib.llama_context_default_params
 
     def ctx_params() -> Any:
         p = orig_ctx()
         p.cb_eval, p.cb_eval_user_data = cb, None
         return p
 
-    def model_params() -> Any:
-        # The AMX/repack extra buffers segfault in ggml_backend_amx_mul_mat on this machine
-        # (llama-cpp-python 0.3.36, AMX_INT8 CPU): use the plain CPU buffer.
-        p = orig_model()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_context_default_params, lib.llama_model_default_params = ctx_params, model_params
+    lib.llama_context_default_params = ctx_params
     try:
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=2,
-                              n_threads_batch=2, type_k=0, type_v=0, flash_attn=False, verbose=False)
-        llm.reset()
-        llm.eval(tokens)
-        llm.close()
+        llm = llama_cpp_model(path, n_ctx=64)
     finally:
-        lib.llama_context_default_params, lib.llama_model_default_params = orig_ctx, orig_model
+        lib.llama_context_default_params = orig_ctx
+    llm.reset()
+    llm.eval(tokens)
+    llm.close()
     return got
 
 

@@ -14,15 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import llama_cpp  # noqa: F401 - required: a missing llama-cpp-python is a failure, not a skip
 import numpy as np
 import pytest
 
 from parity_both.reference import run_reference
-from parity_both.reference.engine import KVCache, LoadedModel, load_model
+from parity_both.reference.engine import load_model
 
 from conftest import llama_cpp_logits
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (SmolLM2 vocab)
 CHAT_IDS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
@@ -152,14 +151,11 @@ def test_incremental_decode_equals_full_recompute() -> None:
 
 
 def test_kv_cache_forward_in_pieces_equals_one_batch(f32_model: Path) -> None:
-    model: LoadedModel = load_model(f32_model)
-    from parity_both.reference import llama
-
-    hp = model.hp
+    model = load_model(f32_model)
     ids = np.array(CHAT_IDS)
-    one = llama.forward(model, ids, KVCache(hp["n_layer"], 32, hp["n_head_kv"], hp["head_dim"]), "exact")
-    kv = KVCache(hp["n_layer"], 32, hp["n_head_kv"], hp["head_dim"])
-    parts = [llama.forward(model, ids[a:b], kv, "exact") for a, b in ((0, 5), (5, 6), (6, 16))]
+    one = model.forward(ids, model.new_cache(32))
+    kv = model.new_cache(32)
+    parts = [model.forward(ids[a:b], kv) for a, b in ((0, 5), (5, 6), (6, 16))]
     model.close()
     assert kv.n == len(ids)
     np.testing.assert_allclose(np.concatenate(parts), one, rtol=1e-5, atol=1e-5)
