@@ -1,8 +1,7 @@
 """The BitNet b1.58 graph of the NumPy reference against real llama-cpp-python (no mocks).
 
-llama.cpp settings for every comparison: F32 K/V cache (type_k = type_v = 0), flash attention off,
-one batch for the whole sequence, logits for every position, 2 threads, and use_extra_bufts = False
-(on this machine's AMX-capable CPU llama-cpp-python 0.3.36's AMX matmul segfaults otherwise).
+llama.cpp settings for every comparison: conftest.llama_cpp_model's (F32 K/V cache, flash attention
+off, one batch for the whole sequence, logits for every position, its buffer-type policy).
 Mainline llama.cpp computes the `bitnet` FFN with SiLU; it cannot load I2_S or `bitnet-b1.58`, so
 those fixtures reach it through parity_both.gguf.transcode (I2_S -> TQ2_0, lossless for fp16-exact scales).
 """

