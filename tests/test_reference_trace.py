@@ -9,13 +9,13 @@ from pathlib import Path
 import llama_cpp  # noqa: F401 - required: a missing llama-cpp-python is a failure, not a skip
 import numpy as np
 import pytest
-from test_ggml_emul import capture_llama
+from test_ggml_emul import capture_llama, capture_sequence
 
 from parity_both.config import embedded_model_path
 from parity_both.fixtures import TensorSpec, read_raw_kvs, write_fixture, write_gguf
 from parity_both.gguf.reader import read_gguf
 from parity_both.reference.engine import load_model
-from parity_both.reference.trace import CAPTURE_SCHEMA, Recorder, reference_capture, save_capture
+from parity_both.reference.trace import CAPTURE_SCHEMA, Recorder, reference_capture, save_capture, to_current
 
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (SmolLM2 vocab)
 CHAT_IDS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
@@ -200,6 +200,33 @@ def test_traced_values_equal_llama_cpp_nodes(arch: str, llama_f32: Path, bitnet_
     assert max(worst.values()) < 1e-5
 
 
+@pytest.mark.parametrize("arch", ["llama", "bitnet", "embedded"])
+def test_current_names_match_llama_cpp_0_3_36(arch: str, llama_f32: Path, bitnet_f32: dict[bool, Path]) -> None:
+    """to_current: the reference's nodes carry the names, ops and order of llama-cpp-python 0.3.36's graph
+    (every node it evaluates under a name the reference emits), and on F32 weights the same values (kq,
+    kq_soft_max: llama.cpp's n_kv cache cells cropped to the sequence; permuted views not compared)."""
+    path = {"llama": llama_f32, "bitnet": bitnet_f32[True], "embedded": Path(embedded_model_path())}[arch]
+    _, _, rec = traced(path, CHAT_IDS)
+    ours = to_current(rec.records)
+    names = {n for n, _, _ in ours}
+    lane = capture_sequence(path, CHAT_IDS, names.__contains__)
+    assert [(n, op) for n, op, _, _ in lane] == [(n, op) for n, op, _ in ours]
+    if arch == "embedded":
+        return  # Q4_1 weights: llama.cpp quantizes the activations (test_reference_llama measures it)
+    worst = 0.0
+    for (name, op, ne, data), (_, _, ref) in zip(lane, ours, strict=True):
+        if op == "PERMUTE":
+            continue
+        got = data.reshape(list(reversed(ne))).squeeze()
+        if name.startswith("kq"):
+            got = got[..., : ref.shape[-1]]
+        assert got.shape == ref.shape, name
+        err = float(np.sqrt(((got.astype(np.float64) - ref) ** 2).sum() / (ref.astype(np.float64) ** 2).sum()))
+        worst = max(worst, err)
+    print(f"\n{arch}: {len(lane)} nodes, same names/ops/order; worst relative error {worst:.1e}")
+    assert worst < 1e-5
+
+
 def test_reference_capture_format(llama_f32: Path, tmp: Path) -> None:
     index, arrays = reference_capture(llama_f32, CHAT_IDS[:6])
     assert index["schema"] == CAPTURE_SCHEMA and index["n_tokens"] == 6 and index["arch"] == "llama"
@@ -215,3 +242,9 @@ def test_reference_capture_format(llama_f32: Path, tmp: Path) -> None:
     with np.load(tmp / "capture" / "p.npz") as z:
         k = index["nodes"][-1]["key"]
         assert np.array_equal(z[k], arrays[k])
+    current, _ = reference_capture(llama_f32, CHAT_IDS[:6], generation="current")
+    assert index["names"] == "2024-10" and current["names"] == "current"
+    assert [n["name"] for n in index["nodes"]][:2] == ["inp_embd", "norm-0"]
+    assert [n["name"] for n in current["nodes"]][:2] == ["embd", "norm-0"]
+    with pytest.raises(ValueError, match="generation"):
+        reference_capture(llama_f32, CHAT_IDS[:6], generation="2023")
