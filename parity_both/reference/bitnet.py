@@ -49,7 +49,7 @@ def _activation(t: Trace, il: int, name: str, gate: np.ndarray) -> np.ndarray:
     if name == "silu":
         return t("ffn_silu", il, "SILU", ops.silu(gate))
     r = t("ffn_relu", il, "RELU", np.maximum(gate, F32(0.0)))
-    return t("ffn_sqr(relu)", il, "SQR", r * r)  # = ops.relu2(gate)
+    return t("ffn_sqr(relu)", il, "SQR", r * r)  # relu(x)^2, squared ReLU as BitNet b1.58 was trained
 
 
 def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Emit | None = None) -> np.ndarray:

@@ -22,11 +22,6 @@ def rms(x: np.ndarray, eps: float) -> np.ndarray:
     return x * scale[:, None]
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """rms(x) * weight (ggml_rms_norm then ggml_mul)."""
-    return rms(x, eps) * weight
-
-
 def rope_cos_sin(pos: np.ndarray, n_rot: int, freq_base: float, freq_scale: float = 1.0,
                  freq_factors: np.ndarray | None = None, attn_factor: float = 1.0
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -85,13 +80,6 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (F32(1.0) + np.exp(-x))
 
 
-def relu2(x: np.ndarray) -> np.ndarray:
-    """relu(x)^2 (squared ReLU, BitNet b1.58 as trained)."""
-    r = np.maximum(x, F32(0.0))
-    return r * r
-
-
-ACTIVATIONS = {"silu": silu, "relu2": relu2}
 
 
 # --------------------------------------------------------------------------------------------
