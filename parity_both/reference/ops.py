@@ -7,33 +7,19 @@ float64 (ggml_float), everything else is float32.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
 import numpy as np
 
 F32 = np.float32
-MODES = ("exact", "ggml")
 
 
-class MatrixLike(Protocol):
-    """What `linear` needs from a weight (see weights.Weight)."""
-
-    name: str
-    type_name: str
-    rows: int
-    cols: int
-
-    def dense_rows(self, r0: int, r1: int) -> np.ndarray: ...
-    def raw(self) -> np.ndarray: ...
-    def release(self) -> None: ...
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight, row-wise (ggml_rms_norm then ggml_mul)."""
+def rms(x: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps), row-wise (ggml_rms_norm)."""
     ss = np.sum(x * x, axis=-1, dtype=np.float64)
     mean = (ss / x.shape[-1]).astype(F32)
     scale = F32(1.0) / np.sqrt(mean + F32(eps))
-    return (x * scale[:, None]) * weight
+    return x * scale[:, None]
 
 
 def rope_cos_sin(pos: np.ndarray, n_rot: int, freq_base: float, freq_scale: float = 1.0,
@@ -94,51 +80,57 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (F32(1.0) + np.exp(-x))
 
 
-def relu2(x: np.ndarray) -> np.ndarray:
-    """relu(x)^2 (squared ReLU, BitNet b1.58 as trained)."""
-    r = np.maximum(x, F32(0.0))
-    return r * r
 
 
-ACTIVATIONS = {"silu": silu, "relu2": relu2}
+# --------------------------------------------------------------------------------------------
+# Tracing: intermediates reported under llama.cpp's node names
+# --------------------------------------------------------------------------------------------
+Emit = Callable[[str, str, np.ndarray], None]  # emit(name, op, array)
 
 
-def _ggml_linear(x: np.ndarray, w: MatrixLike) -> np.ndarray:
-    try:
-        from parity_both.reference.ggml_emul import ggml_linear  # noqa: PLC0415 - optional, lazily imported
-    except ImportError as e:
-        raise NotImplementedError(
-            f"mode='ggml' needs parity_both.reference.ggml_emul.ggml_linear for {w.type_name} weights ({w.name}); "
-            "the module is not available") from e
-    y = ggml_linear(np.ascontiguousarray(x, dtype=F32), w.raw(), w.type_name, w.rows, w.cols)
-    return np.asarray(y, dtype=F32)
+class Trace:
+    """`t(name, il, op, a)` reports `a` as node `name-il` (`name` when il < 0, llama.cpp's naming)
+    and returns `a`; a no-op without a callback. Arrays use llama.cpp's layout (numpy shape =
+    reversed ggml ne) and are views: the callback copies what it keeps."""
+
+    def __init__(self, emit: Emit | None = None):
+        self.emit = emit
+
+    def __bool__(self) -> bool:
+        return self.emit is not None
+
+    def __call__(self, name: str, il: int, op: str, a: np.ndarray) -> np.ndarray:
+        if self.emit is not None:
+            self.emit(f"{name}-{il}" if il >= 0 else name, op, a)
+        return a
 
 
-def linear(x: np.ndarray, w: MatrixLike, mode: str = "exact", *, chunk_rows: int | None = None,
-           release: bool = True) -> np.ndarray:
-    """y = x @ W^T for x [T, cols] -> [T, rows] (ggml_mul_mat(W, x)).
+NO_TRACE = Trace()
 
-    exact: float32 matmul on the dequantized weight, read in row blocks of `chunk_rows` (the whole
-    matrix when None) so a big LM head never sits in memory whole; ggml: F32 weights as in exact,
-    every other type through parity_both.reference.ggml_emul (which quantizes the activations as ggml does).
-    The weight's pages are released afterwards unless release=False."""
-    if x.shape[-1] != w.cols:
-        raise ValueError(f"{w.name}: input has {x.shape[-1]} features, weight has {w.cols} columns")
-    if mode == "ggml" and w.type_name != "F32":
-        y = _ggml_linear(x, w)
-    elif mode in MODES:
-        step = w.rows if chunk_rows is None else max(1, chunk_rows)
-        if step >= w.rows:
-            y = x @ w.dense_rows(0, w.rows).T
-        else:
-            y = np.empty((x.shape[0], w.rows), dtype=F32)
-            for r0 in range(0, w.rows, step):
-                r1 = min(w.rows, r0 + step)
-                np.matmul(x, w.dense_rows(r0, r1).T, out=y[:, r0:r1])
-                if release:
-                    w.release()
-    else:
-        raise ValueError(f"unknown reference mode {mode!r} (expected one of {MODES})")
-    if release:
-        w.release()
-    return y
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int, kq_scale: float,
+              t: Trace = NO_TRACE, il: int = -1, cont_name: str = "kqv_merged_cont") -> np.ndarray:
+    """Causal GQA attention (llama.cpp's llm_build_kqv without flash attention).
+
+    q [T, H, hd] at positions n_past.., k/v [S, Hkv, hd] (S = n_past + T); query head h reads kv
+    head h // (H / Hkv). Returns [T, H * hd]. Traced: kq (H, T, S) = the unscaled k.q,
+    kq_soft_max_ext (H, T, S), kqv (H, T, hd), kqv_merged (T, H, hd), cont_name (T, H * hd);
+    llama.cpp's kq/kq_soft_max_ext span n_kv >= S cache cells (the extra ones masked)."""
+    T, H, hd = q.shape
+    S, Hkv, _ = k.shape
+    g = H // Hkv
+    qh = q.transpose(1, 0, 2).reshape(Hkv, g * T, hd)  # query head h -> kv head h // g
+    kq = t("kq", il, "MUL_MAT", (qh @ k.transpose(1, 2, 0)).reshape(H, T, S))
+    scores = kq * F32(kq_scale)
+    if T > 1:  # causal mask: query t (position n_past + t) sees keys 0 .. n_past + t
+        mask = np.arange(S)[None, :] > (n_past + np.arange(T))[:, None]
+        scores[:, mask] = -np.inf
+    p = t("kq_soft_max_ext", il, "SOFT_MAX", softmax(scores)).reshape(Hkv, g * T, S)
+    out = t("kqv", il, "MUL_MAT", (p @ v.transpose(1, 0, 2)).reshape(H, T, hd))
+    merged = t("kqv_merged", il, "PERMUTE", out.transpose(1, 0, 2))
+    return t(cont_name, il, "CONT", merged.reshape(T, H * hd))
+
+
+def norm(t: Trace, il: int, name: str, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """rms_norm(x) * weight, traced as llama.cpp's llm_build_norm names it: `norm`, then `name`."""
+    return t(name, il, "MUL", t("norm", il, "RMS_NORM", rms(x, eps)) * weight)

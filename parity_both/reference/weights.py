@@ -38,6 +38,8 @@ import numpy as np
 
 from parity_both.gguf.reader import GGUFFile, TensorInfo, read_gguf, sha256_file
 
+MODES = ("exact", "ggml")
+
 PREPARED_FORMAT = "parity-both-prepared-weights/1"
 _ALIGN = 4096
 # Upper bound for one dense block of a matrix (bytes of float32): the LM head is processed in
@@ -431,11 +433,18 @@ class Weight:
 
 
 class WeightStore:
-    """All tensors of one model: small vectors resident, matrices streamed."""
+    """All tensors of one model: small vectors resident, matrices streamed, and the matmul.
 
-    def __init__(self, g: GGUFFile, cache: PreparedCache | None = None):
+    `linear(name, x)` is the one place where the reference multiplies by a weight: it owns the
+    mode (exact float32 or ggml-emulated), the LM head's row chunking and paging weights out
+    after use, so a forward pass reads `x = x + w.linear("blk.3.attn_output", a)`."""
+
+    def __init__(self, g: GGUFFile, cache: PreparedCache | None = None, mode: str = "exact"):
+        if mode not in MODES:
+            raise ValueError(f"unknown reference mode {mode!r} (expected one of {MODES})")
         self.gguf = g
         self.cache = cache
+        self.mode = mode
         self._vectors: dict[str, np.ndarray] = {}
 
     def has(self, name: str) -> bool:
@@ -488,10 +497,32 @@ class WeightStore:
         else:
             self.gguf.release(name)
 
-    def release_prefix(self, prefix: str) -> None:
-        for name in self.gguf.tensors:
-            if name.startswith(prefix):
-                self.release(name)
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        """y = x @ W^T for W = `name`.weight, x [T, cols] -> [T, rows] (ggml_mul_mat(W, x)).
+
+        exact: float32 matmul on the dequantized weight; an LM head is read in row blocks of at
+        most CHUNK_BYTES so it never sits in memory whole. ggml: F32 weights as in exact, every
+        other type through ggml_emul (activations quantized as ggml does). Pages out afterwards."""
+        w = self.matrix(name + ".weight")
+        if x.shape[-1] != w.cols:
+            raise ValueError(f"{w.name}: input has {x.shape[-1]} features, weight has {w.cols} columns")
+        if self.mode == "ggml" and w.type_name != "F32":
+            from parity_both.reference.ggml_emul import ggml_linear  # noqa: PLC0415 - imports gguf
+
+            y = np.asarray(ggml_linear(np.ascontiguousarray(x, dtype=np.float32), w.raw(), w.type_name,
+                                       w.rows, w.cols), dtype=np.float32)
+        else:
+            step = max(1, CHUNK_BYTES // (4 * w.cols)) if w.name in _LM_HEADS else w.rows
+            if step >= w.rows:
+                y = x @ w.dense_rows(0, w.rows).T
+            else:
+                y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+                for r0 in range(0, w.rows, step):
+                    r1 = min(w.rows, r0 + step)
+                    np.matmul(x, w.dense_rows(r0, r1).T, out=y[:, r0:r1])
+                    w.release()
+        w.release()
+        return y
 
     def close(self) -> None:
         if self.cache is not None:

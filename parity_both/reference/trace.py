@@ -1,0 +1,166 @@
+"""The reference's intermediates under llama.cpp's graph node names, in the lanes' capture format.
+
+Every forward graph takes an optional callback ``trace(name, op, array)`` (ops.Emit), called once per
+node it computes, in llama.cpp's evaluation order, with llama.cpp's name (`attn_norm-3`,
+`result_output`, ...) and ggml op (ggml_op_desc: "MUL_MAT", "RMS_NORM", "SILU", ...). Arrays are in
+llama.cpp's layout: numpy shape = reversed ggml ne (attn_norm-i: ne [n_embd, n_tokens] -> (n_tokens,
+n_embd)). Without a callback nothing is recorded and nothing extra is computed.
+
+Names follow the October-2024 tree (llama-cpp-python 0.3.1's vendor/llama.cpp/src/llama.cpp:
+build_llama, build_bitnet, llm_build_norm, llm_build_ffn, llm_build_kqv, llm_build_kv). Per layer i:
+
+    llama   norm-i attn_norm-i Qcur-i[MUL_MAT] (Qcur-i[ADD] with bias) Qcur-i[ROPE] Kcur-i... Kcur-i[ROPE]
+            Vcur-i... kq-i kq_soft_max_ext-i kqv-i kqv_merged-i kqv_merged_cont-i (kqv_wo-i) kqv_out-i
+            ffn_inp-i norm-i ffn_norm-i ffn_gate-i (ffn_gate_b-i) ffn_silu-i ffn_up-i (ffn_up_b-i)
+            ffn_gate_par-i (ffn_down-i) ffn_out-i l_out-i
+    bitnet  norm-i attn_norm-i Qcur-i Qcur-i[ROPE] Kcur-i Kcur-i[ROPE] Vcur-i kq-i kq_soft_max_ext-i kqv-i
+            kqv_merged-i kqv_out-i[CONT] norm-i attn_sub_norm-i attn_o_out-i ffn_inp-i norm-i ffn_norm-i
+            ffn_gate-i (ffn_gate_s-i) ffn_silu-i | ffn_relu-i ffn_sqr(relu)-i, ffn_up-i (ffn_up_s-i)
+            ffn_sub_out-i norm-i ffn_sub_norm-i ffn_down-i l_out-i
+    then    norm result_norm result_output
+
+Not emitted: llama.cpp's views of its KV cache (k-i, v-i, k_cache_view-i, ...), the copies into it,
+reshapes/permutes of Q (q-i), unnamed nodes (a bitnet matmul before its scale). kq-i and
+kq_soft_max_ext-i cover the S = n_past + n_tokens positions; llama.cpp's span n_kv >= S cells (padded,
+masked): compare the first S.
+
+Current llama.cpp (llama-cpp-python 0.3.36: src/models/*.cpp, llama-graph.cpp) renamed and reordered
+some nodes; `to_current` (reference_capture(generation="current")) rewrites a trace into its names,
+checked node for node against its cb_eval sequence in tests/test_reference_trace.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity_both.reference.blas import fix_blas_threads
+from parity_both.reference.engine import load_model
+
+CAPTURE_SCHEMA = "parity-both/capture/1"
+ENGINE = "parity-both numpy reference"
+
+
+Record = tuple[str, str, np.ndarray]  # (name, op, float32 data)
+GENERATIONS = ("2024-10", "current")
+_LAYER = re.compile(r"^(.*)-(\d+)$")
+
+
+class Recorder:
+    """A trace callback keeping every node (a float32 copy of its data), in order."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def __call__(self, name: str, op: str, a: np.ndarray) -> None:
+        self.records.append((name, op, np.array(a, dtype=np.float32)))
+
+    @property
+    def nodes(self) -> list[dict[str, Any]]:
+        return capture_nodes(self.records)[0]
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        return capture_nodes(self.records)[1]
+
+
+def capture_nodes(records: list[Record]) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The capture index's node records (ne = reversed numpy shape, padded to 4) and the data by key."""
+    nodes, arrays = [], {}
+    for i, (name, op, data) in enumerate(records):
+        key = f"n{i:04d}"
+        ne = [int(n) for n in reversed(data.shape)] + [1] * (4 - data.ndim)
+        nodes.append({"i": i, "key": key, "name": name, "op": op, "ne": ne, "type": "f32", "op_params": [],
+                      "src": []})
+        arrays[key] = data
+    return nodes, arrays
+
+
+def _split(name: str) -> tuple[str, str]:
+    m = _LAYER.match(name)
+    return (m.group(1), m.group(2)) if m else (name, "")
+
+
+def _qkv_current(block: list[Record]) -> list[Record]:
+    """Current build_qkv/build_attn: each of Q/K/V also named on its reshape to heads; expanded Q, V, K."""
+    by: dict[str, list[Record]] = {"Qcur": [], "Kcur": [], "Vcur": []}
+    for r in block:
+        by[_split(r[0])[0]].append(r)
+    heads = {b: next(a.shape for _, op, a in by[b] if op == "ROPE") for b in ("Qcur", "Kcur")}
+    heads["Vcur"] = heads["Kcur"]
+    out: list[Record] = []
+    for b in ("Qcur", "Vcur", "Kcur"):
+        pre = [r for r in by[b] if r[1] != "ROPE"]  # none for a fused attn_qkv (not traced before RoPE)
+        reshaped = [(pre[-1][0], "RESHAPE", pre[-1][2].reshape(heads[b]))] if pre else []
+        out += pre + reshaped + [r for r in by[b] if r[1] == "ROPE"]
+    return out
+
+
+_RENAMED = {"inp_embd": "embd", "kq_soft_max_ext": "kq_soft_max", "attn_o_out": "attn_out"}
+
+
+def to_current(records: list[Record]) -> list[Record]:
+    """Rename a trace (October-2024 names) as current llama.cpp (llama-cpp-python 0.3.36) names its
+    nodes, measured with cb_eval: embd; Qcur/Kcur/Vcur also on the reshape, expanded Q, V, K;
+    kq_soft_max; kqv-i (permuted); llama's kqv_merged_cont -> kqv_out and its projection -> attn_out
+    (the pre-bias matmul kqv_wo unnamed); bitnet's attn_o_out -> attn_out; SiLU and the gate product
+    fused into one SWIGLU node (ffn_swiglu; bitnet keeps naming it ffn_sub_out)."""
+    out: list[Record] = []
+    block: list[Record] = []
+    silu: set[str] = set()  # layers whose activation is SiLU: fused with the product
+    for k, (name, op, a) in enumerate(records):
+        base, il = _split(name)
+        if base in ("Qcur", "Kcur", "Vcur"):
+            block.append((name, op, a))
+            if k + 1 == len(records) or _split(records[k + 1][0])[0] not in ("Qcur", "Kcur", "Vcur"):
+                out += _qkv_current(block)
+                block = []
+        elif base == "ffn_silu":
+            silu.add(il)
+        elif base in ("ffn_gate_par", "ffn_sub_out") and il in silu:
+            out.append((f"ffn_swiglu-{il}" if base == "ffn_gate_par" else name, "SWIGLU", a))
+        elif base == "kqv_merged":
+            out.append((f"kqv-{il} (permuted)", op, a))
+        elif base == "kqv_merged_cont":
+            out.append((f"kqv_out-{il}", op, a))
+        elif base == "kqv_out" and op != "CONT":
+            out.append((f"attn_out-{il}", op, a))
+        elif base != "kqv_wo":
+            out.append((_RENAMED.get(base, base) + (f"-{il}" if il else ""), op, a))
+    return out
+
+
+def reference_capture(gguf_path: str | os.PathLike[str], ids: list[int], mode: str = "exact",
+                      activation: str | None = None, generation: str = "2024-10"
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Evaluate `ids` in one batch (positions 0..n-1, as a lane's capture does) and return the
+    capture index (the JSON document of the lanes' format; the reference records no sources or
+    op_params) and the node arrays by key. generation: whose node names, "2024-10" (the October-2024
+    tree, BitNet.cpp's era) or "current" (llama-cpp-python 0.3.36's llama.cpp, see to_current)."""
+    if generation not in GENERATIONS:
+        raise ValueError(f"unknown llama.cpp generation {generation!r} (expected one of {GENERATIONS})")
+    fix_blas_threads()
+    model = load_model(gguf_path, activation=activation, mode=mode)
+    rec = Recorder()
+    try:
+        model.forward(np.asarray([int(i) for i in ids], dtype=np.int64), model.new_cache(len(ids)), rec)
+    finally:
+        model.close()
+    hp = model.hp
+    nodes, arrays = capture_nodes(rec.records if generation == "2024-10" else to_current(rec.records))
+    index = {"schema": CAPTURE_SCHEMA, "engine": ENGINE, "n_tokens": len(ids), "arch": hp.arch, "mode": mode,
+             "activation": hp.activation, "names": generation, "nodes": nodes}
+    return index, arrays
+
+
+def save_capture(index: dict[str, Any], arrays: dict[str, np.ndarray], npz_path: str | os.PathLike[str],
+                 json_path: str | os.PathLike[str]) -> None:
+    """Write `capture/{prompt}.npz` (arrays by key) and `capture/{prompt}.json` (the index)."""
+    Path(npz_path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(npz_path, **arrays)
+    Path(json_path).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
