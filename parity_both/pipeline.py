@@ -204,7 +204,7 @@ def effective_activation(activation: str | None, twin_record: Mapping[str, Any] 
     same model."""
     if activation or not twin_record:
         return activation
-    from parity_both.reference.bitnet import DEFAULT_ACTIVATION
+    from parity_both.reference.hparams import DEFAULT_ACTIVATION
 
     return DEFAULT_ACTIVATION.get(str(twin_record["source"]["architecture"]))
 

@@ -28,7 +28,7 @@ def test_documented_defaults():
     cfg = pbconfig.with_defaults(MINIMAL)
     assert cfg["max_tokens"] == 8 and cfg["threads"] == 1 and cfg["out_dir"] == "results" and cfg["gates"] == []
     assert cfg["reference"] == {"mode": "exact", "activation": None}
-    assert cfg["prompts"]["p"] == {"text": "hi", "template": "auto", "system_prompt": None}
+    assert cfg["prompts"]["p"] == {"text": "hi", "template": "auto", "system_prompt": None, "window": 256, "windows": 1}
     assert cfg["models"]["f"]["fixture"] == {"arch": "bitnet", "weight_type": "TQ2_0", "size": "tiny", "seed": 0}
     quantized = {"cos_tol": 0.95, "nmse_max": 0.1, "kl_max": 0.1, "mean_kl_max": 0.02, "topk_min": 0.6,
                  "same_top1_min": 0.75, "greedy_contained": True}

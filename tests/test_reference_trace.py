@@ -3,7 +3,6 @@ logits, and the values llama.cpp itself computes for the nodes both llama.cpp ge
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import llama_cpp  # noqa: F401 - required: a missing llama-cpp-python is a failure, not a skip
@@ -11,11 +10,13 @@ import numpy as np
 import pytest
 from test_ggml_emul import capture_llama, capture_sequence
 
+from parity_both.capture import SCHEMA as CAPTURE_SCHEMA
+from parity_both.capture import load_capture, save_capture
 from parity_both.config import embedded_model_path
 from parity_both.fixtures import TensorSpec, read_raw_kvs, write_fixture, write_gguf
 from parity_both.gguf.reader import read_gguf
 from parity_both.reference.engine import load_model
-from parity_both.reference.trace import CAPTURE_SCHEMA, Recorder, reference_capture, save_capture, to_current
+from parity_both.reference.trace import Recorder, reference_capture, to_current
 
 # "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n" (SmolLM2 vocab)
 CHAT_IDS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
@@ -236,12 +237,11 @@ def test_reference_capture_format(llama_f32: Path, tmp: Path) -> None:
         a = arrays[n["key"]]
         assert a.dtype == np.float32 and list(reversed(a.shape)) == [x for x in n["ne"][: a.ndim]]
         assert len(n["ne"]) == 4 and n["key"] == f"n{n['i']:04d}"
-    save_capture(index, arrays, tmp / "capture" / "p.npz", tmp / "capture" / "p.json")
-    back = json.loads((tmp / "capture" / "p.json").read_text())
-    assert back == index
-    with np.load(tmp / "capture" / "p.npz") as z:
-        k = index["nodes"][-1]["key"]
-        assert np.array_equal(z[k], arrays[k])
+    save_capture(tmp / "capture" / "p", index, arrays)
+    back = load_capture(tmp / "capture" / "p")
+    assert back.index == index
+    k = index["nodes"][-1]["key"]
+    assert np.array_equal(back.arrays[k], arrays[k])
     current, _ = reference_capture(llama_f32, CHAT_IDS[:6], generation="current")
     assert index["names"] == "2024-10" and current["names"] == "current"
     assert [n["name"] for n in index["nodes"]][:2] == ["inp_embd", "norm-0"]

@@ -31,18 +31,16 @@ checked node for node against its cb_eval sequence in tests/test_reference_trace
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from parity_both.capture import SCHEMA
 from parity_both.reference.blas import fix_blas_threads
 from parity_both.reference.engine import load_model
 
-CAPTURE_SCHEMA = "parity-both/capture/1"
 ENGINE = "parity-both numpy reference"
 
 
@@ -153,14 +151,6 @@ def reference_capture(gguf_path: str | os.PathLike[str], ids: list[int], mode: s
         model.close()
     hp = model.hp
     nodes, arrays = capture_nodes(rec.records if generation == "2024-10" else to_current(rec.records))
-    index = {"schema": CAPTURE_SCHEMA, "engine": ENGINE, "n_tokens": len(ids), "arch": hp.arch, "mode": mode,
+    index = {"schema": SCHEMA, "engine": ENGINE, "n_tokens": len(ids), "arch": hp.arch, "mode": mode,
              "activation": hp.activation, "names": generation, "nodes": nodes}
     return index, arrays
-
-
-def save_capture(index: dict[str, Any], arrays: dict[str, np.ndarray], npz_path: str | os.PathLike[str],
-                 json_path: str | os.PathLike[str]) -> None:
-    """Write `capture/{prompt}.npz` (arrays by key) and `capture/{prompt}.json` (the index)."""
-    Path(npz_path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(npz_path, **arrays)
-    Path(json_path).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
