@@ -253,6 +253,10 @@ def open_lane(backend: Mapping[str, Any], model_path: str, n_ctx: int, threads: 
         from parity_both.lanes.harness import HarnessLane
 
         return HarnessLane.from_backend(backend, model_path, n_ctx=n_ctx, threads=threads)
+    if kind == "command":  # any program speaking the lane protocol (docs/lane-protocol.md)
+        from parity_both.lanes.command import CommandLane
+
+        return CommandLane.from_backend(backend, model_path, n_ctx=n_ctx, threads=threads)
     raise InputError(f"backend record has unknown kind {kind!r}; rebuild it with `snakemake -R backend`")
 
 
