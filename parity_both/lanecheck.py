@@ -189,7 +189,10 @@ def check_eval(c: Checker, n_vocab: int, ids: list[int]) -> None:
     if p is None or p.size != k * n_vocab:
         c.rule("eval-causal", False, f"eval of the first {k} ids failed or has the wrong shape")
     else:
-        nmse = float(np.sum((p.reshape(k, n_vocab) - rows_a) ** 2) / max(float(np.sum(rows_a**2)), 1e-30))
+        p = p.reshape(k, n_vocab)
+        both = np.isfinite(p) & np.isfinite(rows_a)  # non-finite values are eval-finite's to judge
+        diff, ref = np.where(both, p - rows_a, 0.0), np.where(both, rows_a, 0.0)
+        nmse = float(np.sum(diff**2) / max(float(np.sum(ref**2)), 1e-30))
         c.rule("eval-causal", nmse < 1e-4, f"row i depends on ids[0..i] only: the first {k} rows of a prefix "
                f"eval match (NMSE {nmse:.2e} < 1e-4)")
     settings = st.get("settings") or {}

@@ -376,9 +376,13 @@ def localization(*, backend: Mapping[str, Any], twin_gguf: str, twin_record: Map
 
     ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0]  # the first window of a corpus
     lane_prefix, ref_prefix = Path(capture_dir) / "lane", Path(capture_dir) / "reference"
+    from parity_both.lanes.command import CaptureUnsupported
+
     engine = open_lane(backend, twin_gguf, n_ctx=len(ids) + 8, threads=threads)
     try:
         engine.eval_capture(ids, lane_prefix)
+    except CaptureUnsupported as e:  # a command lane without the capture extension
+        return {"status": "not_run", "reason": str(e), "graph_status": status}
     finally:
         engine.close()
     index, arrays = reference_capture(twin_gguf, ids, "exact", effective_activation(activation, twin_record),

@@ -151,6 +151,11 @@ class CommandLane(HarnessLane):
         return {"threads": self.threads, "n_ctx": self.n_ctx, "type_k": self.type_k, "type_v": self.type_v,
                 "one_batch": True}
 
+    def vocab(self) -> Any:
+        dump = super().vocab()
+        dump.extra["source"] = f"lane program {self.command[0]} (vocab TSV)"
+        return dump
+
     def _run(self, args: Sequence[str]) -> dict[str, Any]:
         return self._request([args[0], "--model", str(self.model_path), *args[1:]])
 

@@ -211,6 +211,18 @@ def probe_lane_text(lane: str, config: Mapping[str, Any] | None = None) -> str:
     return stamp_text(probe_lane(lane, config=config))
 
 
+def stamp_can_capture(path: str | Path) -> bool:
+    """Can the lane of this probe stamp capture graph nodes (kernel check, localization)? Every
+    built-in kind can; a command lane only when its program's info lists the capture extension."""
+    try:
+        expected = json.loads(Path(path).read_text()).get("expected") or {}
+    except (OSError, ValueError):
+        return True  # no stamp yet: decided when there is one
+    if expected.get("kind") != "command":
+        return True
+    return "capture" in ((expected.get("info") or {}).get("capabilities") or [])
+
+
 def write_if_changed(path: str | Path, text: str) -> bool:
     """Write text to path atomically, only if the content differs (so mtimes move only on change)."""
     p = Path(path)

@@ -79,6 +79,9 @@ def resolve_repair_mode(
 
 
 def repair_command(spec: BackendSpec, cache_dir: Path) -> str:
+    if spec.kind == "command":
+        return (f"build {spec.binary or spec.command[0]} (or give backend '{spec.name}' `build:` steps) and run "
+                f"`parity-both lane-check --backend {spec.name}`")
     cmd = (
         f"{ENV_REPAIR}=auto {shlex.quote(sys.executable)} -m parity_both.provision.backends provision "
         f"{shlex.quote(spec.name)} --cache-dir {shlex.quote(str(Path(cache_dir).resolve()))} --repair auto"
@@ -275,9 +278,10 @@ def _repair(
 def _build_command(spec: BackendSpec, log_path: Path, progress: Progress) -> None:
     """A command lane's ``build:`` steps (argv lists, no shell), in order, output to the build log."""
     if not spec.build:
+        problem = probes.command_probe(spec).get("problem")
         raise BackendFailure(
-            EXIT_MISSING, "probe", f"backend '{spec.name}': {spec.binary or spec.command[0]} is not usable and "
-            "the backend has no `build:` steps", log_path=log_path,
+            EXIT_MISSING, "probe", f"backend '{spec.name}' is not usable ({problem}) and has no `build:` steps",
+            log_path=log_path,
             hint="build the program, fix `command:`/`binary:`, or add `build:` steps to the backend",
         )
     cwd = Path(spec.build_cwd) if spec.build_cwd else None
