@@ -80,6 +80,30 @@ def test_build_steps_run_when_the_program_is_missing(tmp_path):
     assert err.value.code == 5 and "build step ['false'] failed" in err.value.message
 
 
+def test_command_lane_reads_the_protocol_and_maps_exit_codes(tmp_path, smol_path):
+    from parity_both.lanes.command import CommandLane, CommandRunError
+    from parity_both.pipeline import InputError
+
+    lane = CommandLane([sys.executable, str(TOY)], smol_path, n_ctx=16)
+    try:
+        vocab = lane.vocab()
+        assert len(vocab.tokens) == 49152 and vocab.bos_id == 1 and vocab.tokens[1][2] == "control"
+        ids = lane.tokenize("Hello world", parse_special=False)
+        logits = lane.eval_logits([1, *ids])
+        assert logits.shape == (len(ids) + 1, 49152) and logits.dtype.name == "float32"
+        assert lane.settings()["type_k"] == "f32" and lane.identity()["kind"] == "command"
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            lane.eval_logits([1, 49152])
+    finally:
+        lane.close()
+    broken = CommandLane([sys.executable, str(TOY), "--defect", "exit"], smol_path)
+    try:
+        with pytest.raises(CommandRunError, match="exit status 3"):
+            broken.eval_logits([1, 49152])
+    finally:
+        broken.close()
+
+
 def test_only_a_command_lane_without_the_capture_extension_skips_the_kernel_check(tmp_path):
     def stamp(expected: dict) -> Path:
         p = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
