@@ -5,6 +5,8 @@
 // the engine aborting the process. Engine logs go to stderr (warnings and errors only unless
 // --verbose); the tail of the engine log is also kept in the JSON status when something fails.
 //
+// It speaks the lane protocol, version 1 (docs/lane-protocol.md; `info` reports "protocol": 1).
+//
 //   parity_harness info
 //   parity_harness vocab    --model M --out VOCAB.tsv
 //   parity_harness tokenize --model M --text-file T --add-special 0|1 --parse-special 0|1
@@ -688,7 +690,7 @@ class Capture {
 // ---------------------------------------------------------------- commands
 
 void cmd_info(Json & j) {
-    j.str("system_info", llama_print_system_info());
+    j.num("protocol", 1).str("system_info", llama_print_system_info());  // docs/lane-protocol.md
     j.strs("libraries", loaded_engine_libraries());
 }
 

@@ -4,6 +4,8 @@ It writes a complete config, runs the workflow and prints the workflow's own sum
 (results/summary.{json,txt}, or summary.failed.{json,txt} when a job failed), so it never disagrees
 with `snakemake results/summary.json`. stdout carries only that summary in the requested format;
 progress, failure paragraphs and diagnostics go to stderr.
+`parity-both lane-check --backend NAME [--config CFG]` checks a lane program against the lane
+protocol instead (parity_both/lanecheck.py; exit 0 only if every rule passes).
 Exit codes: 0 all lanes pass; 1 a lane fails its thresholds; 2 token mismatch, inconsistent
 tokenizer, bad arguments or unusable input; 3 network unreachable; 4 permission denied; 5 backend
 configure/compile failure; 6 recursive repair.
@@ -221,6 +223,11 @@ def dump_ids(results: Path, lanes: list[str], ref: bool, cpp: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     from parity_both.config import ConfigError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lane-check"]:  # `parity-both lane-check --backend NAME`: docs/lane-protocol.md
+        from parity_both import lanecheck
+
+        return lanecheck.main(argv[1:])
     args = parse_args(argv)
     problem = preflight_inputs(args)
     if problem:

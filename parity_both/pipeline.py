@@ -253,6 +253,10 @@ def open_lane(backend: Mapping[str, Any], model_path: str, n_ctx: int, threads: 
         from parity_both.lanes.harness import HarnessLane
 
         return HarnessLane.from_backend(backend, model_path, n_ctx=n_ctx, threads=threads)
+    if kind == "command":  # any program speaking the lane protocol (docs/lane-protocol.md)
+        from parity_both.lanes.command import CommandLane
+
+        return CommandLane.from_backend(backend, model_path, n_ctx=n_ctx, threads=threads)
     raise InputError(f"backend record has unknown kind {kind!r}; rebuild it with `snakemake -R backend`")
 
 
@@ -372,9 +376,13 @@ def localization(*, backend: Mapping[str, Any], twin_gguf: str, twin_record: Map
 
     ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0]  # the first window of a corpus
     lane_prefix, ref_prefix = Path(capture_dir) / "lane", Path(capture_dir) / "reference"
+    from parity_both.lanes.command import CaptureUnsupported
+
     engine = open_lane(backend, twin_gguf, n_ctx=len(ids) + 8, threads=threads)
     try:
         engine.eval_capture(ids, lane_prefix)
+    except CaptureUnsupported as e:  # a command lane without the capture extension
+        return {"status": "not_run", "reason": str(e), "graph_status": status}
     finally:
         engine.close()
     index, arrays = reference_capture(twin_gguf, ids, "exact", effective_activation(activation, twin_record),

@@ -112,8 +112,8 @@ def twin_receipt_inputs(wildcards):
 
 def kernel_inputs(wildcards):
     """The op-by-op kernel check's record for a receipt, unless `kernels: false`."""
-    if not config["kernels"]:
-        return {}
+    if not config["kernels"] or not probes.stamp_can_capture(probe_stamp(wildcards.lane)):
+        return {}  # also for a command lane whose program has no capture extension
     return {"kernels": f"{OUT}/{wildcards.model}/kernels/{wildcards.lane}/{wildcards.prompt}.json"}
 
 

@@ -185,7 +185,7 @@ class HarnessLane:
             add_eos=bool(st["add_eos"]),
             extra={
                 "n_vocab": int(st["n_vocab"]),
-                "api_generation": st["api_generation"],
+                "api_generation": st.get("api_generation"),
                 "attr_flags": attrs,
                 "source": "harness (llama.h vocab API)",
             },

@@ -92,10 +92,43 @@ def probe_backend(spec: BackendSpec, cache_dir: Path | str | None = None) -> dic
     try:
         if spec.kind == "python":
             out.update(python_probe(spec.source.requirement))
+        elif spec.kind == "command":
+            out.update(command_probe(spec))
         else:
             _probe_harness(spec, cache, out)
     except (HarnessRunError, HarnessBuildError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
         out.update(present=False, problem=f"{type(exc).__name__}: {exc}")
+    return out
+
+
+def command_program(spec: BackendSpec) -> Path | None:
+    """The file whose bytes identify a command lane's engine (``binary``, else ``command[0]``)."""
+    from parity_both.lanes.command import resolve_program
+
+    return resolve_program(spec.binary or spec.command[0])
+
+
+def command_probe(spec: BackendSpec) -> dict[str, Any]:
+    """A command lane: its program's SHA-256 and its ``info`` status (minus ok/exit_code), so a
+    rebuilt or upgraded engine changes the probe stamp and reruns exactly its lane."""
+    from parity_both.lanes.command import PROTOCOL_VERSION, run_program
+
+    program = command_program(spec)
+    if program is None:
+        return {"present": False, "problem": f"{spec.binary or spec.command[0]}: no such program (yet)"}
+    out: dict[str, Any] = {"binary": str(program), "binary_sha256": sha256_file(program)}
+    res = run_program([*spec.command, "info"], timeout=120)
+    st = res.status or {}
+    if res.returncode != 0 or st.get("ok") is not True:
+        detail = st.get("error") or res.stderr.strip()[-500:] or f"exit status {res.returncode}"
+        out.update(present=False, problem=f"`{' '.join(spec.command)} info` failed: {detail}")
+        return out
+    if st.get("protocol") != PROTOCOL_VERSION:
+        out.update(present=False, problem=f"the program speaks lane protocol {st.get('protocol')!r}, "
+                                          f"this parity-both speaks {PROTOCOL_VERSION}")
+        return out
+    info = {k: v for k, v in st.items() if k not in ("ok", "exit_code")}
+    out.update(present=True, info=info, engine=str(info.get("engine") or spec.name))
     return out
 
 
@@ -176,6 +209,18 @@ def stamp_text(probe: Mapping[str, Any]) -> str:
 def probe_lane_text(lane: str, config: Mapping[str, Any] | None = None) -> str:
     """The probe stamp of a lane, probed now (parse time)."""
     return stamp_text(probe_lane(lane, config=config))
+
+
+def stamp_can_capture(path: str | Path) -> bool:
+    """Can the lane of this probe stamp capture graph nodes (kernel check, localization)? Every
+    built-in kind can; a command lane only when its program's info lists the capture extension."""
+    try:
+        expected = json.loads(Path(path).read_text()).get("expected") or {}
+    except (OSError, ValueError):
+        return True  # no stamp yet: decided when there is one
+    if expected.get("kind") != "command":
+        return True
+    return "capture" in ((expected.get("info") or {}).get("capabilities") or [])
 
 
 def write_if_changed(path: str | Path, text: str) -> bool:

@@ -79,6 +79,9 @@ def resolve_repair_mode(
 
 
 def repair_command(spec: BackendSpec, cache_dir: Path) -> str:
+    if spec.kind == "command":
+        return (f"build {spec.binary or spec.command[0]} (or give backend '{spec.name}' `build:` steps) and run "
+                f"`parity-both lane-check --backend {spec.name}`")
     cmd = (
         f"{ENV_REPAIR}=auto {shlex.quote(sys.executable)} -m parity_both.provision.backends provision "
         f"{shlex.quote(spec.name)} --cache-dir {shlex.quote(str(Path(cache_dir).resolve()))} --repair auto"
@@ -254,6 +257,9 @@ def _repair(
 ) -> None:
     """Install the package (pypi sources) and/or build the harness, as the spec says."""
     check_writable(cache_dir, log_path)
+    if spec.kind == "command":
+        _build_command(spec, log_path, progress)
+        return
     fetch = {"retries": retries, "backoff": backoff, "progress": progress}
     if spec.source.type == "pypi":
         py = _install_package(spec, log_path, force=force, **fetch)
@@ -267,6 +273,28 @@ def _repair(
     if spec.existing_dir and _harness_on_existing_build(spec, src, root, log_path, jobs, progress):
         return
     _build_from_source(spec, src, root, log_path, jobs, progress)
+
+
+def _build_command(spec: BackendSpec, log_path: Path, progress: Progress) -> None:
+    """A command lane's ``build:`` steps (argv lists, no shell), in order, output to the build log."""
+    if not spec.build:
+        problem = probes.command_probe(spec).get("problem")
+        raise BackendFailure(
+            EXIT_MISSING, "probe", f"backend '{spec.name}' is not usable ({problem}) and has no `build:` steps",
+            log_path=log_path,
+            hint="build the program, fix `command:`/`binary:`, or add `build:` steps to the backend",
+        )
+    cwd = Path(spec.build_cwd) if spec.build_cwd else None
+    for step in spec.build:
+        progress("build", " ".join(step))
+        try:
+            proc = run_to_log(list(step), log_path, cwd=cwd)
+        except FileNotFoundError as exc:
+            raise BackendFailure(EXIT_BUILD, "build", f"build step {list(step)}: {exc.strerror}: {exc.filename}",
+                                 log_path=log_path, details={"errno": exc.errno, "command": list(step)}) from exc
+        if proc.returncode != 0:
+            raise BackendFailure(EXIT_BUILD, "build", f"build step {list(step)} failed (exit status {proc.returncode})",
+                                 log_path=log_path, details={"returncode": proc.returncode, "command": list(step)})
 
 
 def _install_package(
@@ -443,6 +471,12 @@ def _identity(spec: BackendSpec, probe: dict[str, Any], cache_dir: Path) -> dict
         "recipe": spec.recipe,
         "source": probe.get("source"),
     }
+    if spec.kind == "command":
+        info = probe.get("info") or {}
+        ident.update(command=list(spec.command), binary=probe.get("binary"),
+                     binary_sha256=probe.get("binary_sha256"), info=info, protocol=info.get("protocol"),
+                     revision=info.get("engine_version") or f"sha256:{probe.get('binary_sha256')}")
+        return ident
     if spec.kind == "python":
         ident.update(
             package="llama-cpp-python",

@@ -1,8 +1,10 @@
 """What a backend is: its spec (an engine kind + a source + a recipe), the built-in lanes, and the
 keys its builds are cached under (computed without fetching anything).
 
-Kinds: ``python`` (llama-cpp-python, in THIS project's environment) and ``harness`` (our C++
-harness compiled against a llama.cpp-family tree, see parity_both.provision.harness).
+Kinds: ``python`` (llama-cpp-python, in THIS project's environment), ``harness`` (our C++
+harness compiled against a llama.cpp-family tree, see parity_both.provision.harness) and ``command``
+(any program speaking the lane protocol, docs/lane-protocol.md: ``command`` argv, optional ``build``
+argv lists, optional ``binary`` naming the file whose SHA-256 identifies the engine).
 Sources: ``pypi`` (a requirement; for the harness kind: link the installed package's libraries with
 the headers of the same version's sdist), ``sdist`` (the llama.cpp tree inside a PyPI source
 distribution), ``local`` (a directory), ``git`` (a URL pinned to a commit, with submodules).
@@ -27,7 +29,7 @@ from parity_both.provision.failures import EXIT_SOURCE, BackendFailure
 
 @dataclass(frozen=True)
 class SourceSpec:
-    type: str  # pypi | sdist | local | git
+    type: str  # pypi | sdist | local | git | command
     requirement: str = ""  # pypi, sdist: "llama-cpp-python==0.3.1"
     subdir: str = ""  # the CMake project inside the source ("" = top level)
     path: str = ""  # local
@@ -50,6 +52,11 @@ class BackendSpec:
     cmake_args: tuple[str, ...] = ()
     existing_dir_env: str | None = None  # env var naming an existing checkout/build (skips the fetch)
     existing_dir: str | None = None  # same, from config
+    # kind: command (docs/lane-protocol.md)
+    command: tuple[str, ...] = ()  # the program's argv before the subcommand
+    build: tuple[tuple[str, ...], ...] = ()  # argv lists run (in build_cwd) when the binary is missing
+    binary: str | None = None  # the file whose SHA-256 identifies the engine (default: command[0])
+    build_cwd: str | None = None
 
 
 BITNET_URL = "https://github.com/microsoft/BitNet"
@@ -88,6 +95,8 @@ def spec_from_config(name: str, cfg: Mapping[str, Any] | None = None) -> Backend
     submodules}, recipe, cc, cxx, cmake_args, existing_dir); fields missing fall back to the built-in
     spec of the same name."""
     base = BUILTIN_SPECS.get(name)
+    if cfg and cfg.get("kind") == "command":
+        return command_spec(name, cfg)
     if not cfg:
         if base is None:
             raise BackendFailure(
@@ -129,6 +138,25 @@ def spec_from_config(name: str, cfg: Mapping[str, Any] | None = None) -> Backend
     )
 
 
+def _argv(value: Any, what: str, name: str) -> tuple[str, ...]:
+    if not (isinstance(value, (list, tuple)) and value and all(isinstance(a, (str, int, float)) for a in value)):
+        raise BackendFailure(EXIT_SOURCE, "spec", f"backend '{name}': {what} must be a non-empty list of "
+                             f"arguments (an argv, never a shell string), not {value!r}")
+    return tuple(str(a) for a in value)
+
+
+def command_spec(name: str, cfg: Mapping[str, Any]) -> BackendSpec:
+    """``{kind: command, command: [program, args...], build: [[argv], ...], binary: path, build_cwd: dir}``."""
+    unknown = sorted(set(cfg) - {"kind", "command", "build", "binary", "build_cwd"})
+    if unknown:
+        raise BackendFailure(EXIT_SOURCE, "spec", f"backend '{name}': unknown key(s) {', '.join(unknown)} for "
+                             "kind command (command, build, binary, build_cwd)")
+    command = _argv(cfg.get("command"), "command", name)
+    build = tuple(_argv(step, "each build step", name) for step in (cfg.get("build") or ()))
+    return BackendSpec(name=name, kind="command", source=SourceSpec(type="command"), recipe="command",
+                       command=command, build=build, binary=cfg.get("binary"), build_cwd=cfg.get("build_cwd"))
+
+
 def effective_spec(spec: BackendSpec, env: Mapping[str, str] | None = None) -> BackendSpec:
     """Apply an existing checkout (config existing_dir, or the spec's env var, e.g. BITNET_CPP_DIR):
     the source becomes that local directory and nothing is cloned."""
@@ -150,6 +178,8 @@ def lane_spec(lane: str, config: Mapping[str, Any] | None = None) -> BackendSpec
 
 
 def engine_name(spec: BackendSpec) -> str:
+    if spec.kind == "command":
+        return spec.name  # the program's info names it (probes.command_probe)
     return "bitnet.cpp" if spec.recipe == "bitnet" else "llama.cpp"
 
 
@@ -238,6 +268,9 @@ def pypi_name_version(requirement: str) -> tuple[str, str | None]:
 def source_identity(spec: BackendSpec) -> dict[str, Any]:
     """What the build is keyed by, computed WITHOUT fetching anything."""
     s = spec.source
+    if s.type == "command":
+        return {"type": "command", "command": list(spec.command), "binary": spec.binary,
+                "build": [list(b) for b in spec.build]}
     if s.type == "git":
         return {
             "type": "git",
