@@ -408,9 +408,12 @@ def prepare_bitnet_tree(root: Path, log_path: Path) -> str:
     """BitNet.cpp's CMake needs include/bitnet-lut-kernels.h even for I2_S-only builds. Copy a
     preset one (what BitNet's setup_env.py does) or write an empty guarded one. Returns what was done."""
     target = root / "include" / "bitnet-lut-kernels.h"
-    if target.exists():
-        return "present"
     presets = sorted((root / "preset_kernels").glob("*/bitnet-lut-kernels-tl2.h"))
+    if target.exists():  # the checkout's own, or ours from an earlier run on this checkout: say which
+        have = target.read_bytes()
+        if presets and have == presets[0].read_bytes():
+            return f"copied {presets[0].relative_to(root)}"
+        return "wrote an empty guarded header" if have == _EMPTY_LUT_HEADER.encode() else "present"
     target.parent.mkdir(parents=True, exist_ok=True)
     if presets:
         shutil.copy2(presets[0], target)
