@@ -84,21 +84,36 @@ def _split(name: str) -> tuple[str, str]:
     return (m.group(1), m.group(2)) if m else (name, "")
 
 
-def _qkv_current(block: list[Record]) -> list[Record]:
-    """Current build_qkv/build_attn: each of Q/K/V also named on its reshape to heads; expanded Q, V, K."""
+def _qkv_current(block: list[Record], heads: dict[str, tuple[int, ...]]) -> list[Record]:
+    """Current build_qkv/build_attn: each of Q/K/V also named on its reshape to heads; expanded Q, V, K.
+    A block without RoPE (qwen3/gemma3: the head norms come between) keeps the order Q, K, V."""
     by: dict[str, list[Record]] = {"Qcur": [], "Kcur": [], "Vcur": []}
     for r in block:
         by[_split(r[0])[0]].append(r)
-    heads = {b: next(a.shape for _, op, a in by[b] if op == "ROPE") for b in ("Qcur", "Kcur")}
-    heads["Vcur"] = heads["Kcur"]
+    roped = any(op == "ROPE" for _, op, _ in block)
     out: list[Record] = []
-    for b in ("Qcur", "Vcur", "Kcur"):
+    for b in ("Qcur", "Vcur", "Kcur") if roped else ("Qcur", "Kcur", "Vcur"):
         pre = [r for r in by[b] if r[1] != "ROPE"]  # none for a fused attn_qkv (not traced before RoPE)
-        reshaped = [(pre[-1][0], "RESHAPE", pre[-1][2].reshape(heads[b]))] if pre else []
+        shape = heads.get(b)
+        reshaped = [(pre[-1][0], "RESHAPE", pre[-1][2].reshape(shape))] if pre and shape else []
         out += pre + reshaped + [r for r in by[b] if r[1] == "ROPE"]
     return out
 
 
+def _head_shapes(records: list[Record]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Layer -> {Qcur/Kcur/Vcur: heads shape}, from the RoPE records (V has K's heads)."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, op, a in records:
+        base, il = _split(name)
+        if op == "ROPE" and base in ("Qcur", "Kcur"):
+            shapes.setdefault(il, {})[base] = a.shape
+            if base == "Kcur":
+                shapes[il]["Vcur"] = a.shape
+    return shapes
+
+
+_GLU_ACT = {"ffn_silu": ("ffn", "silu"), "ffn_gelu": ("ffn", "gelu"), "ffn_moe_silu": ("ffn_moe", "silu")}
+_PAR_OF = {"ffn_gate_par": "ffn", "ffn_sub_out": "ffn", "ffn_moe_gate_par": "ffn_moe"}
 _RENAMED = {"inp_embd": "embd", "kq_soft_max_ext": "kq_soft_max", "attn_o_out": "attn_out"}
 
 
@@ -110,18 +125,21 @@ def to_current(records: list[Record]) -> list[Record]:
     fused into one SWIGLU node (ffn_swiglu; bitnet keeps naming it ffn_sub_out)."""
     out: list[Record] = []
     block: list[Record] = []
-    silu: set[str] = set()  # layers whose activation is SiLU: fused with the product
+    heads = _head_shapes(records)
+    glu: dict[tuple[str, str], str] = {}  # (layer, ffn|ffn_moe) -> silu|gelu: fused with the product
     for k, (name, op, a) in enumerate(records):
         base, il = _split(name)
         if base in ("Qcur", "Kcur", "Vcur"):
             block.append((name, op, a))
             if k + 1 == len(records) or _split(records[k + 1][0])[0] not in ("Qcur", "Kcur", "Vcur"):
-                out += _qkv_current(block)
+                out += _qkv_current(block, heads.get(il, {}))
                 block = []
-        elif base == "ffn_silu":
-            silu.add(il)
-        elif base in ("ffn_gate_par", "ffn_sub_out") and il in silu:
-            out.append((f"ffn_swiglu-{il}" if base == "ffn_gate_par" else name, "SWIGLU", a))
+        elif base in _GLU_ACT:
+            glu[(il, _GLU_ACT[base][0])] = _GLU_ACT[base][1]
+        elif base in ("ffn_gate_par", "ffn_sub_out", "ffn_moe_gate_par") and (il, _PAR_OF[base]) in glu:
+            kind = glu[(il, _PAR_OF[base])]
+            fused = f"{_PAR_OF[base]}_{'swiglu' if kind == 'silu' else 'geglu'}-{il}"
+            out.append((name if base == "ffn_sub_out" else fused, "SWIGLU" if kind == "silu" else "GEGLU", a))
         elif base == "kqv_merged":
             out.append((f"kqv-{il} (permuted)", op, a))
         elif base == "kqv_merged_cont":
