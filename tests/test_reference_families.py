@@ -216,3 +216,41 @@ def test_real_gemma3_270m_q4_k_m_through_the_pipeline(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     lane = json.loads(p.stdout)["models"]["model"]["lanes"]["llama"]
     assert lane["quantized"]["status"] == "pass", lane
+
+
+# ---------------------------------------------------------------------------------------------
+# Node names: the pipeline localizes a graph bug by pairing the reference's nodes with the lane's
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_current_names_pair_with_llama_cpp_nodes(arch: str, f32: dict[str, tuple[Path, np.ndarray]]) -> None:
+    """to_current(trace): the nodes llama.cpp 0.3.36 also names come in its order with its ops, and on F32
+    weights carry its values (gemma: ggml's fp16 GELU table flips a few roundings, ~3e-5)."""
+    from test_ggml_emul import capture_sequence
+
+    from parity_both.reference.trace import Recorder, to_current
+
+    path = f32[arch][0]
+    ids = IDS[:8]
+    model = load_model(path)
+    rec = Recorder()
+    model.forward(np.asarray(ids), model.new_cache(len(ids)), rec)
+    model.close()
+    ours = to_current(rec.records, model.hp.arch)
+    lane = capture_sequence(path, ids, {n for n, _, _ in ours}.__contains__)
+    lane_keys = {(n, op) for n, op, _, _ in lane}
+    paired = [r for r in ours if (r[0], r[1]) in lane_keys]
+    assert [(n, op) for n, op, _, _ in lane] == [(n, op) for n, op, _ in paired]
+    unpaired = sorted({n.rsplit("-", 1)[0] for n, op, _ in ours if (n, op) not in lane_keys})
+    assert len(paired) >= 0.8 * len(ours), unpaired
+    worst = 0.0
+    for (name, op, ne, data), (_, _, ref) in zip(lane, paired, strict=True):
+        if op in ("PERMUTE", "GET_ROWS") or data is None:
+            continue
+        got = data.reshape(list(reversed(ne))).squeeze()
+        if name.startswith("kq"):
+            got = got[..., : ref.shape[-1]]
+        assert got.shape == ref.squeeze().shape, name
+        r64 = ref.squeeze().astype(np.float64)
+        worst = max(worst, float(np.sqrt(((got - r64) ** 2).sum() / max((r64**2).sum(), 1e-30))))
+    print(f"\n{arch}: {len(paired)}/{len(ours)} nodes paired (unpaired: {unpaired}); worst rel. error {worst:.1e}")
+    assert worst < 1e-4

@@ -33,17 +33,19 @@ def linear(w: WeightStore, t: Trace, il: int, tensor: str, x: np.ndarray, node: 
 
 def qkv(hp: HParams, w: WeightStore, t: Trace, il: int, h: np.ndarray) -> tuple[np.ndarray, ...]:
     """Q [T, H, hd], K and V [T, Hkv, hd]: separate projections (each traced, with its bias), or one
-    fused attn_qkv split as [q | k | v] (+ its bias, or separate q/k/v biases; not traced: llama.cpp
-    names the fused matmul wqkv)."""
+    fused attn_qkv split as [q | k | v] (+ its bias, or separate q/k/v biases), traced as llama.cpp 0.3.36
+    names it: wqkv (wqkv_b), then Qcur/Kcur/Vcur views."""
     p, T, hd = f"blk.{il}.", len(h), hp.head_dim
     nq, nk = hp.n_head * hd, hp.n_head_kv * hd
     if w.has(p + "attn_qkv.weight"):
-        y = w.linear(p + "attn_qkv", h)
+        y = t("wqkv", il, "MUL_MAT", w.linear(p + "attn_qkv", h))
         if w.has(p + "attn_qkv.bias"):
-            y = y + w.vector(p + "attn_qkv.bias")
+            y = t("wqkv_b", il, "ADD", y + w.vector(p + "attn_qkv.bias"))
         elif all(w.has(p + f"attn_{n}.bias") for n in "qkv"):
-            y = y + np.concatenate([w.vector(p + f"attn_{n}.bias") for n in "qkv"])
+            y = t("wqkv_b", il, "ADD", y + np.concatenate([w.vector(p + f"attn_{n}.bias") for n in "qkv"]))
         q, k, v = y[:, :nq], y[:, nq:nq + nk], y[:, nq + nk:]
+        heads = ((q, hp.n_head), (k, hp.n_head_kv), (v, hp.n_head_kv))
+        q, k, v = (t(f"{n}cur", il, "VIEW", a.reshape(T, nh, hd)) for n, (a, nh) in zip("QKV", heads, strict=True))
     else:
         q, k, v = (linear(w, t, il, p + f"attn_{n}", h, f"{n.upper()}cur") for n in "qkv")
     return q.reshape(T, hp.n_head, hd), k.reshape(T, hp.n_head_kv, hd), v.reshape(T, hp.n_head_kv, hd)
@@ -101,7 +103,7 @@ def moe_ffn(hp: HParams, w: WeightStore, t: Trace, il: int, h: np.ndarray) -> np
     sel = np.argsort(-probs, axis=1, kind="stable")[:, : m.n_used]
     wts = t("ffn_moe_weights", il, "GET_ROWS", np.take_along_axis(probs, sel, axis=1)[..., None])[..., 0]
     if m.norm_w:
-        total = wts.sum(axis=1, keepdims=True, dtype=np.float64).astype(F32)
+        total = t("ffn_moe_weights_sum", il, "SUM_ROWS", wts.sum(axis=1, keepdims=True, dtype=np.float64).astype(F32))
         wts = t("ffn_moe_weights_norm", il, "DIV", (wts / np.maximum(total, F32(6.103515625e-5)))[..., None])[..., 0]
     if m.weights_scale not in (0.0, 1.0):
         wts = wts * F32(m.weights_scale)

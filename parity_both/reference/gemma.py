@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from parity_both.reference import ops
-from parity_both.reference.blocks import LayerRope, head_norm, linear, qkv
+from parity_both.reference.blocks import LayerRope, head_norm, qkv
 from parity_both.reference.hparams import HParams
 from parity_both.reference.kv_cache import KVCache
 from parity_both.reference.ops import Emit, Trace
@@ -46,7 +46,7 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
     x = t("inp_embd", -1, "GET_ROWS", w.rows_of("token_embd.weight", ids))
     w.release("token_embd.weight")
     x = t("inp_scaled", -1, "SCALE", x * F32(hp.embd_scale))
-    post_il = -1 if hp.arch == "gemma2" else None  # gemma2 names its ffn_post_norm without the layer
+    post_il = -1 if hp.arch == "gemma2" else None  # gemma2 names ffn_post_norm without the layer, gemma3 with
     for il in range(hp.n_layer):
         p = f"blk.{il}."
         h = ops.norm(t, il, "attn_norm", x, w.vector(p + "attn_norm.weight"), eps)
@@ -60,7 +60,7 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
         ks, vs = kv.append(il, k, v)
         a = ops.attention(q * F32(hp.kq_scale), ks, vs, n_past, 1.0, t, il,
                           softcap_c=hp.attn_softcap, window=rope.window(il))
-        a = linear(w, t, il, p + "attn_output", a, "kqv_out")
+        a = w.linear(p + "attn_output", a)  # unnamed in llama.cpp's gemma graphs
         a = ops.norm(t, il, "attn_post_norm", a, w.vector(p + "post_attention_norm.weight"), eps)
         x = t("sa_out", il, "ADD", a + x)
 
@@ -68,8 +68,8 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
         act = t("ffn_gelu", il, "GELU", ops.gelu(t("ffn_gate", il, "MUL_MAT", w.linear(p + "ffn_gate", h))))
         par = t("ffn_gate_par", il, "MUL", act * t("ffn_up", il, "MUL_MAT", w.linear(p + "ffn_up", h)))
         f = t("ffn_out", il, "MUL_MAT", w.linear(p + "ffn_down", par))
-        f = ops.norm(t, il if post_il is None else post_il, "ffn_post_norm", f, w.vector(p + "post_ffw_norm.weight"),
-                     eps)
+        f = t("norm", -1, "RMS_NORM", ops.rms(f, eps))  # llama.cpp builds this norm with il = -1
+        f = t("ffn_post_norm", il if post_il is None else post_il, "MUL", f * w.vector(p + "post_ffw_norm.weight"))
         x = t("l_out", il, "ADD", f + x)
     kv.advance(T)
 

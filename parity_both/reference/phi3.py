@@ -46,7 +46,7 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
         q, k, v = qkv(hp, w, t, il, h)
         q = t("Qcur", il, "ROPE", rope(il, q))
         k = t("Kcur", il, "ROPE", rope(il, k))
-        q = q * F32(hp.kq_scale)
+        q = t("Qcur", il, "SCALE", q * F32(hp.kq_scale))
         ks, vs = kv.append(il, k, v)
         a = ops.attention(q, ks, vs, n_past, 1.0, t, il, window=rope.window(il))  # no window unless hp.swa
         x = t("ffn_inp", il, "ADD", x + linear(w, t, il, p + "attn_output", a, "kqv_out", node_with_bias="kqv_wo"))

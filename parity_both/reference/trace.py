@@ -84,20 +84,41 @@ def _split(name: str) -> tuple[str, str]:
     return (m.group(1), m.group(2)) if m else (name, "")
 
 
-def _qkv_current(block: list[Record], heads: dict[str, tuple[int, ...]]) -> list[Record]:
-    """Current build_qkv/build_attn: each of Q/K/V also named on its reshape to heads; expanded Q, V, K.
-    A block without RoPE (qwen3/gemma3: the head norms come between) keeps the order Q, K, V."""
-    by: dict[str, list[Record]] = {"Qcur": [], "Kcur": [], "Vcur": []}
+# architectures whose Q is scaled after RoPE: llama.cpp evaluates their K chain before V
+_K_BEFORE_V = ("gemma2", "gemma3")  # (phi3 too, but its fused V is a view: evaluated early)
+_QKV = ("Qcur", "Kcur", "Vcur")
+
+
+def _qkv_current(block: list[Record], heads: dict[str, tuple[int, ...]], k_first: bool) -> list[Record]:
+    """Current build_qkv/build_attn: each of Q/K/V also named on its reshape to heads; then its head
+    norm (qwen3/gemma3: norm, Qcur_normed), RoPE and scale; chains in llama.cpp's evaluation order
+    Q, V, K (Q, K, V when Q is scaled after RoPE)."""
+    by: dict[str, list[Record]] = {b: [] for b in _QKV}
+    normed: dict[str, list[Record]] = {b: [] for b in _QKV}
+    pending: Record | None = None
     for r in block:
-        by[_split(r[0])[0]].append(r)
-    roped = any(op == "ROPE" for _, op, _ in block)
+        base = _split(r[0])[0]
+        if base == "norm":
+            pending = r
+        elif base.endswith("_normed"):
+            normed[base[:4]] += ([pending] if pending else []) + [r]
+            pending = None
+        else:
+            by[base].append(r)
     out: list[Record] = []
-    for b in ("Qcur", "Vcur", "Kcur") if roped else ("Qcur", "Kcur", "Vcur"):
-        pre = [r for r in by[b] if r[1] != "ROPE"]  # none for a fused attn_qkv (not traced before RoPE)
+    for b in ("Qcur", "Kcur", "Vcur") if k_first else ("Qcur", "Vcur", "Kcur"):
+        pre = [r for r in by[b] if r[1] not in ("ROPE", "SCALE")]  # none for a fused attn_qkv
         shape = heads.get(b)
-        reshaped = [(pre[-1][0], "RESHAPE", pre[-1][2].reshape(shape))] if pre and shape else []
-        out += pre + reshaped + [r for r in by[b] if r[1] == "ROPE"]
+        viewed = pre and pre[-1][1] == "VIEW"  # fused attn_qkv: already viewed as heads
+        reshaped = [(pre[-1][0], "RESHAPE", pre[-1][2].reshape(shape))] if pre and shape and not viewed else []
+        out += (pre + reshaped + normed[b] + [r for r in by[b] if r[1] == "ROPE"]
+                + [r for r in by[b] if r[1] == "SCALE"])
     return out
+
+
+def _in_qkv_block(name: str, open_block: bool) -> bool:
+    base = _split(name)[0]
+    return base in _QKV or (open_block and (base == "norm" or base.endswith("cur_normed")))
 
 
 def _head_shapes(records: list[Record]) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -117,7 +138,7 @@ _PAR_OF = {"ffn_gate_par": "ffn", "ffn_sub_out": "ffn", "ffn_moe_gate_par": "ffn
 _RENAMED = {"inp_embd": "embd", "kq_soft_max_ext": "kq_soft_max", "attn_o_out": "attn_out"}
 
 
-def to_current(records: list[Record]) -> list[Record]:
+def to_current(records: list[Record], arch: str | None = None) -> list[Record]:
     """Rename a trace (October-2024 names) as current llama.cpp (llama-cpp-python 0.3.36) names its
     nodes, measured with cb_eval: embd; Qcur/Kcur/Vcur also on the reshape, expanded Q, V, K;
     kq_soft_max; kqv-i (permuted); llama's kqv_merged_cont -> kqv_out and its projection -> attn_out
@@ -129,10 +150,10 @@ def to_current(records: list[Record]) -> list[Record]:
     glu: dict[tuple[str, str], str] = {}  # (layer, ffn|ffn_moe) -> silu|gelu: fused with the product
     for k, (name, op, a) in enumerate(records):
         base, il = _split(name)
-        if base in ("Qcur", "Kcur", "Vcur"):
+        if _in_qkv_block(name, bool(block)):
             block.append((name, op, a))
-            if k + 1 == len(records) or _split(records[k + 1][0])[0] not in ("Qcur", "Kcur", "Vcur"):
-                out += _qkv_current(block, heads.get(il, {}))
+            if k + 1 == len(records) or not _in_qkv_block(records[k + 1][0], True):
+                out += _qkv_current(block, heads.get(il, {}), arch in _K_BEFORE_V)
                 block = []
         elif base in _GLU_ACT:
             glu[(il, _GLU_ACT[base][0])] = _GLU_ACT[base][1]
@@ -168,7 +189,7 @@ def reference_capture(gguf_path: str | os.PathLike[str], ids: list[int], mode: s
     finally:
         model.close()
     hp = model.hp
-    nodes, arrays = capture_nodes(rec.records if generation == "2024-10" else to_current(rec.records))
+    nodes, arrays = capture_nodes(rec.records if generation == "2024-10" else to_current(rec.records, hp.arch))
     index = {"schema": SCHEMA, "engine": ENGINE, "n_tokens": len(ids), "arch": hp.arch, "mode": mode,
              "activation": hp.activation, "names": generation, "nodes": nodes}
     return index, arrays
