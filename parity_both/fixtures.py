@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-type", default=None, choices=("F32", "F16", "Q8_0", "Q4_0", "Q4_1"))
     ap.add_argument("--scale-tensors", action="store_true", help="bitnet: add per-matrix .scale tensors")
     ap.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
-                    help="override a dimension (n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx, head_dim)")
+                    help="override a dimension (n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx, head_dim; "
+                    "llama: experts, experts_used for a Mixtral MoE)")
     ap.add_argument("out", help="output .gguf path")
     a = ap.parse_args(argv)
     try:
