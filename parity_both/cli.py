@@ -97,6 +97,12 @@ def preflight_inputs(args: argparse.Namespace) -> str | None:
         read_gguf(model)
     except GGUFError as e:
         return f"--model-gguf: {e}"
+    from parity_both.gguf.constants import reference_refusal
+    from parity_both.gguf.peek import peek_format
+
+    refusal = reference_refusal(*peek_format(model))
+    if refusal is not None:
+        return f"--model-gguf {Path(model).name}: {refusal}"
     if args.config:
         c = Path(args.config)
         if not c.is_file():

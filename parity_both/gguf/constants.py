@@ -12,6 +12,18 @@ MAINLINE_BITNET_ARCH = "bitnet"
 # The BitNet architectures the reference computes (the fork's aliases above normalise to these).
 BITNET_ARCHS = ("bitnet", "bitnet-b1.58", "bitnet-25")
 
+# general.architecture values the NumPy reference computes: the keys of reference.engine.GRAPHS (a test checks
+# they are equal). Here, standard library only, so preflight and Snakemake's parse time can refuse a model
+# without importing numpy.
+REFERENCE_ARCHS = ("llama", *BITNET_ARCHS, "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+
+
+def unsupported_arch_message(arch: str) -> str:
+    """The one line naming an architecture the reference cannot compute, and the supported list."""
+    return (f"the reference has no forward graph for architecture {arch!r} "
+            f"(supported: {', '.join(REFERENCE_ARCHS)})")
+
+
 # BitNet.cpp's ternary tensor type id (in mainline ggml the id is retired).
 I2_S_TYPE_ID = 36
 
@@ -57,3 +69,21 @@ TYPE_IDS: dict[str, int] = {**{name: tid for tid, (name, _b, _s) in MAINLINE_TYP
 # llama.h LLAMA_FTYPE_* for whole-file types (40 = MOSTLY_I2_S in BitNet.cpp's fork, MOSTLY_Q1_0 in mainline)
 FILE_TYPES: dict[str, int] = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "BF16": 32,
                               "TQ1_0": 36, "TQ2_0": 37, "I2_S": 40}
+
+
+# Tensor types the reference cannot dequantize (BitNet.cpp's lookup-table formats).
+REFERENCE_UNREADABLE_TYPES = frozenset({"I8_S", "TL1", "TL2"})
+
+
+def reference_refusal(arch: str, type_ids: frozenset[int] | set[int]) -> str | None:
+    """One line when the reference cannot compute a model with this general.architecture and these tensor
+    type ids (parse-time check from gguf.peek.peek_format), else None."""
+    if arch not in REFERENCE_ARCHS and arch not in BITNET_FORK_ARCHS:
+        return unsupported_arch_message(arch)
+    table = BITNET_TYPES if arch in BITNET_FORK_ARCHS or I2_S_TYPE_ID in type_ids else MAINLINE_TYPES
+    for tid in sorted(type_ids):
+        name = table.get(tid, (None,))[0]
+        if name is None or name in REFERENCE_UNREADABLE_TYPES:
+            return (f"the reference cannot compute tensor type {name or f'id {tid}'} ({arch} model); "
+                    f"unreadable types: {', '.join(sorted(REFERENCE_UNREADABLE_TYPES))} and unknown ids")
+    return None

@@ -6,8 +6,10 @@
     index, arrays = reference_capture(model_path, ids, mode="exact", activation=None,
                                       generation="2024-10")   # intermediates, lanes' capture format
 
-Files: hparams.py (HParams from GGUF metadata), weights.py (WeightStore: dequantization, streaming,
-linear), ops.py (norms, RoPE, attention, tracing), llama.py / bitnet.py (the forward graphs),
+Files: hparams.py (HParams from GGUF metadata; hparams_families.py for qwen2/qwen3/phi3/gemma2/gemma3
+and llama experts), weights.py (WeightStore: dequantization, streaming, linear), ops.py (norms, RoPE,
+attention, GELU, soft-capping, tracing), blocks.py (QKV, head norms, per-layer RoPE, MoE FFN),
+llama.py / bitnet.py / qwen.py / phi3.py / gemma.py (the forward graphs),
 engine.py (GRAPHS, load_model, greedy loop, settings), trace.py (intermediates under llama.cpp's
 node names, reference_capture), ggml_emul.py (ggml's quantized matmul arithmetic).
 """

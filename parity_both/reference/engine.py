@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from parity_both.gguf.constants import BITNET_ARCHS
+from parity_both.gguf.constants import BITNET_ARCHS, unsupported_arch_message
 from parity_both.gguf.reader import GGUFFile, read_gguf
-from parity_both.reference import bitnet, llama
+from parity_both.reference import bitnet, gemma, llama, phi3, qwen
 from parity_both.reference.blas import fix_blas_threads
 from parity_both.reference.hparams import HParams
 from parity_both.reference.kv_cache import KVCache
@@ -44,15 +44,16 @@ from parity_both.reference.weights import (
 Forward = Callable[[HParams, WeightStore, np.ndarray, KVCache, Emit | None], np.ndarray]
 
 # general.architecture -> its forward graph
-GRAPHS: dict[str, Forward] = {"llama": llama.forward, **dict.fromkeys(BITNET_ARCHS, bitnet.forward)}
+GRAPHS: dict[str, Forward] = {"llama": llama.forward, **dict.fromkeys(BITNET_ARCHS, bitnet.forward),
+                              "qwen2": qwen.forward, "qwen3": qwen.forward, "phi3": phi3.forward,
+                              "gemma2": gemma.forward, "gemma3": gemma.forward}
 
 
 def graph_for(arch: str) -> Forward:
     try:
         return GRAPHS[arch]
     except KeyError as e:
-        raise NotImplementedError(f"the reference has no forward graph for architecture {arch!r} "
-                                  f"(implemented: {', '.join(sorted(GRAPHS))})") from e
+        raise NotImplementedError(unsupported_arch_message(arch)) from e
 
 
 @dataclass
@@ -154,7 +155,7 @@ def _settings(model: LoadedModel, mode: str, n_ctx: int, max_tokens: int, stop: 
         "engine": "parity-both numpy reference",
         "arch": hp.arch,
         "mode": mode,
-        "activation": hp.activation if hp.is_bitnet else None,
+        "activation": hp.activation if hp.is_bitnet or hp.arch.startswith("gemma") else None,
         "dtype": "float32",
         "rope_type": hp.rope.rope_type,
         "n_ctx": n_ctx,

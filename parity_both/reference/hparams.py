@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from parity_both.gguf.constants import BITNET_ARCHS
+from parity_both.gguf.constants import BITNET_ARCHS, unsupported_arch_message
 from parity_both.gguf.reader import GGUFFile
 
 F32 = np.float32
@@ -52,6 +52,7 @@ DEFAULT_ACTIVATION = {"bitnet": "silu", "bitnet-b1.58": "relu2", "bitnet-25": "r
 # {arch}.hidden_activation values (HF config names and llama.cpp's) -> the activation they mean
 _HIDDEN_ACT = {"relu2": "relu2", "relu_sqr": "relu2", "silu": "silu", "swish": "silu", "swiglu": "silu"}
 BITNET_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+_FAMILY_FIELDS = ("qk_norm", "q_scale", "embd_scale", "attn_softcap", "final_softcap", "swa", "moe")
 _BITNET_ABSENT = ("output.weight", "rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
@@ -64,6 +65,29 @@ class Rope:
     scaling_type: str
     attn_factor: float
     freq_factors: bool  # rope_freqs.weight present (llama only)
+
+
+@dataclass(frozen=True)
+class Swa:
+    """Sliding-window attention: layer il attends to keys with pos_q - pos_k < window when layers[il]."""
+
+    window: int
+    layers: tuple[bool, ...]
+    pattern_source: str  # where `layers` came from (key value or llama.cpp's default pattern)
+    rope: Rope  # the RoPE of the sliding-window layers (rope.freq_base_swa, llama.cpp's swa scale)
+
+
+@dataclass(frozen=True)
+class Moe:
+    """llama.cpp's build_moe_ffn for llama-arch experts (Mixtral): softmax over all n_expert router
+    logits, the top n_used by probability, their probabilities renormalised to sum 1 (norm_w: sum
+    clamped at 6.1e-5), times weights_scale when it is neither 0 nor 1."""
+
+    n_expert: int
+    n_used: int
+    gating: str  # "softmax"
+    norm_w: bool
+    weights_scale: float
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,18 @@ class HParams:
     activation_source: str | None = None  # bitnet only
     attention_scale_key_ignored: float | None = None  # llama only
     scale_tensors: tuple[str, ...] = ()  # bitnet: matrices with a .scale tensor in some layer
+    # the other families (hparams_families.py); the defaults are llama's graph
+    qk_norm: bool = False  # qwen3, gemma3: RMSNorm over each Q/K head (attn_q_norm / attn_k_norm)
+    q_scale: bool = False  # phi3, gemma: Q scaled by kq_scale before K.Q (softmax scale 1)
+    embd_scale: float = 0.0  # gemma: embeddings times sqrt(n_embd) (0 = none)
+    attn_softcap: float = 0.0  # gemma2: kq = c * tanh(kq / c) (0 = off)
+    final_softcap: float = 0.0  # gemma2, gemma3 if declared: logits = c * tanh(logits / c)
+    swa: Swa | None = None  # sliding-window layers
+    moe: Moe | None = None  # mixture-of-experts FFN (llama arch with expert_count > 0)
+
+    @property
+    def family_keys(self) -> tuple[str, ...]:
+        return _FAMILY_FIELDS
 
     @property
     def is_bitnet(self) -> bool:
@@ -97,13 +133,22 @@ class HParams:
             return _llama(g, activation)
         if arch in BITNET_ARCHS:
             return _bitnet(g, activation)
-        raise NotImplementedError(f"the reference has no forward graph for architecture {arch!r} "
-                                  f"(implemented: {', '.join(sorted(('llama', *BITNET_ARCHS)))})")
+        from parity_both.reference import hparams_families  # noqa: PLC0415 - it imports this module
+
+        reader = hparams_families.READERS.get(arch)
+        if reader is None:
+            raise NotImplementedError(unsupported_arch_message(arch))
+        return reader(g, activation)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable, the keys each architecture has always recorded."""
         d = asdict(self)
         del d["arch"]
+        if self.arch not in ("llama", *BITNET_ARCHS) or self.moe is not None:
+            d.pop("activation_source"), d.pop("scale_tensors")
+            return d
+        for k in _FAMILY_FIELDS:  # llama/bitnet receipts keep the keys they always recorded
+            del d[k]
         if self.is_bitnet:
             del d["attention_scale_key_ignored"]
             d.update(sub_norms=True, scale_tensors=list(self.scale_tensors))
@@ -162,8 +207,6 @@ def _llama(g: GGUFFile, activation: str | None) -> HParams:
     if activation not in (None, "silu"):
         raise ValueError(f"the llama architecture uses SiLU; activation={activation!r} is not meaningful")
     key = _Meta(g)
-    if int(key.opt("expert_count") or 0) > 0:
-        raise NotImplementedError("mixture-of-experts llama models are not implemented by the reference")
     c = _common(key)
     n_rot = int(key("rope.dimension_count", c["head_dim"]))
     if n_rot != c["head_dim"]:  # llama.cpp asserts the same
@@ -173,7 +216,9 @@ def _llama(g: GGUFFile, activation: str | None) -> HParams:
     # llama.cpp's llama architecture does not read {arch}.attention.scale (only granite & co do):
     # the scale is always 1/sqrt(head_dim) there, so it is here; a present key is recorded as ignored.
     ignored = key.opt("attention.scale")
-    return HParams(**c, rope=_rope(key, "normal", n_rot, "rope_freqs.weight" in g.tensors),
+    from parity_both.reference.hparams_families import moe_params  # noqa: PLC0415 - it imports this module
+
+    return HParams(**c, moe=moe_params(key), rope=_rope(key, "normal", n_rot, "rope_freqs.weight" in g.tensors),
                    lm_head="output.weight" if "output.weight" in g.tensors else "token_embd.weight (tied)",
                    activation="silu", attention_scale_key_ignored=None if ignored is None else float(ignored))
 

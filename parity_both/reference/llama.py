@@ -9,6 +9,7 @@
         x = x + Wo a (+bo)
         h = rms_norm(x) * ffn_norm
         x = x + Wd (silu(Wg h (+bg)) * (Wu h (+bu))) (+bd)
+                or, with experts (expert_count > 0, Mixtral):  x = x + moe_ffn(h)    (blocks.moe_ffn)
     logits = W_out (rms_norm(x) * output_norm)               W_out = output.weight or token_embd
 
 Traced nodes carry the names llama.cpp's October-2024 build_llama gives them, in its evaluation
@@ -21,21 +22,11 @@ from __future__ import annotations
 import numpy as np
 
 from parity_both.reference import ops
+from parity_both.reference.blocks import linear, moe_ffn
 from parity_both.reference.hparams import HParams
 from parity_both.reference.kv_cache import KVCache
 from parity_both.reference.ops import Emit, Trace
 from parity_both.reference.weights import WeightStore
-
-
-def _linear(w: WeightStore, t: Trace, il: int, tensor: str, x: np.ndarray, node: str,
-            bias_node: str | None = None, node_with_bias: str | None = None) -> np.ndarray:
-    """W x (+ bias if the model has one). Traced as llama.cpp names them: the matmul is `node`
-    (`node_with_bias` when a bias follows), the bias add `bias_node` (default: `node`)."""
-    has_bias = w.has(tensor + ".bias")
-    y = t(node_with_bias if has_bias and node_with_bias else node, il, "MUL_MAT", w.linear(tensor, x))
-    if has_bias:
-        y = t(bias_node or node, il, "ADD", y + w.vector(tensor + ".bias"))
-    return y
 
 
 def _fused_qkv(hp: HParams, w: WeightStore, p: str, h: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -65,21 +56,24 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
         p = f"blk.{il}."
         h = ops.norm(t, il, "attn_norm", x, w.vector(p + "attn_norm.weight"), eps)
         fused = _fused_qkv(hp, w, p, h) if w.has(p + "attn_qkv.weight") else None
-        q = fused[0] if fused else _linear(w, t, il, p + "attn_q", h, "Qcur")
+        q = fused[0] if fused else linear(w, t, il, p + "attn_q", h, "Qcur")
         q = t("Qcur", il, "ROPE", ops.rope(q.reshape(T, H, hd), cos, sin, neox=False))
-        k = fused[1] if fused else _linear(w, t, il, p + "attn_k", h, "Kcur")
+        k = fused[1] if fused else linear(w, t, il, p + "attn_k", h, "Kcur")
         k = t("Kcur", il, "ROPE", ops.rope(k.reshape(T, Hkv, hd), cos, sin, neox=False))
-        v = fused[2] if fused else _linear(w, t, il, p + "attn_v", h, "Vcur")
+        v = fused[2] if fused else linear(w, t, il, p + "attn_v", h, "Vcur")
         ks, vs = kv.append(il, k, v.reshape(T, Hkv, hd))
         a = ops.attention(q, ks, vs, n_past, hp.kq_scale, t, il)
-        x = t("ffn_inp", il, "ADD", x + _linear(w, t, il, p + "attn_output", a, "kqv_out", node_with_bias="kqv_wo"))
+        x = t("ffn_inp", il, "ADD", x + linear(w, t, il, p + "attn_output", a, "kqv_out", node_with_bias="kqv_wo"))
 
         h = ops.norm(t, il, "ffn_norm", x, w.vector(p + "ffn_norm.weight"), eps)
-        gate = _linear(w, t, il, p + "ffn_gate", h, "ffn_gate", bias_node="ffn_gate_b")
+        if hp.moe is not None:  # Mixtral layout: router + stacked experts (blocks.moe_ffn)
+            x = t("l_out", il, "ADD", x + moe_ffn(hp, w, t, il, h))
+            continue
+        gate = linear(w, t, il, p + "ffn_gate", h, "ffn_gate", bias_node="ffn_gate_b")
         act = t("ffn_silu", il, "SILU", ops.silu(gate))
-        up = _linear(w, t, il, p + "ffn_up", h, "ffn_up", bias_node="ffn_up_b")
+        up = linear(w, t, il, p + "ffn_up", h, "ffn_up", bias_node="ffn_up_b")
         par = t("ffn_gate_par", il, "MUL", act * up)
-        x = t("l_out", il, "ADD", x + _linear(w, t, il, p + "ffn_down", par, "ffn_out", node_with_bias="ffn_down"))
+        x = t("l_out", il, "ADD", x + linear(w, t, il, p + "ffn_down", par, "ffn_out", node_with_bias="ffn_down"))
     kv.advance(T)
 
     x = ops.norm(t, -1, "result_norm", x, w.vector("output_norm.weight"), eps)

@@ -80,6 +80,23 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (F32(1.0) + np.exp(-x))
 
 
+_GELU_A, _SQRT_2_OVER_PI = F32(0.044715), F32(0.79788456080286535587989211986876)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """GELU (tanh approximation) as ggml's CPU backend computes it (GGML_GELU_FP16, vec.h): x rounded to
+    fp16, looked up in a table of fp16 values of 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)));
+    x <= -10 -> 0, x >= 10 -> x."""
+    h = x.astype(np.float16).astype(F32)
+    with np.errstate(over="ignore"):
+        g = F32(0.5) * h * (F32(1.0) + np.tanh(_SQRT_2_OVER_PI * h * (F32(1.0) + _GELU_A * h * h)))
+    g = g.astype(np.float16).astype(F32)
+    return np.where(x <= F32(-10.0), F32(0.0), np.where(x >= F32(10.0), x, g)).astype(F32)
+
+
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap) as ggml_scale(1/cap), ggml_tanh, ggml_scale(cap) compute it in float32."""
+    return np.tanh(x * (F32(1.0) / F32(cap))) * F32(cap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,21 +126,31 @@ NO_TRACE = Trace()
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int, kq_scale: float,
-              t: Trace = NO_TRACE, il: int = -1, cont_name: str = "kqv_merged_cont") -> np.ndarray:
+              t: Trace = NO_TRACE, il: int = -1, cont_name: str = "kqv_merged_cont", *,
+              softcap_c: float = 0.0, window: int = 0) -> np.ndarray:
     """Causal GQA attention (llama.cpp's llm_build_kqv without flash attention).
 
     q [T, H, hd] at positions n_past.., k/v [S, Hkv, hd] (S = n_past + T); query head h reads kv
     head h // (H / Hkv). Returns [T, H * hd]. Traced: kq (H, T, S) = the unscaled k.q,
     kq_soft_max_ext (H, T, S), kqv (H, T, hd), kqv_merged (T, H, hd), cont_name (T, H * hd);
-    llama.cpp's kq/kq_soft_max_ext span n_kv >= S cache cells (the extra ones masked)."""
+    llama.cpp's kq/kq_soft_max_ext span n_kv >= S cache cells (the extra ones masked).
+    softcap_c > 0 (gemma2): kq = c * tanh(kq / c) before the softmax (traced kq_scaled_1, kq_tanh,
+    kq_scaled_2); window > 0 (sliding-window layers): a key at distance >= window is masked too
+    (llama.cpp's LLAMA_SWA_TYPE_STANDARD)."""
     T, H, hd = q.shape
     S, Hkv, _ = k.shape
     g = H // Hkv
     qh = q.transpose(1, 0, 2).reshape(Hkv, g * T, hd)  # query head h -> kv head h // g
     kq = t("kq", il, "MUL_MAT", (qh @ k.transpose(1, 2, 0)).reshape(H, T, S))
+    if softcap_c > 0:
+        kq = t("kq_scaled_1", il, "SCALE", kq * (F32(1.0) / F32(softcap_c)))
+        kq = t("kq_scaled_2", il, "SCALE", t("kq_tanh", il, "TANH", np.tanh(kq)) * F32(softcap_c))
     scores = kq * F32(kq_scale)
-    if T > 1:  # causal mask: query t (position n_past + t) sees keys 0 .. n_past + t
-        mask = np.arange(S)[None, :] > (n_past + np.arange(T))[:, None]
+    pos_q, pos_k = n_past + np.arange(T), np.arange(S)
+    if T > 1 or window > 0:  # causal mask: query t (position n_past + t) sees keys 0 .. n_past + t
+        mask = pos_k[None, :] > pos_q[:, None]
+        if window > 0:
+            mask |= pos_q[:, None] - pos_k[None, :] >= window
         scores[:, mask] = -np.inf
     p = t("kq_soft_max_ext", il, "SOFT_MAX", softmax(scores)).reshape(Hkv, g * T, S)
     out = t("kqv", il, "MUL_MAT", (p @ v.transpose(1, 0, 2)).reshape(H, T, hd))

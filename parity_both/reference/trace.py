@@ -84,25 +84,61 @@ def _split(name: str) -> tuple[str, str]:
     return (m.group(1), m.group(2)) if m else (name, "")
 
 
-def _qkv_current(block: list[Record]) -> list[Record]:
-    """Current build_qkv/build_attn: each of Q/K/V also named on its reshape to heads; expanded Q, V, K."""
-    by: dict[str, list[Record]] = {"Qcur": [], "Kcur": [], "Vcur": []}
+# architectures whose Q is scaled after RoPE: llama.cpp evaluates their K chain before V
+_K_BEFORE_V = ("gemma2", "gemma3")  # (phi3 too, but its fused V is a view: evaluated early)
+_QKV = ("Qcur", "Kcur", "Vcur")
+
+
+def _qkv_current(block: list[Record], heads: dict[str, tuple[int, ...]], k_first: bool) -> list[Record]:
+    """Current build_qkv/build_attn: each of Q/K/V also named on its reshape to heads; then its head
+    norm (qwen3/gemma3: norm, Qcur_normed), RoPE and scale; chains in llama.cpp's evaluation order
+    Q, V, K (Q, K, V when Q is scaled after RoPE)."""
+    by: dict[str, list[Record]] = {b: [] for b in _QKV}
+    normed: dict[str, list[Record]] = {b: [] for b in _QKV}
+    pending: Record | None = None
     for r in block:
-        by[_split(r[0])[0]].append(r)
-    heads = {b: next(a.shape for _, op, a in by[b] if op == "ROPE") for b in ("Qcur", "Kcur")}
-    heads["Vcur"] = heads["Kcur"]
+        base = _split(r[0])[0]
+        if base == "norm":
+            pending = r
+        elif base.endswith("_normed"):
+            normed[base[:4]] += ([pending] if pending else []) + [r]
+            pending = None
+        else:
+            by[base].append(r)
     out: list[Record] = []
-    for b in ("Qcur", "Vcur", "Kcur"):
-        pre = [r for r in by[b] if r[1] != "ROPE"]  # none for a fused attn_qkv (not traced before RoPE)
-        reshaped = [(pre[-1][0], "RESHAPE", pre[-1][2].reshape(heads[b]))] if pre else []
-        out += pre + reshaped + [r for r in by[b] if r[1] == "ROPE"]
+    for b in ("Qcur", "Kcur", "Vcur") if k_first else ("Qcur", "Vcur", "Kcur"):
+        pre = [r for r in by[b] if r[1] not in ("ROPE", "SCALE")]  # none for a fused attn_qkv
+        shape = heads.get(b)
+        viewed = pre and pre[-1][1] == "VIEW"  # fused attn_qkv: already viewed as heads
+        reshaped = [(pre[-1][0], "RESHAPE", pre[-1][2].reshape(shape))] if pre and shape and not viewed else []
+        out += (pre + reshaped + normed[b] + [r for r in by[b] if r[1] == "ROPE"]
+                + [r for r in by[b] if r[1] == "SCALE"])
     return out
 
 
+def _in_qkv_block(name: str, open_block: bool) -> bool:
+    base = _split(name)[0]
+    return base in _QKV or (open_block and (base == "norm" or base.endswith("cur_normed")))
+
+
+def _head_shapes(records: list[Record]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Layer -> {Qcur/Kcur/Vcur: heads shape}, from the RoPE records (V has K's heads)."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, op, a in records:
+        base, il = _split(name)
+        if op == "ROPE" and base in ("Qcur", "Kcur"):
+            shapes.setdefault(il, {})[base] = a.shape
+            if base == "Kcur":
+                shapes[il]["Vcur"] = a.shape
+    return shapes
+
+
+_GLU_ACT = {"ffn_silu": ("ffn", "silu"), "ffn_gelu": ("ffn", "gelu"), "ffn_moe_silu": ("ffn_moe", "silu")}
+_PAR_OF = {"ffn_gate_par": "ffn", "ffn_sub_out": "ffn", "ffn_moe_gate_par": "ffn_moe"}
 _RENAMED = {"inp_embd": "embd", "kq_soft_max_ext": "kq_soft_max", "attn_o_out": "attn_out"}
 
 
-def to_current(records: list[Record]) -> list[Record]:
+def to_current(records: list[Record], arch: str | None = None) -> list[Record]:
     """Rename a trace (October-2024 names) as current llama.cpp (llama-cpp-python 0.3.36) names its
     nodes, measured with cb_eval: embd; Qcur/Kcur/Vcur also on the reshape, expanded Q, V, K;
     kq_soft_max; kqv-i (permuted); llama's kqv_merged_cont -> kqv_out and its projection -> attn_out
@@ -110,18 +146,21 @@ def to_current(records: list[Record]) -> list[Record]:
     fused into one SWIGLU node (ffn_swiglu; bitnet keeps naming it ffn_sub_out)."""
     out: list[Record] = []
     block: list[Record] = []
-    silu: set[str] = set()  # layers whose activation is SiLU: fused with the product
+    heads = _head_shapes(records)
+    glu: dict[tuple[str, str], str] = {}  # (layer, ffn|ffn_moe) -> silu|gelu: fused with the product
     for k, (name, op, a) in enumerate(records):
         base, il = _split(name)
-        if base in ("Qcur", "Kcur", "Vcur"):
+        if _in_qkv_block(name, bool(block)):
             block.append((name, op, a))
-            if k + 1 == len(records) or _split(records[k + 1][0])[0] not in ("Qcur", "Kcur", "Vcur"):
-                out += _qkv_current(block)
+            if k + 1 == len(records) or not _in_qkv_block(records[k + 1][0], True):
+                out += _qkv_current(block, heads.get(il, {}), arch in _K_BEFORE_V)
                 block = []
-        elif base == "ffn_silu":
-            silu.add(il)
-        elif base in ("ffn_gate_par", "ffn_sub_out") and il in silu:
-            out.append((f"ffn_swiglu-{il}" if base == "ffn_gate_par" else name, "SWIGLU", a))
+        elif base in _GLU_ACT:
+            glu[(il, _GLU_ACT[base][0])] = _GLU_ACT[base][1]
+        elif base in ("ffn_gate_par", "ffn_sub_out", "ffn_moe_gate_par") and (il, _PAR_OF[base]) in glu:
+            kind = glu[(il, _PAR_OF[base])]
+            fused = f"{_PAR_OF[base]}_{'swiglu' if kind == 'silu' else 'geglu'}-{il}"
+            out.append((name if base == "ffn_sub_out" else fused, "SWIGLU" if kind == "silu" else "GEGLU", a))
         elif base == "kqv_merged":
             out.append((f"kqv-{il} (permuted)", op, a))
         elif base == "kqv_merged_cont":
@@ -150,7 +189,7 @@ def reference_capture(gguf_path: str | os.PathLike[str], ids: list[int], mode: s
     finally:
         model.close()
     hp = model.hp
-    nodes, arrays = capture_nodes(rec.records if generation == "2024-10" else to_current(rec.records))
+    nodes, arrays = capture_nodes(rec.records if generation == "2024-10" else to_current(rec.records, hp.arch))
     index = {"schema": SCHEMA, "engine": ENGINE, "n_tokens": len(ids), "arch": hp.arch, "mode": mode,
              "activation": hp.activation, "names": generation, "nodes": nodes}
     return index, arrays

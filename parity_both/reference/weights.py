@@ -524,6 +524,24 @@ class WeightStore:
         w.release()
         return y
 
+    def linear_rows(self, name: str, r0: int, r1: int, x: np.ndarray) -> np.ndarray:
+        """y = x @ W[r0:r1]^T for rows [r0, r1) of `name`.weight's matrix view (one expert of a stacked
+        [n_expert, rows, cols] tensor); same modes as linear. Pages out afterwards."""
+        w = self.matrix(name + ".weight")
+        if x.shape[-1] != w.cols:
+            raise ValueError(f"{w.name}: input has {x.shape[-1]} features, weight has {w.cols} columns")
+        if self.mode == "ggml" and w.type_name != "F32":
+            from parity_both.reference.ggml_emul import ggml_linear  # noqa: PLC0415 - imports gguf
+
+            row_bytes = self.info(w.name).nbytes // w.rows
+            raw = w.raw()[r0 * row_bytes:r1 * row_bytes]
+            y = np.asarray(ggml_linear(np.ascontiguousarray(x, dtype=np.float32), raw, w.type_name, r1 - r0, w.cols),
+                           dtype=np.float32)
+        else:
+            y = x @ w.dense_rows(r0, r1).T
+        self.release(w.name, r0, r1)
+        return y
+
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
