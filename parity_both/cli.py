@@ -25,9 +25,11 @@ from typing import Any
 
 import yaml
 
+from parity_both.tokenize.templates import TEMPLATES
+
 REPO = Path(__file__).resolve().parent.parent
 METRIC_CHOICES = ("cos", "mse", "kl", "topk", "greedy")
-TEMPLATE_CHOICES = ("auto", "raw", "instruct", "llama3-chat", "chatml", "gguf")
+TEMPLATE_CHOICES = ("auto", *TEMPLATES)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

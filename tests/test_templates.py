@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import jinja2
 import pytest
@@ -89,3 +90,24 @@ def test_contract_avoids_duplicate_bos():
     c, _ = templates.contract_for("llama3-chat", "<|begin_of_text|>x", vocab_add_bos=True, vocab_add_eos=False,
                                   bos_text="<|begin_of_text|>")
     assert c.add_bos is False and c.parse_special is True
+
+
+def test_gemma_template_detected_and_rendered() -> None:
+    """Gemma GGUFs (e.g. gemma-3-270m) may ship no chat template: its turn markers in the vocabulary pick
+    `gemma`; Gemma has no system role, so the system text leads the user turn."""
+    md = {"tokenizer.ggml.tokens": ["<pad>", "<bos>", "<start_of_turn>", "<end_of_turn>", "a"]}
+    name, evidence = templates.detect(md)
+    assert (name, evidence["rule"]) == ("gemma", "special_tokens_in_vocab")
+    text = templates.render("gemma", "Hi?", "Be brief.", md)
+    assert text == "<start_of_turn>user\nBe brief.\n\nHi?<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_template_lists_agree() -> None:
+    """One list of templates: the CLI's choices and the config schema's enum are the module's."""
+    import yaml
+
+    from parity_both.cli import TEMPLATE_CHOICES
+
+    schema = yaml.safe_load((Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml").read_text())
+    enum = schema["properties"]["prompts"]["additionalProperties"]["properties"]["template"]["enum"]
+    assert tuple(enum) == TEMPLATE_CHOICES == ("auto", *templates.TEMPLATES)

@@ -14,11 +14,14 @@ from typing import Any
 
 from parity_both.lanes.base import TokenizationContract
 
-TEMPLATES = ("raw", "instruct", "llama3-chat", "chatml", "gguf")
+TEMPLATES = ("raw", "instruct", "llama3-chat", "chatml", "gemma", "gguf")
 DEFAULT_LLAMA3_SYSTEM = "You are a helpful assistant"
 
 _LLAMA3_MARKERS = ("<|start_header_id|>", "<|eot_id|>")
 _CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
+_GEMMA_MARKERS = ("<start_of_turn>", "<end_of_turn>")
+# the templates recognised by their markers, in the order they are tried
+_MARKED = (("llama3-chat", _LLAMA3_MARKERS), ("chatml", _CHATML_MARKERS), ("gemma", _GEMMA_MARKERS))
 
 
 class TemplateError(ValueError):
@@ -51,7 +54,7 @@ def detect(metadata: Mapping[str, Any], model_path: str | None = None) -> tuple[
     if isinstance(tpl, str) and tpl.strip():
         evidence["checked"].append("tokenizer.chat_template")
         evidence["chat_template_sha256"] = chat_template_hash(metadata)
-        for name, markers in (("llama3-chat", _LLAMA3_MARKERS), ("chatml", _CHATML_MARKERS)):
+        for name, markers in _MARKED:
             found = [m for m in markers if m in tpl]
             if found:
                 evidence.update(rule="chat_template_markers", markers=found)
@@ -60,7 +63,7 @@ def detect(metadata: Mapping[str, Any], model_path: str | None = None) -> tuple[
         return "gguf", evidence
     evidence["checked"].append("tokenizer.ggml.tokens")
     tokens = set(_token_texts(metadata))
-    for name, markers in (("llama3-chat", _LLAMA3_MARKERS), ("chatml", _CHATML_MARKERS)):
+    for name, markers in _MARKED:
         found = [m for m in markers if m in tokens]
         if len(found) == len(markers):
             evidence.update(rule="special_tokens_in_vocab", markers=found)
@@ -101,6 +104,9 @@ def render(template: str, prompt: str, system_prompt: str | None, metadata: Mapp
     if template == "chatml":
         head = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
         return f"{head}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    if template == "gemma":  # Gemma has no system role: its chat template prepends the system text to the user turn
+        user = f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
+        return f"<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"
     if template == "gguf":
         return _render_gguf(prompt, system_prompt, metadata)
     raise TemplateError(f"unknown prompt template {template!r}; use one of {', '.join(TEMPLATES)} or auto")
@@ -141,7 +147,7 @@ def contract_for(template: str, text: str, *, vocab_add_bos: bool, vocab_add_eos
                  bos_text: str | None) -> tuple[TokenizationContract, tuple[str, ...]]:
     """The explicit (add_bos, add_eos, parse_special) for a formatted prompt, and why."""
     notes: list[str] = []
-    parse_special = template in ("llama3-chat", "chatml", "gguf")
+    parse_special = template in ("llama3-chat", "chatml", "gemma", "gguf")
     add_bos = vocab_add_bos
     if template == "llama3-chat":
         add_bos = False
