@@ -63,7 +63,7 @@ def _perturbed(cap: Capture, node: Node, data: np.ndarray | None = None,
 def _recheck(h: dict[str, Any], cap: Capture, node: Node) -> dict[str, Any]:
     """The kernels section with the perturbed node's row recomputed on the perturbed capture."""
     ctx = Context(cap, h["model"])
-    row = check_node(ctx, cap.nodes[node.i], kv_expectations(ctx), FLOORS)
+    row = check_node(ctx, cap.nodes[node.i], kv_expectations(ctx, only=[node.i]), FLOORS)
     rows = [row if r["i"] == node.i else r for r in h["rows"]]
     return summarize(rows, h["model"], "perturbed", FLOORS)
 
@@ -219,3 +219,83 @@ def test_section_is_deterministic_json(honest: dict[str, Any], tmp_path: Path) -
     text = json.dumps(sec, sort_keys=True)
     assert json.loads(text) == sec
     assert "nan" not in text.lower() and "infinity" not in text.lower()
+
+
+# --- the other honest lanes (slow: a harness build, a fixture model) ---------------------------------------
+@pytest.mark.slow
+def test_honest_llama_2024_harness_every_node_within_floor(smol_path: str, tmp_path: Path) -> None:
+    """The October-2024 tree through the harness (F16 V cache, CPY into the cache, kq over 32 padded cells)."""
+    import os
+
+    from parity_both.lanes.harness import HarnessLane
+    from parity_both.provision.backends import BUILTIN_SPECS, provision_backend
+    from parity_both.provision.harness import HarnessBuild
+
+    cache = Path(os.environ.get("PARITY_BOTH_TEST_CACHE") or tmp_path / "cache")
+    ident = provision_backend(BUILTIN_SPECS["llama-2024"], cache, tmp_path / "build.log", "auto")
+    build = HarnessBuild.load(Path(ident["harness_path"]).parent.parent / "harness.json")
+    lane = HarnessLane(build, smol_path, threads=2, n_ctx=64)
+    py = LlamaCppPythonLane(smol_path, n_ctx=64, threads=1, vocab_only=True)
+    try:
+        ids = py.tokenize(TEXT, True)
+        lane.eval_capture(ids, tmp_path / "h2024")
+    finally:
+        lane.close()
+        py.close()
+    sec = check_kernels(tmp_path / "h2024", smol_path)
+    assert sec["status"] == "pass", sec["diagnosis"]
+    assert sec["per_op"]["MUL_MAT:act-f16"]["nodes"] == 30  # kqv over the F16 V cache
+    assert sec["per_op"]["CPY"]["nodes"] == 60
+
+
+@pytest.mark.slow
+def test_honest_bitnet_tq2_0_fixture_every_node_within_floor(tmp_path: Path) -> None:
+    from parity_both.fixtures import write_fixture
+
+    path = tmp_path / "bitnet_tq2_0.gguf"
+    write_fixture(path, arch="bitnet", weight_type="TQ2_0", size="small", seed=5, scale_tensors=True)
+    lane = LlamaCppPythonLane(str(path), n_ctx=64, threads=2)
+    try:
+        lane.eval_capture([1, 17, 923, 4500, 33, 800, 1200, 77, 9, 3000, 12, 15, 18, 400, 500, 600] * 2,
+                          tmp_path / "bitnet")
+    finally:
+        lane.close()
+    sec = check_kernels(tmp_path / "bitnet", path)
+    assert sec["status"] == "pass", sec["diagnosis"]
+    assert sec["model"]["rope"]["type"] == "neox"
+    assert sec["per_op"]["MUL_MAT:TQ2_0"]["nodes"] == 4 * 7
+
+
+def _rewired(cap: Capture, node: Node, k: int, to: Node, data: np.ndarray) -> Capture:
+    """The node reads source k from `to` (and holds `data`, consistent with that wiring)."""
+    index = copy.deepcopy(dict(cap.index))
+    index["nodes"][node.i]["src"][k].update(node=to.i, name=to.name, ne=list(to.ne))
+    arrays = dict(cap.arrays)
+    arrays[node.key] = np.asarray(data, dtype=np.float32).reshape(arrays[node.key].shape)
+    return Capture(index, arrays)
+
+
+def test_residual_wired_to_the_layer_input_fails_at_that_add(honest: dict[str, Any]) -> None:
+    """l_out-5 = ffn_out-5 + l_out-4 (the attention block dropped): each op right, the wiring not."""
+    cap = honest["cap"]
+    node, layer_in = _node(cap, "l_out-5", "ADD"), _node(cap, "l_out-4", "ADD")
+    ffn_out = _src(cap, node, 0)
+    sec = _recheck(honest, _rewired(cap, node, 1, layer_in, ffn_out + cap.data(layer_in)), node)
+    first = sec["first_failure"]
+    assert (first["i"], first["op"]) == (node.i, "ADD") and first["nmse"] == 0.0
+    assert first["params"] == [{"param": "wiring", "engine": "l_out-4", "model": "ffn_inp-5"}]
+    assert sec["diagnosis"].startswith("ADD wiring differs from the model at l_out-5")
+
+
+def test_ffn_gate_and_up_swapped_fails_at_the_glu(honest: dict[str, Any]) -> None:
+    cap = honest["cap"]
+    node = _node(cap, "ffn_swiglu-2", "SWIGLU")
+    gate, up = _node(cap, "ffn_gate-2", "MUL_MAT"), _node(cap, "ffn_up-2", "MUL_MAT")
+    g, u = cap.data(gate).astype(np.float64), cap.data(up).astype(np.float64)
+    swapped = _rewired(_rewired(cap, node, 0, up, u / (1 + np.exp(-u)) * g), node, 1, gate,
+                       u / (1 + np.exp(-u)) * g)
+    sec = _recheck(honest, swapped, node)
+    first = sec["first_failure"]
+    assert first["i"] == node.i and first["nmse"] < FLOORS["SWIGLU"]
+    assert [p["engine"] for p in first["params"]] == ["ffn_up-2 (blk.2.ffn_up.weight)",
+                                                     "ffn_gate-2 (blk.2.ffn_gate.weight)"]

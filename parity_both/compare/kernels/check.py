@@ -13,11 +13,13 @@ import numpy as np
 
 from parity_both.capture import Capture, Node, load_capture
 from parity_both.gguf.reader import GGUFFile
+from parity_both.reference.engine import fix_blas_threads
 
 from .floors import FLOORS, floor_for, floor_key
 from .kvcache import kv_expectations
 from .model import KernelModel
 from .recompute import HANDLERS, Context, Expect, SkipNode
+from .wiring import wiring
 
 SCHEMA = "parity-both/kernels/1"
 
@@ -71,6 +73,8 @@ def check_node(ctx: Context, node: Node, kv: Mapping[int, Expect], floors: Mappi
             exp = handler(ctx, node)
         except SkipNode as e:
             exp = Expect(skip=str(e))
+    if exp.skip is None:
+        exp.params = exp.params + wiring(ctx, node)
     row = _row(node, exp, floors)
     if exp.skip is not None:
         return row
@@ -92,6 +96,7 @@ def check_node(ctx: Context, node: Node, kv: Mapping[int, Expect], floors: Mappi
 def node_rows(cap: Capture, model: KernelModel, floors: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """Every captured node's row, in evaluation order."""
     floors = FLOORS if floors is None else floors
+    fix_blas_threads()  # as the reference job: one BLAS thread unless the caller set a count (no spinning)
     ctx = Context(cap, model)
     kv = kv_expectations(ctx)
     return [check_node(ctx, node, kv, floors) for node in cap.nodes]
@@ -111,6 +116,9 @@ def diagnosis(first: Mapping[str, Any] | None, worst: Mapping[str, Any] | None) 
                 f"NMSE {worst['nmse']:.2g} vs floor {worst['floor']:.0e})")
     if first.get("params"):
         p = first["params"][0]
+        if p["param"] == "wiring":
+            return (f"{first['op']} wiring differs from the model at {first['name']}: the engine reads "
+                    f"{p['engine']}, the model {p['model']}")
         return (f"{first['op']} {p['param']} differs from the model at {first['name']}: engine {p['engine']}, "
                 f"model {p['model']} (NMSE {first.get('nmse', float('nan')):.2g})")
     where = first["weight"][: -len(".weight")] if str(first.get("weight") or "").endswith(".weight") else None

@@ -8,6 +8,8 @@ which is the batch every lane's capture uses.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
 from parity_both.capture import Node
@@ -59,14 +61,15 @@ def _chain(ctx: Context, node: Node) -> tuple[list[Node], tuple[str, int, str]] 
     return (path, root) if path and root is not None else None
 
 
-def kv_expectations(ctx: Context) -> dict[int, Expect]:
-    """Expected content of every view node between a KV-cache leaf and the attention matmul reading it."""
+def kv_expectations(ctx: Context, only: Collection[int] | None = None) -> dict[int, Expect]:
+    """Expected content of every view node between a KV-cache leaf and the attention matmul reading it
+    (of the chains through the nodes `only`, when given)."""
     out: dict[int, Expect] = {}
     for node in ctx.cap.nodes:
         if node.op != "MUL_MAT":
             continue
         found = _chain(ctx, node)
-        if found is None:
+        if found is None or (only is not None and not {n.i for n in found[0]} & set(only)):
             continue
         path, (kind, layer, ctype) = found
         note = f"KV cache view: {kind.upper()} of layer {layer} as written for the sequence, rounded to {ctype}"
