@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +48,30 @@ def _node(cap: Capture, name: str, op: str, k: int = 0) -> Node:
     return [n for n in cap.nodes if n.name == name and n.op == op][k]
 
 
+class _Overlay(Mapping[str, np.ndarray]):
+    """The capture's arrays with some replaced (read lazily, as the npz is)."""
+
+    def __init__(self, base: Mapping[str, np.ndarray]) -> None:
+        self.base, self.new = base, {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.new[key] if key in self.new else self.base[key]
+
+    def __setitem__(self, key: str, value: np.ndarray) -> None:
+        self.new[key] = value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
 def _perturbed(cap: Capture, node: Node, data: np.ndarray | None = None,
                op_params: dict[int, int] | None = None) -> Capture:
     """A copy of the capture with one node's data and/or op_params replaced."""
     index = copy.deepcopy(dict(cap.index))
-    arrays = dict(cap.arrays)
+    arrays = _Overlay(cap.arrays)
     if data is not None:
         arrays[node.key] = np.asarray(data, dtype=np.float32).reshape(arrays[node.key].shape)
     for k, v in (op_params or {}).items():
@@ -270,7 +289,7 @@ def _rewired(cap: Capture, node: Node, k: int, to: Node, data: np.ndarray) -> Ca
     """The node reads source k from `to` (and holds `data`, consistent with that wiring)."""
     index = copy.deepcopy(dict(cap.index))
     index["nodes"][node.i]["src"][k].update(node=to.i, name=to.name, ne=list(to.ne))
-    arrays = dict(cap.arrays)
+    arrays = _Overlay(cap.arrays)
     arrays[node.key] = np.asarray(data, dtype=np.float32).reshape(arrays[node.key].shape)
     return Capture(index, arrays)
 

@@ -24,8 +24,11 @@ from .wiring import wiring
 SCHEMA = "parity-both/kernels/1"
 
 
-def _g(x: float | None) -> float | None:
-    return None if x is None else float(f"{x:.6g}")
+def _g(x: float | None) -> float | str | None:
+    """6 significant digits; non-finite values as strings (the section stays strict JSON)."""
+    if x is None:
+        return None
+    return float(f"{x:.6g}") if np.isfinite(x) else str(x)
 
 
 def difference(expected: np.ndarray, lane: np.ndarray) -> dict[str, Any]:
@@ -114,6 +117,8 @@ def diagnosis(first: Mapping[str, Any] | None, worst: Mapping[str, Any] | None) 
             return "nothing checked"
         return (f"rounding compounded: every op within floor (closest: {worst['key']} at {worst['name']}, "
                 f"NMSE {worst['nmse']:.2g} vs floor {worst['floor']:.0e})")
+    if not np.isfinite(first.get("nmse", 0.0)):
+        return f"{first['op']} at {first['name']} holds non-finite values where the model's are finite"
     if first.get("params"):
         p = first["params"][0]
         if p["param"] == "wiring":
@@ -135,9 +140,11 @@ def summarize(rows: list[dict[str, Any]], model: KernelModel, engine: str, floor
     checked = [r for r in rows if r["verdict"] != "skip"]
     per_key: dict[str, dict[str, Any]] = {}
     for r in checked:
-        e = per_key.setdefault(r["key"], {"nodes": 0, "failed": 0, "worst": None})
+        e = per_key.setdefault(r["key"], {"nodes": 0, "failed": 0, "worst": None, "least_failing": None})
         e["nodes"] += 1
         e["failed"] += r["verdict"] == "fail"
+        if r["verdict"] == "fail" and (e["least_failing"] is None or r["nmse"] < e["least_failing"]):
+            e["least_failing"] = r["nmse"]
         if e["worst"] is None or r["nmse"] > e["worst"]["nmse"]:
             e["worst"] = r
     skipped: dict[str, int] = {}
@@ -158,7 +165,8 @@ def summarize(rows: list[dict[str, Any]], model: KernelModel, engine: str, floor
         "counts": {"nodes": len(rows), "checked": len(checked), "failed": len(failures),
                    "skipped": len(rows) - len(checked), "skipped_by_reason": dict(sorted(skipped.items()))},
         "per_op": {k: {"nodes": v["nodes"], "failed": v["failed"], "floor": v["worst"]["floor"],
-                       "worst": _summary_row(v["worst"])} for k, v in sorted(per_key.items())},
+                       "worst": _summary_row(v["worst"]), "least_failing_nmse": _g(v["least_failing"])}
+                   for k, v in sorted(per_key.items())},
         "floors": {k: floors[k] for k in sorted({r["key"] for r in checked} & set(floors))},
     }
 

@@ -67,7 +67,9 @@ def mismatch(param: str, engine: float, model: float, rel: float = 1e-6) -> list
     """One record when the engine's value is not the model's (relative tolerance for float parameters)."""
     if engine == model or abs(engine - model) <= rel * max(abs(model), abs(engine)):
         return []
-    return [{"param": param, "engine": engine, "model": model}]
+    def g(v: float) -> float:
+        return v if isinstance(v, int) else float(f"{v:.7g}")
+    return [{"param": param, "engine": g(engine), "model": g(model)}]
 
 
 def round_to(x: np.ndarray, type_name: str) -> np.ndarray:
