@@ -318,3 +318,54 @@ def test_ffn_gate_and_up_swapped_fails_at_the_glu(honest: dict[str, Any]) -> Non
     assert first["i"] == node.i and first["nmse"] < FLOORS["SWIGLU"]
     assert [p["engine"] for p in first["params"]] == ["ffn_up-2 (blk.2.ffn_up.weight)",
                                                      "ffn_gate-2 (blk.2.ffn_gate.weight)"]
+
+
+# --- planted bugs in real engines (slow: one October-2024 tree build per mutant) -----------------------------
+# mutant (the mutation suite's table, tests/mutants) -> (model, first failing node, op, weight type, parameter)
+MUTANT_EXPECTATIONS = {
+    "q4_1-min-scaled": ("smol", "Qcur-0", "MUL_MAT", "Q4_1", None),
+    "q4_1-scale-wrong-block": ("smol", "Qcur-0", "MUL_MAT", "Q4_1", None),
+    "q8_0-dequant-wrong-block": ("smol", "inp_embd", "GET_ROWS", "Q8_0", None),
+    "tq2_0-sign-flip": ("bitnet-tq2_0", None, "MUL_MAT", "TQ2_0", None),
+    "rope-base": ("smol", "Qcur-0", "ROPE", None, "freq_base"),
+    "kq-scale": ("smol", "kq_soft_max_ext-0", "SOFT_MAX", None, "scale"),
+    "rms-eps": ("smol", "norm-0", "RMS_NORM", None, "eps"),
+    "causal-mask": ("smol", "kq_soft_max_ext-0", "SOFT_MAX", None, None),
+    "silu-gelu": ("smol", "ffn_silu-0", "GELU", None, "activation"),
+    "ffn-gate-up-swap": ("smol", "ffn_silu-0", "SILU", None, "wiring"),
+    "ffn-no-residual": ("smol", "l_out-0", "ADD", None, "wiring"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant", sorted(MUTANT_EXPECTATIONS))
+def test_planted_engine_bug_fails_at_its_node(mutant: str, smol_path: str, tmp_path: Path) -> None:
+    from tests.mutants import mutant_build  # the mutation suite's cached tree copies and builds
+
+    from parity_both.fixtures import write_fixture
+    from parity_both.lanes.harness import HarnessLane
+
+    model_kind, name, op, weight_type, param = MUTANT_EXPECTATIONS[mutant]
+    if model_kind == "smol":
+        model = Path(smol_path)
+        py = LlamaCppPythonLane(smol_path, n_ctx=64, threads=1, vocab_only=True)
+        ids = py.tokenize(TEXT, True)
+        py.close()
+    else:
+        model = tmp_path / "bitnet_tq2_0.gguf"
+        write_fixture(model, arch="bitnet", weight_type="TQ2_0", size="small", seed=5)
+        ids = [1, 17, 923, 4500, 33, 800, 1200, 77, 9, 3000, 12, 15, 18, 400, 500, 600] * 2
+    lane = HarnessLane(mutant_build(mutant), model, threads=2, n_ctx=64)
+    try:
+        lane.eval_capture(ids, tmp_path / "capture")
+    finally:
+        lane.close()
+    sec = check_kernels(tmp_path / "capture", model)
+    first = sec["first_failure"]
+    assert sec["status"] == "fail" and first is not None, sec["diagnosis"]
+    assert first["op"] == op and first["weight_type"] == weight_type
+    if name is not None:
+        assert first["name"] == name
+    assert (first["params"][0]["param"] if first["params"] else None) == param
+    if param is None:
+        assert first["nmse"] > 100 * first["floor"]
