@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from parity_both.capture import Capture, Node
+from parity_both.gguf.quants import dequantize
 from parity_both.reference import ops
-from parity_both.reference.ggml_emul import exact_linear, ggml_linear, round_bf16, round_fp16
+from parity_both.reference.ggml_emul import exact_linear, ggml_linear, round_bf16, round_fp16, vec_dot_type
 
-from .model import ACTIVATION_CHAIN, GLU_OP, KernelModel
+from .model import ACTIVATION_CHAIN, GLU_OP, KernelModel, row_nbytes
 
 F32 = np.float32
 NAN = np.float32(np.nan)
@@ -188,10 +189,36 @@ def _weight_matmul(ctx: Context, node: Node, name: str) -> Expect:
     x2 = x.reshape(-1, cols)
     y = ggml_linear(x2, ctx.model.raw(name), t.type_name, rows, cols)
     alt = []
+    if vec_dot_type(t.type_name) == "Q8_K":
+        alt = [("Q8_K rounding of the unrounded product (nearest_int contracted to an FMA)",
+                _q8_k_fused_linear(x2, ctx.model.raw(name), t.type_name, rows, cols).reshape(x.shape[:-1] + (rows,)))]
     if t.type_name in ("F16", "BF16"):  # tinyBLAS multiplies F16 weights by f32 activations (no rounding)
         alt = [("tinyBLAS: activations kept f32",
                 exact_linear(x2, ctx.model.raw(name), t.type_name, rows, cols).reshape(x.shape[:-1] + (rows,)))]
     return Expect(y.reshape(x.shape[:-1] + (rows,)), weight_type=t.type_name, weight=name, alternatives=alt)
+
+
+def _q8_k_fused_linear(x: np.ndarray, raw: np.ndarray, type_name: str, rows: int, cols: int,
+                       chunk_rows: int = 4096) -> np.ndarray:
+    """W x with Q8_K activations quantized as a build that contracts ``nearest_int(iscale*x)`` (a multiply
+    then the 1.5*2^23 rounding add) into one FMA rounds them: the product is not rounded to float32 first
+    (GCC's default -ffp-contract=fast with -mfma; measured on the October-2024 tree: a rare code differs)."""
+    xb = x.reshape(x.shape[0], -1, 256)
+    idx = np.abs(xb).argmax(axis=2)
+    vmax = np.take_along_axis(xb, idx[..., None], axis=2)[..., 0]
+    zero = vmax == 0
+    iscale = np.where(zero, F32(0), F32(-127) / np.where(zero, F32(1), vmax)).astype(F32)
+    q = np.minimum(np.rint(xb.astype(np.float64) * iscale[..., None].astype(np.float64)), 127)
+    with np.errstate(divide="ignore"):
+        d = np.where(zero, F32(0), F32(1) / np.where(zero, F32(1), iscale)).astype(F32)
+    a = (q * d[..., None].astype(np.float64)).reshape(x.shape[0], cols)
+    rb = row_nbytes(type_name, cols)
+    out = np.empty((x.shape[0], rows), dtype=F32)
+    for r0 in range(0, rows, chunk_rows):
+        n = min(chunk_rows, rows - r0)
+        w = dequantize(raw[r0 * rb:(r0 + n) * rb], type_name, n * cols).reshape(n, cols).astype(np.float64)
+        out[:, r0:r0 + n] = a @ w.T
+    return out
 
 
 def ctx_is_kv(ctx: Context, node: Node, kind: str) -> bool:
