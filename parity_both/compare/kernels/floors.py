@@ -45,6 +45,24 @@ HONEST_WORST: dict[str, float] = {
 }
 
 
+# What it catches (measured 2026-11-30): the mutation suite's one-line patches to the October-2024 tree
+# (tests/mutants), run as harness lanes on SmolLM2 Q4_1 (tq2_0-sign-flip: the bitnet TQ2_0 fixture), 32
+# positions. mutant -> (first failing node, its key, NMSE there, smallest NMSE over the failing nodes of
+# that key, parameter/wiring record). Every planted bug fails at its first node in evaluation order.
+PLANTED: dict[str, tuple[str, str, float, float, str | None]] = {
+    "q4_1-min-scaled": ("Qcur-0", "MUL_MAT:Q4_1", 3.6e-2, 3.6e-2, None),
+    "q4_1-scale-wrong-block": ("Qcur-0", "MUL_MAT:Q4_1", 8.5e-2, 8.3e-2, None),
+    "q8_0-dequant-wrong-block": ("inp_embd", "GET_ROWS:Q8_0", 0.45, 0.45, None),
+    "tq2_0-sign-flip": ("Qcur-0", "MUL_MAT:TQ2_0", 4.0, 4.0, None),
+    "rope-base": ("Qcur-0", "ROPE", 6.6e-3, 9.1e-4, "freq_base 150000 vs 100000"),
+    "kq-scale": ("kq_soft_max_ext-0", "SOFT_MAX", 8.1e-5, 2.8e-5, "scale 0.1230915 vs 0.125"),
+    "rms-eps": ("norm-0", "RMS_NORM", 0.42, 5.3e-9, "eps 0.1 vs 1e-5"),
+    "causal-mask": ("kq_soft_max_ext-0", "SOFT_MAX", 0.23, 1.8e-2, None),
+    "silu-gelu": ("ffn_silu-0", "GELU", 2.0e-2, 2.6e-3, "activation GELU vs SILU"),
+    "ffn-gate-up-swap": ("ffn_silu-0", "SILU", 2.2e-15, 7.0e-17, "wiring: reads blk.0.ffn_up"),
+}
+
+
 def _floor(worst: float) -> float:
     """MARGIN x worst, rounded up to a power of ten, at least MIN_FLOOR."""
     if worst <= 0:
