@@ -60,6 +60,7 @@ PLANTED: dict[str, tuple[str, str, float, float, str | None]] = {
     "causal-mask": ("kq_soft_max_ext-0", "SOFT_MAX", 0.23, 1.8e-2, None),
     "silu-gelu": ("ffn_silu-0", "GELU", 2.0e-2, 2.6e-3, "activation GELU vs SILU"),
     "ffn-gate-up-swap": ("ffn_silu-0", "SILU", 2.2e-15, 7.0e-17, "wiring: reads blk.0.ffn_up"),
+    "ffn-no-residual": ("l_out-0", "ADD", 0.0, 0.0, "wiring: adds inp_embd, not ffn_inp-0"),
 }
 
 
