@@ -13,7 +13,7 @@ import numpy as np
 
 from parity_both.capture import Capture, Node, load_capture
 from parity_both.gguf.reader import GGUFFile
-from parity_both.reference.engine import fix_blas_threads
+from parity_both.reference.blas import fix_blas_threads
 
 from .floors import FLOORS, floor_for, floor_key
 from .kvcache import kv_expectations

@@ -17,7 +17,7 @@ from gguf import quants as gq
 
 from parity_both.gguf.quants import dequantize
 from parity_both.gguf.reader import GGUFFile, TensorInfo, read_gguf
-from parity_both.reference.engine import arch_module
+from parity_both.reference.hparams import HParams, Rope
 
 F32 = np.float32
 
@@ -26,6 +26,8 @@ F32 = np.float32
 ACTIVATION_CHAIN = {"silu": ("SILU",), "relu2": ("RELU", "SQR"), "gelu": ("GELU",)}
 GLU_OP = {"silu": 2, "gelu": 1}
 ROPE_MODE = {"normal": 0, "neox": 2}  # ggml rope mode bits (GGML_ROPE_TYPE_NEOX = 2)
+# HParams features whose graph the check does not model yet (their softmax scale, mask or FFN differ)
+UNSUPPORTED_FEATURES = ("qk_norm", "q_scale", "embd_scale", "attn_softcap", "final_softcap", "swa", "moe")
 
 
 @dataclass
@@ -35,42 +37,46 @@ class KernelModel:
     path: Path
     gguf: GGUFFile
     arch: str
-    hp: dict[str, Any]
+    hp: HParams
     _vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, model: str | Path | GGUFFile, activation: str | None = None) -> KernelModel:
         g = model if isinstance(model, GGUFFile) else read_gguf(model)
-        hp = arch_module(g.architecture).hparams(g, activation)
+        hp = HParams.from_gguf(g, activation)
+        unsupported = [k for k in UNSUPPORTED_FEATURES if getattr(hp, k)]
+        if unsupported:
+            raise NotImplementedError(f"the kernel check does not model {', '.join(unsupported)} "
+                                      f"({g.architecture}): only plain llama-family attention and FFN")
         return cls(Path(g.path), g, g.architecture, hp)
 
     # -- declared parameters ----------------------------------------------------------------------
     @property
     def eps(self) -> float:
-        return float(F32(self.hp["rms_eps"]))
+        return float(F32(self.hp.rms_eps))
 
     @property
     def kq_scale(self) -> float:
-        return float(F32(self.hp["kq_scale"]))
+        return float(F32(self.hp.kq_scale))
 
     @property
-    def rope(self) -> dict[str, Any]:
-        return self.hp["rope"]
+    def rope(self) -> Rope:
+        return self.hp.rope
 
     @property
     def rope_mode(self) -> int:
-        return ROPE_MODE[self.rope["rope_type"]]
+        return ROPE_MODE[self.rope.rope_type]
 
     @property
     def activation(self) -> str:
-        return str(self.hp.get("activation") or "silu")
+        return str(self.hp.activation or "silu")
 
     def declared(self) -> dict[str, Any]:
         """The parameters the check uses, for the receipt."""
         r = self.rope
         return {"architecture": self.arch, "rms_eps": self.eps, "kq_scale": self.kq_scale,
-                "activation": self.activation, "rope": {"type": r["rope_type"], "n_rot": r["n_rot"],
-                "freq_base": r["freq_base"], "freq_scale": r["freq_scale"], "attn_factor": r["attn_factor"]}}
+                "activation": self.activation, "rope": {"type": r.rope_type, "n_rot": r.n_rot,
+                "freq_base": r.freq_base, "freq_scale": r.freq_scale, "attn_factor": r.attn_factor}}
 
     # -- weights -----------------------------------------------------------------------------------
     def has(self, name: str) -> bool:

@@ -93,16 +93,15 @@ def permutation(node: Node) -> list[int]:
     return perm
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
-    """tanh-approximated GELU (ggml_gelu)."""
-    x64 = x.astype(np.float64)
-    return (0.5 * x64 * (1.0 + np.tanh(0.7978845608028654 * (x64 + 0.044715 * x64 ** 3)))).astype(F32)
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, F32(0))
 
 
 UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "SILU": ops.silu, "RELU": lambda x: np.maximum(x, F32(0)), "SQR": lambda x: x * x, "GELU": gelu,
+    "SILU": ops.silu, "RELU": relu, "SQR": lambda x: x * x, "GELU": ops.gelu,
 }
-ACTIVATION: dict[str, Callable[[np.ndarray], np.ndarray]] = {"silu": ops.silu, "relu2": ops.relu2, "gelu": gelu}
+ACTIVATION: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "silu": ops.silu, "relu2": lambda x: relu(x) * relu(x), "gelu": ops.gelu}
 
 
 # --- the context: lane data, model, positions ----------------------------------------------------------
@@ -248,7 +247,7 @@ def kv_root(ctx: Context, s: dict[str, Any] | None) -> tuple[str, int, str] | No
 def op_rms_norm(ctx: Context, node: Node) -> Expect:
     x = ctx.src_data(node, 0)
     eps = ctx.model.eps
-    y = ops.rms_norm(x.reshape(-1, x.shape[-1]), F32(1.0), eps).reshape(x.shape)
+    y = ops.rms(x.reshape(-1, x.shape[-1]), eps).reshape(x.shape)
     return Expect(y, params=mismatch("eps", param_f32(node, 0), eps))
 
 
@@ -273,18 +272,17 @@ def op_rope(ctx: Context, node: Node) -> Expect:
     x = ctx.src_data(node, 0)
     pos = np.asarray(ctx.src_data(node, 1)).reshape(-1).astype(np.int64)
     r = ctx.model.rope
-    ff = ctx.model.tensor("rope_freqs.weight").reshape(-1) if r.get("freq_factors") else None
-    cos, sin = ops.rope_cos_sin(pos, int(r["n_rot"]), float(r["freq_base"]), float(r["freq_scale"]),
-                                ff, float(r["attn_factor"]))
-    y = ops.rope(x[0], cos, sin, neox=r["rope_type"] == "neox")[None]
-    params = (mismatch("n_dims", param_i32(node, 1), int(r["n_rot"]))
+    ff = ctx.model.tensor("rope_freqs.weight").reshape(-1) if r.freq_factors else None
+    cos, sin = ops.rope_cos_sin(pos, int(r.n_rot), float(r.freq_base), float(r.freq_scale), ff, float(r.attn_factor))
+    y = ops.rope(x[0], cos, sin, neox=r.rope_type == "neox")[None]
+    params = (mismatch("n_dims", param_i32(node, 1), int(r.n_rot))
               + mismatch("mode", param_i32(node, 2), ctx.model.rope_mode)
-              + mismatch("freq_base", param_f32(node, 5), float(F32(r["freq_base"])))
-              + mismatch("freq_scale", param_f32(node, 6), float(F32(r["freq_scale"])))
+              + mismatch("freq_base", param_f32(node, 5), float(F32(r.freq_base)))
+              + mismatch("freq_scale", param_f32(node, 6), float(F32(r.freq_scale)))
               + mismatch("ext_factor", param_f32(node, 7), 0.0))
     af = param_f32(node, 8)
     if af != 0.0 or param_i32(node, 9) != 0:  # attn_factor is recorded by every generation that sets it
-        params += mismatch("attn_factor", af, float(F32(r["attn_factor"])))
+        params += mismatch("attn_factor", af, float(F32(r.attn_factor)))
     return Expect(y, params=params)
 
 
