@@ -51,7 +51,13 @@ def test_end_to_end_passes_with_complete_receipts(base_run):
         q = r["quantized"]
         assert r["token_parity"]["match"] and q["sequence"]["n_generated"] <= 3
         assert q["positions"] == len(q["sequence"]["ids"]) > 3 and q["status"] == "pass"
-        assert r["graph"]["status"] == "skipped"  # no twin is wired into the workflow yet
+        g = r["graph"]  # both sides on the lossless F32 twin: the honest floor is ~1e-9 KL, not ~1e-3
+        assert g["status"] == "pass" and g["files"]["twin"]["dtype"] == "F32" and g["files"]["twin"]["exact"]
+        assert g["files"]["reference"] == g["files"]["lane"] != r["model"]
+        assert g["summary"]["mean_kl"] < 1e-6 < q["summary"]["mean_kl"]
+        assert r["localization"]["status"] == "not_run"  # the graph verdict passed and diagnose is off
+        k = r["kernels"]  # every node the lane evaluated on the Q4_1 file, recomputed from its own inputs
+        assert k["status"] == "pass" and k["counts"]["failed"] == 0 and k["counts"]["checked"] > 500, k["diagnosis"]
         assert r["model_sha256"] == json.loads((work / "results/smol/model.json").read_text())["sha256"]
         assert r["backend_identity"]["runtime"]["engine"] == "llama.cpp"
         assert r["backend_identity"]["runtime"]["version"] == "0.3.36"
@@ -172,11 +178,11 @@ def test_transcoded_i2s_fixture_runs_in_the_llama_lane(tmp_path):
     assert r["model_facts"]["type_numbering"] == "bitnet.cpp"
 
 
-# -- the graph verdict with real npz (the twin rule is not wired yet: the workflow's own reference and
-# lane npz stand in for the twin pair) ------------------------------------------------------------
+# -- the graph verdict judged on chosen npz (the workflow's own quantized reference and lane npz, or a
+# synthetic faithful lane, stand in for the twin pair) -----------------------------------------------
 def _receipt_with_twin(work: Path, prompt: str, twin_reference: Path, twin_lane: Path) -> dict:
     from parity_both import pipeline
-    from parity_both.config import embedded_model_path, thresholds, with_defaults
+    from parity_both.config import thresholds, with_defaults
 
     cfg = with_defaults(yaml.safe_load((work / "config.yaml").read_text()))
     res = work / "results"
@@ -188,7 +194,8 @@ def _receipt_with_twin(work: Path, prompt: str, twin_reference: Path, twin_lane:
         lane_npz=str(res / f"smol/lanes/llama/{prompt}.npz"), lane_vocab_json=str(res / "smol/lanes/llama/vocab.json"),
         backend_json=str(res / "backends/llama.json"),
         thresholds={"quantized": thresholds(cfg, "exact"), "graph": thresholds(cfg, "graph")}, mode="exact", gates=[],
-        twin_reference_npz=str(twin_reference), twin_lane_npz=str(twin_lane), twin_gguf=embedded_model_path())
+        twin_reference_npz=str(twin_reference), twin_lane_npz=str(twin_lane),
+        twin_record_json=str(res / "smol/twin/F32.json"))
     return receipt
 
 
