@@ -129,6 +129,7 @@ def bench(lanes: list[str], smoke: bool, work: Path) -> list[dict[str, Any]]:
     rows.append(row("P2a", f"reference peak RSS {ref_rss:.0f} MB (embedded model; lane {lane_rss:.0f} MB)",
                     "<= 400 MB", ref_rss <= 400))
     rows.extend(bench_bitnet_rss(work, smoke))
+    rows.extend(bench_graph_tools(model, work, smoke))
 
     # P3: the lane phase with two lanes at --cores 2 vs --cores 1.
     if len(lanes) >= 2:
@@ -192,6 +193,47 @@ def bench(lanes: list[str], smoke: bool, work: Path) -> list[dict[str, Any]]:
     _, reused = sha256_cached(model)
     rows.append(row("P6", f"sha256 {statistics.median(ours):.3f} s vs sha256sum {statistics.median(theirs):.3f} s "
                           f"= {speed:.2f}x speed; second lookup reused: {reused}", ">= 0.8x", speed >= 0.8 and reused))
+    return rows
+
+
+_CAPTURE_CHILD = """
+import json, sys, time
+from parity_both.lanes.llama_cpp_python import LlamaCppPythonLane
+lane = LlamaCppPythonLane(sys.argv[1], n_ctx=96, threads=1)
+ids = lane.tokenize(sys.argv[3], False)
+t0 = time.perf_counter(); lane.eval_logits(ids); plain = time.perf_counter() - t0
+t0 = time.perf_counter(); lane.eval_capture(ids, sys.argv[2]); captured = time.perf_counter() - t0
+lane.close()
+print(json.dumps({"n": len(ids), "plain_s": plain, "capture_s": captured}))
+"""
+CAPTURE_TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+                "combined movable metal type, oil-based ink and a wooden press adapted from wine presses.")
+
+
+def bench_graph_tools(model: str, work: Path, smoke: bool) -> list[dict[str, Any]]:
+    """G1 the lossless twin (build time, disk, RSS), G2 the per-node capture (eval with and without it, size),
+    K1 the op-by-op kernel check against the reference forward (bench/bench_kernels.py, same process)."""
+    twin = work / "twin-F32.gguf"
+    wall, rss, rc = timed_child([PY, "-m", "parity_both.gguf.twin", model, str(twin)])
+    size = Path(model).stat().st_size
+    rows = [row("G1", f"F32 twin of the embedded model: {wall:.1f} s, {twin.stat().st_size / 1e6:.0f} MB on disk "
+                      f"({twin.stat().st_size / size:.1f}x the file), peak RSS {rss:.0f} MB" if rc == 0
+                else "twin failed", "RSS <= 400 MB (streamed)", rc == 0 and rss <= 400)]
+    out = subprocess.run([PY, "-c", _CAPTURE_CHILD, model, str(work / "capture"), CAPTURE_TEXT],
+                         capture_output=True, text=True, check=True)
+    cap = json.loads(out.stdout.strip().splitlines()[-1])
+    mb = (work / "capture.npz").stat().st_size / 1e6
+    rows.append(row("G2", f"capture of every node, {cap['n']} tokens: eval {cap['plain_s']:.2f} s, with capture "
+                          f"{cap['capture_s']:.2f} s, {mb:.0f} MB npz (only on a failing graph verdict or diagnose)",
+                    "information", None))
+    out = subprocess.run([PY, str(REPO / "bench" / "bench_kernels.py"), "--repeats", "1" if smoke else "3"],
+                         capture_output=True, text=True, check=True)
+    k = json.loads(out.stdout[out.stdout.index("{"):])
+    ratio = k["ratio_cpu"]["exact"]
+    rows.append(row("K1", f"kernel check {k['median']['kernels']['cpu_s']:.2f} s CPU / reference forward "
+                          f"{k['median']['reference_exact']['cpu_s']:.2f} s (exact; ggml mode "
+                          f"{k['ratio_cpu']['ggml']:.2f}x), {k['n_tokens']} tokens, status {k['kernels_status']}",
+                    "<= 3x", ratio <= 3.0 and k["kernels_status"] == "pass"))
     return rows
 
 
