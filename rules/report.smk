@@ -23,6 +23,9 @@ rule receipt:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/receipts/{{lane}}/{{prompt}}.log",
+    threads: 1
+    resources:
+        **RES["receipt"],
     script:
         "../scripts/receipt.py"
 
@@ -38,6 +41,9 @@ rule summary:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/summary.log",
+    threads: 1
+    resources:
+        **RES["summary"],
     script:
         "../scripts/summary.py"
 

@@ -61,6 +61,7 @@ from parity_both.provision.harness import (
     harness_source_digest,
     run_harness,
 )
+from parity_both.provision.lock import build_lock
 
 ENV_CACHE = "PARITY_BOTH_CACHE"
 ENV_REPAIR = "PARITY_BOTH_REPAIR"
@@ -1097,6 +1098,36 @@ def provision_backend(
             hint=f"unset {ENV_GUARD} if no provisioning is running",
         )
     progress("repair", problem)
+    # Concurrent jobs (or cluster nodes sharing the cache) never build the same backend twice: the first
+    # takes the lock and builds, the others wait and then find it present.
+    with build_lock(cache_dir, f"backend-{spec.name}-{probe.get('key') or 'pypi'}"):
+        probe = probe_backend(spec, cache_dir)
+        if probe.get("present") and mode != "always":
+            progress("present", "built by a concurrent job")
+            ident = _identity(spec, probe, cache_dir)
+            if spec.kind == "python":
+                ident["system_info"] = _python_load_check(log_path)["system_info"]
+            return ident
+        _repair_locked(spec, cache_dir, log_path, mode, retries=retries, backoff=backoff, jobs=jobs,
+                       progress=progress)
+    probe = probe_backend(spec, cache_dir)
+    if not probe.get("present"):
+        raise BackendFailure(
+            EXIT_BUILD,
+            "verify",
+            f"provisioned, but still not usable: {probe.get('problem')}",
+            log_path=log_path,
+        )
+    ident = _identity(spec, probe, cache_dir)
+    if spec.kind == "python":
+        ident["system_info"] = _python_load_check(log_path)["system_info"]
+    progress("ready", probe.get("key") or probe.get("version") or "")
+    return ident
+
+
+def _repair_locked(spec: BackendSpec, cache_dir: Path, log_path: Path, mode: str, *, retries: int, backoff: float,
+                   jobs: int, progress: Progress) -> None:
+    """The repair itself (called holding the backend's build lock)."""
     with _repair_guard(spec.name):
         try:
             _repair(
@@ -1121,19 +1152,6 @@ def provision_backend(
                     details={"errno": exc.errno},
                 ) from exc
             raise
-    probe = probe_backend(spec, cache_dir)
-    if not probe.get("present"):
-        raise BackendFailure(
-            EXIT_BUILD,
-            "verify",
-            f"provisioned, but still not usable: {probe.get('problem')}",
-            log_path=log_path,
-        )
-    ident = _identity(spec, probe, cache_dir)
-    if spec.kind == "python":
-        ident["system_info"] = _python_load_check(log_path)["system_info"]
-    progress("ready", probe.get("key") or probe.get("version") or "")
-    return ident
 
 
 def _classify_build_error(exc: HarnessBuildError, log_path: Path) -> BackendFailure:
