@@ -75,9 +75,10 @@ report: setup
 
 # The demo through SLURM: a single-node cluster (slurm-wlm + munge, Debian packages) started on this machine,
 # `snakemake --executor slurm --profile profiles/slurm`, verdicts checked against a local run, daemons stopped.
+CLUSTER_CONFIG ?= config/demo.yaml
 cluster-demo: setup
 	$(PY) -m pip install --quiet "snakemake-executor-plugin-slurm==2.8.0"
-	$(REPORT_ENV) $(PY) -m parity_both.report.cluster_demo --out results-cluster
+	$(REPORT_ENV) $(PY) -m parity_both.report.cluster_demo --out results-cluster --configfile $(CLUSTER_CONFIG)
 
 test-cluster: setup
 	$(PY) -m pip install --quiet "snakemake-executor-plugin-slurm==2.8.0"

@@ -107,20 +107,30 @@ class Cluster:
         raise RuntimeError(f"the SLURM node did not come up (sinfo: {out!r}); see {self.state}/slurm*.log")
 
     def stop(self) -> None:
-        for name in ("slurmd", "slurmctld"):
-            pidfile = self.state / f"{name}.pid"
-            if pidfile.is_file():
-                try:
-                    os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
+        """SIGTERM to the daemons started here (by their pid files), then wait up to 20 s for them to exit."""
+        pidfiles = [self.state / "slurmd.pid", self.state / "slurmctld.pid"]
         if self.started_munge:
-            pidfile = Path("/run/munge/munged.pid")
-            if pidfile.is_file():
-                try:
-                    os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
-                except (ProcessLookupError, ValueError):
-                    pass
+            pidfiles.append(Path("/run/munge/munged.pid"))
+        pids = []
+        for pidfile in pidfiles:
+            try:
+                pid = int(pidfile.read_text().split()[0])
+                os.kill(pid, signal.SIGTERM)
+                pids.append(pid)
+            except (OSError, ValueError, IndexError):
+                pass
+        deadline = time.monotonic() + 20
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def snakemake_cmd(out_dir: str, configfile: str, *extra: str) -> list[str]:
@@ -143,7 +153,7 @@ def verdicts(summary_path: Path) -> dict[str, str]:
 def run_snakemake(cmd: list[str], env: dict[str, str], log: Path) -> float:
     t0 = time.monotonic()
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}; see {log}")
     return time.monotonic() - t0

@@ -78,10 +78,12 @@ _MEAN_KLD = re.compile(r"Mean\s+KLD:\s+([-+0-9.eE]+)\s+±\s+([-+0-9.eE]+)")
 _SAME_TOP = re.compile(r"Same top p:\s+([-+0-9.eE]+)\s+±\s+([-+0-9.eE]+)\s+%")
 
 
-def run_kl_divergence(binary: Path, model: Path, base: Path, n_ctx: int, threads: int = 2) -> dict:
-    """Run `llama-perplexity --kl-divergence` of model against base; return its mean KLD and same-top rate."""
+def run_kl_divergence(binary: Path, model: Path, base: Path, n_ctx: int, threads: int = 2,
+                      cache_type_k: str = "f32") -> dict:
+    """Run `llama-perplexity --kl-divergence` of model against base; return its mean KLD and same-top rate.
+    cache_type_k: f32 as the harness lanes evaluate (llama-perplexity's default f16 K cache rounds keys)."""
     cmd = [str(binary), "-m", str(model), "--kl-divergence-base", str(base), "--kl-divergence",
-           "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads), "--no-warmup"]
+           "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads), "-ctk", cache_type_k]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
