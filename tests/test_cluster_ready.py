@@ -9,9 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import REPO
-
 from parity_both.provision.lock import lock_path
+
+from conftest import REPO
 
 
 def test_every_planned_job_declares_threads_memory_and_runtime(tmp_path: Path) -> None:
