@@ -30,6 +30,6 @@ def test_slurm_run_has_the_local_verdicts(tmp_path: Path) -> None:
     summary = json.loads((REPO / out / "summary.json").read_text())
     assert set(summary["lanes"]) == {"llama", "llama-2024"}
     # the daemons were stopped
-    for name in ("slurmctld", "slurmd"):
-        pid = (tmp_path / "slurm" / f"{name}.pid").read_text().split()[0]
-        assert subprocess.run(["kill", "-0", pid], capture_output=True).returncode != 0, f"{name} still runs"
+    assert set(result["daemon_pids"]) == {"slurmctld", "slurmd"}
+    for name, pid in result["daemon_pids"].items():
+        assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, f"{name} still runs"

@@ -78,6 +78,7 @@ class Cluster:
         self.wrote_default = False
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.started_munge = False
+        self.pids: dict[str, int] = {}
 
     def _munge(self) -> None:
         if subprocess.run(["sh", "-c", "munge -n | unmunge"], capture_output=True).returncode == 0:
@@ -110,6 +111,7 @@ class Cluster:
             out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env).stdout
             if out.strip() in ("idle", "mixed", "allocated"):
                 _run(["srun", "-N1", "hostname"], env=self.env, timeout=60)
+                self.pids = {n: int((self.state / f"{n}.pid").read_text().split()[0]) for n in ("slurmctld", "slurmd")}
                 return time.monotonic() - t0
             time.sleep(1)
         raise RuntimeError(f"the SLURM node did not come up (sinfo: {out!r}); see {self.state}/slurm*.log")
@@ -194,7 +196,8 @@ def cluster_demo(out: str, local_out: str, configfile: str, state: Path) -> dict
     result = {"same_verdicts": local_v == slurm_v, "verdicts": slurm_v, "local_verdicts": local_v,
               "slurm_wall_s": round(slurm_wall, 1),
               "local_wall_s": None if local_wall is None else round(local_wall, 1),
-              "cluster_startup_s": round(startup, 1), "slurm_jobs_seen_by_squeue": len(jobs)}
+              "cluster_startup_s": round(startup, 1), "slurm_jobs_seen_by_squeue": len(jobs),
+              "daemon_pids": cluster.pids, "daemons_still_running": [n for n, p in cluster.pids.items() if _alive(p)]}
     (REPO / out / "cluster-demo.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 
