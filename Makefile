@@ -1,6 +1,8 @@
 # parity-both: two commands on a fresh machine.
 #   make demo   set up, then run the main job offline on the embedded model
 #   make test   set up, then run the test suite (what CI runs)
+#   make report the HTML report of the last `make demo` (results/report.html)
+#   make cluster-demo   the demo through a single-node SLURM cluster started on this machine
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -15,7 +17,7 @@ WHEEL_DIR   := $(CACHE)/wheels/llama-cpp-python-$(LLAMA_CPP_PYTHON_VERSION)-avx2
 SDIST_DIR   := $(CACHE)/sdists
 STAMP       := $(VENV)/.parity-both-setup
 
-.PHONY: setup demo test test-slow lint bench clean sdists
+.PHONY: setup demo test test-slow lint bench clean sdists report cluster-demo test-cluster kl-check sweep
 
 setup: $(STAMP)
 
@@ -23,9 +25,12 @@ $(STAMP): pyproject.toml Makefile
 	@# clang: BitNet.cpp's CMake refuses other compilers (its lane, and the test standing in for it)
 	@command -v clang >/dev/null 2>&1 || { echo "[setup] installing clang (Debian package)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang >/dev/null; }
+	@# chromium: the report test renders results/report.html in a headless browser
+	@command -v chromium >/dev/null 2>&1 || { echo "[setup] installing chromium (Debian package)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "snakemake==9.27.1" "numpy>=1.26" "gguf==0.19.0" "tokenizers>=0.20" "pyyaml>=6" \
+	$(PY) -m pip install --quiet "snakemake[reports]==9.27.1" "matplotlib>=3.8" "numpy>=1.26" "gguf==0.19.0" "tokenizers>=0.20" "pyyaml>=6" \
 	    "jq>=1.6" "jinja2>=3.1" "jsonschema>=4" "pytest>=8" "ruff>=0.5" "scikit-build-core>=0.10"
 	@if ! ls $(WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 	    echo "[setup] building llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION) from source (about 4 min on 2 cores)"; \
@@ -60,6 +65,32 @@ demo: setup
 	PARITY_BOTH_CACHE=$(CACHE) PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY_BOTH_REPAIR=auto \
 	    $(VENV)/bin/snakemake results/summary.json --cores 2 --configfile config/demo.yaml
 	@cat results/summary.txt
+
+# The HTML report of the demo's results: figures (rules/plots.smk) built first, then Snakemake's report.
+REPORT_ENV := PARITY_BOTH_CACHE=$(CACHE) PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY_BOTH_REPAIR=auto
+report: setup
+	$(REPORT_ENV) $(VENV)/bin/snakemake report_plots --cores 2 --configfile config/demo.yaml
+	$(REPORT_ENV) $(VENV)/bin/snakemake report_plots --configfile config/demo.yaml --report results/report.html
+	@echo "report: results/report.html"
+
+# The demo through SLURM: a single-node cluster (slurm-wlm + munge, Debian packages) started on this machine,
+# `snakemake --executor slurm --profile profiles/slurm`, verdicts checked against a local run, daemons stopped.
+CLUSTER_CONFIG ?= config/demo.yaml
+cluster-demo: setup
+	$(PY) -m pip install --quiet "snakemake-executor-plugin-slurm==2.8.0"
+	$(REPORT_ENV) $(PY) -m parity_both.report.cluster_demo --out results-cluster --configfile $(CLUSTER_CONFIG)
+
+test-cluster: setup
+	$(PY) -m pip install --quiet "snakemake-executor-plugin-slurm==2.8.0"
+	$(TEST_ENV) $(VENV)/bin/pytest -q -m cluster tests/test_cluster.py
+
+# llama-perplexity --kl-divergence against our base file (builds llama-perplexity once, a few minutes)
+kl-check: setup
+	$(TEST_ENV) $(VENV)/bin/pytest -q -m slow tests/test_klbase.py
+
+# The large sweep (config/sweep.yaml), locally on 2 cores; figures in results-sweep/sweep-stats.json
+sweep: setup
+	$(REPORT_ENV) $(PY) -m parity_both.report.sweep_stats --configfile config/sweep.yaml --cores 2
 
 # Builds made by the tests are cached in $(CACHE) (never inside results/), so a second run is fast.
 TEST_ENV := PARITY_BOTH_CACHE=$(CACHE) PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY_BOTH_TEST_CACHE=$(CACHE)

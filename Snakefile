@@ -16,12 +16,15 @@ if not config.get("standalone"):
 
 
 include: "rules/common.smk"
+include: "rules/resources.smk"
 include: "rules/backends.smk"
 include: "rules/model.smk"
 include: "rules/tokenize.smk"
 include: "rules/reference.smk"
 include: "rules/lanes.smk"
 include: "rules/report.smk"
+include: "rules/plots.smk"
+include: "rules/klbase.smk"
 
 
 rule all:

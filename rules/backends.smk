@@ -13,5 +13,7 @@ rule backend:
     log:
         f"{OUT}/logs/backends/{{lane}}.log",
     threads: 2
+    resources:
+        **RES["backend"],
     script:
         "../scripts/backend.py"

@@ -10,6 +10,8 @@ rule lane_vocab:
     log:
         f"{OUT}/logs/{{model}}/lanes/{{lane}}/vocab.log",
     threads: 1
+    resources:
+        **RES["lane_vocab"],
     script:
         "../scripts/lane_vocab.py"
 
@@ -33,6 +35,8 @@ rule lane_eval:
     benchmark:
         f"{OUT}/benchmarks/{{model}}/lanes/{{lane}}/{{prompt}}.tsv"
     threads: 1
+    resources:
+        **RES["lane_eval"],
     script:
         "../scripts/lane_eval.py"
 
@@ -55,5 +59,7 @@ rule twin_lane_eval:
     benchmark:
         f"{OUT}/benchmarks/{{model}}/twin_{{dtype}}/lanes/{{lane}}/{{prompt}}.tsv"
     threads: 1
+    resources:
+        **RES["twin_lane_eval"],
     script:
         "../scripts/lane_eval.py"

@@ -8,6 +8,9 @@ rule model_facts:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/model_facts.log",
+    threads: 1
+    resources:
+        **RES["model_facts"],
     script:
         "../scripts/model_facts.py"
 
@@ -22,6 +25,9 @@ rule fixture:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/fixture.log",
+    threads: 1
+    resources:
+        **RES["fixture"],
     script:
         "../scripts/fixture.py"
 
@@ -38,6 +44,9 @@ rule transcode:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/transcode.log",
+    threads: 1
+    resources:
+        **RES["transcode"],
     script:
         "../scripts/transcode.py"
 
@@ -57,5 +66,8 @@ rule twin:
         f"{OUT}/logs/{{model}}/twin_{{dtype}}.log",
     benchmark:
         f"{OUT}/benchmarks/{{model}}/twin_{{dtype}}.tsv"
+    threads: 1
+    resources:
+        **RES["twin"],
     script:
         "../scripts/twin.py"

@@ -17,6 +17,8 @@ rule reference:
     benchmark:
         f"{OUT}/benchmarks/{{model}}/reference/{{prompt}}.tsv"
     threads: 1
+    resources:
+        **RES["reference"],
     script:
         "../scripts/reference.py"
 
@@ -35,6 +37,9 @@ rule prepare_reference:
         f"{OUT}/logs/{{model}}/prepare_reference.log",
     benchmark:
         f"{OUT}/benchmarks/{{model}}/prepare_reference.tsv"
+    threads: 1
+    resources:
+        **RES["prepare_reference"],
     script:
         "../scripts/prepare_reference.py"
 
@@ -59,5 +64,7 @@ rule twin_reference:
     benchmark:
         f"{OUT}/benchmarks/{{model}}/twin_{{dtype}}/reference/{{prompt}}.tsv"
     threads: 1
+    resources:
+        **RES["twin_reference"],
     script:
         "../scripts/reference.py"

@@ -24,6 +24,9 @@ rule receipt:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/receipts/{{lane}}/{{prompt}}.log",
+    threads: 1
+    resources:
+        **RES["receipt"],
     script:
         "../scripts/receipt.py"
 
@@ -39,6 +42,9 @@ rule summary:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/summary.log",
+    threads: 1
+    resources:
+        **RES["summary"],
     script:
         "../scripts/summary.py"
 
@@ -88,6 +94,8 @@ rule localize:
     log:
         f"{OUT}/logs/{{model}}/twin_{{dtype}}/localize/{{lane}}/{{prompt}}.log",
     threads: 1
+    resources:
+        **RES["localize"],
     script:
         "../scripts/localize.py"
 
@@ -114,5 +122,7 @@ rule kernels:
     benchmark:
         f"{OUT}/benchmarks/{{model}}/kernels/{{lane}}/{{prompt}}.tsv"
     threads: 1
+    resources:
+        **RES["kernels"],
     script:
         "../scripts/kernels.py"

@@ -12,6 +12,9 @@ rule tokenizer_authority:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/tokenizer_authority.log",
+    threads: 1
+    resources:
+        **RES["tokenizer_authority"],
     script:
         "../scripts/tokenizer_authority.py"
 
@@ -31,5 +34,8 @@ checkpoint format_prompt:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/prompts/{{prompt}}.log",
+    threads: 1
+    resources:
+        **RES["format_prompt"],
     script:
         "../scripts/format_prompt.py"

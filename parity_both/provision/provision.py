@@ -38,6 +38,7 @@ from parity_both.provision.failures import (
 )
 from parity_both.provision.fetch import SOURCE_META, check_writable, ensure_source, run_pip, run_to_log
 from parity_both.provision.harness import HarnessBuild, build_harness
+from parity_both.provision.lock import build_lock
 from parity_both.provision.specs import BackendSpec, effective_spec, lane_spec
 
 ENV_REPAIR = "PARITY_BOTH_REPAIR"
@@ -156,8 +157,7 @@ def ensure_backend(
             progress("repair", problem)
             force = mode.mode == "always"
             opts = {"force": force, "retries": retries, "backoff": backoff, "jobs": jobs, "progress": progress}
-            _repair_guarded(spec, cache, log_path, **opts)
-            probe = probes.probe_backend(spec, cache)
+            probe = _repair_locked(spec, cache, log_path, opts)
             if not probe.get("present"):
                 raise BackendFailure(
                     EXIT_BUILD, "verify", f"provisioned, but still not usable: {probe.get('problem')}",
@@ -174,6 +174,20 @@ def ensure_backend(
     if repaired:
         progress("ready", probe.get("key") or probe.get("version") or "")
     return Provisioned(ident, probe, repaired)
+
+
+def _repair_locked(spec: BackendSpec, cache: Path, log_path: Path, opts: dict[str, Any]) -> dict[str, Any]:
+    """Repair holding the backend's build lock (parity_both.provision.lock): concurrent jobs, or cluster nodes
+    sharing the cache, never build the same backend twice - a waiter finds it built and reuses it. Returns the
+    probe taken after the repair."""
+    with build_lock(cache, f"backend-{spec.name}") as waited:
+        if waited > 0 and not opts["force"]:  # another job held the lock: it may have built this backend
+            probe = probes.probe_backend(spec, cache)
+            if probe.get("present"):
+                opts["progress"]("present", "built by a concurrent job")
+                return probe
+        _repair_guarded(spec, cache, log_path, **opts)
+    return probes.probe_backend(spec, cache)
 
 
 def _check_log_writable(log_path: Path) -> None:
