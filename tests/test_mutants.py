@@ -70,11 +70,6 @@ def smollm2_path() -> Path:
     return Path(locs[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(autouse=True)
-def _repair_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PARITY_BOTH_REPAIR", "auto")  # build missing mutants even where CI is detected
-
-
 @pytest.fixture(scope="session")
 def honest_build() -> HarnessBuild:
     cache = cache_root()
