@@ -28,6 +28,8 @@ def _align(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, str] |
     compare the reference's extent of each axis."""
     if a.size == b.size:
         return a.reshape(-1), b.reshape(-1), ""
+    nd = max(a.ndim, b.ndim)  # ggml's trailing ne of 1 may be kept by one side and dropped by the other
+    a, b = a.reshape((1,) * (nd - a.ndim) + a.shape), b.reshape((1,) * (nd - b.ndim) + b.shape)
     if a.ndim == b.ndim and all(x <= y for x, y in zip(a.shape, b.shape, strict=True)):
         sl = tuple(slice(0, x) for x in a.shape)
         return a.reshape(-1), b[sl].reshape(-1), f"lane {list(b.shape)} cut to reference {list(a.shape)}"

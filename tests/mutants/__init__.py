@@ -18,7 +18,9 @@ import tempfile
 from pathlib import Path
 
 from parity_both.provision import backends as B
-from parity_both.provision.harness import HarnessBuild, Progress
+from parity_both.provision.build import Progress
+from parity_both.provision.fetch import ensure_source
+from parity_both.provision.harness import HarnessBuild
 
 from .table import MUTANTS, Mutant
 
@@ -60,7 +62,7 @@ def honest_tree() -> Path:
     cache = cache_root()
     log = cache / "mutants" / "honest-source.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    return B._ensure_source(spec, cache, log, retries=3, backoff=2.0, progress=Progress("llama-2024 source"))
+    return ensure_source(spec, cache, log, retries=3, backoff=2.0, progress=Progress("llama-2024 source"))
 
 
 def apply_patch(m: Mutant, text: str) -> str:
