@@ -97,6 +97,7 @@ TEST_ENV := PARITY_BOTH_CACHE=$(CACHE) PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/snakemake --lint
 	$(TEST_ENV) $(VENV)/bin/pytest -q
 

@@ -29,8 +29,10 @@ from parity_both.compare.kernels import check_kernels  # noqa: E402
 from parity_both.config import embedded_model_path  # noqa: E402
 from parity_both.reference.engine import run_reference  # noqa: E402
 
-TEXT = ("<|im_start|>system\nYou are a concise assistant.<|im_end|>\n<|im_start|>user\nName three primary "
-        "colours.<|im_end|>\n<|im_start|>assistant\nWhat is the capital of France?")
+TEXT = (
+    "<|im_start|>system\nYou are a concise assistant.<|im_end|>\n<|im_start|>user\nName three primary "
+    "colours.<|im_end|>\n<|im_start|>assistant\nWhat is the capital of France?"
+)
 
 
 def _timed(fn: Any) -> tuple[float, float, Any]:
@@ -69,11 +71,20 @@ def main(argv: list[str] | None = None) -> int:
             c, w, sec = _timed(lambda: check_kernels(prefix, model))
             runs["kernels"].append((c, w))
             status = sec["status"]
-    med = {k: {"cpu_s": round(statistics.median(x[0] for x in v), 3),
-               "wall_s": round(statistics.median(x[1] for x in v), 3)} for k, v in runs.items()}
-    out = {"n_tokens": len(ids), "repeats": args.repeats, "kernels_status": status, "median": med,
-           "ratio_cpu": {m: round(med["kernels"]["cpu_s"] / med[f"reference_{m}"]["cpu_s"], 2)
-                         for m in ("exact", "ggml")}}
+    med = {
+        k: {
+            "cpu_s": round(statistics.median(x[0] for x in v), 3),
+            "wall_s": round(statistics.median(x[1] for x in v), 3),
+        }
+        for k, v in runs.items()
+    }
+    out = {
+        "n_tokens": len(ids),
+        "repeats": args.repeats,
+        "kernels_status": status,
+        "median": med,
+        "ratio_cpu": {m: round(med["kernels"]["cpu_s"] / med[f"reference_{m}"]["cpu_s"], 2) for m in ("exact", "ggml")},
+    }
     (ROOT / "bench" / "out").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "out" / "bench_kernels.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(json.dumps(out, indent=1, sort_keys=True))

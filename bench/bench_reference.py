@@ -28,8 +28,29 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 # "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"
-DEFAULT_PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 19842, 281, 582, 1932, 30, 2, 198, 1,
-                  520, 9531, 198]
+DEFAULT_PROMPT = [
+    1,
+    4093,
+    198,
+    1780,
+    314,
+    260,
+    3575,
+    282,
+    4649,
+    47,
+    19842,
+    281,
+    582,
+    1932,
+    30,
+    2,
+    198,
+    1,
+    520,
+    9531,
+    198,
+]
 
 REF_CHILD = """
 import json, sys, numpy as np
@@ -79,9 +100,13 @@ def compare(ref: np.ndarray, lane: np.ndarray) -> dict[str, float]:
     lb = b - b.max(1, keepdims=True)
     lb -= np.log(np.exp(lb).sum(1, keepdims=True))
     kl = (np.exp(la) * (la - lb)).sum(1)
-    return {"nmse": float(((a - b) ** 2).sum() / (a**2).sum()), "max_abs": float(np.abs(a - b).max()),
-            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top1": f"{int((a.argmax(1) == b.argmax(1)).sum())}/{len(a)}"}
+    return {
+        "nmse": float(((a - b) ** 2).sum() / (a**2).sum()),
+        "max_abs": float(np.abs(a - b).max()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1": f"{int((a.argmax(1) == b.argmax(1)).sum())}/{len(a)}",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lane-threads", type=int, default=2)
-    ap.add_argument("--ref-blas-threads", default=None,
-                    help="OPENBLAS_NUM_THREADS for the reference (default: unset -> its own default)")
+    ap.add_argument(
+        "--ref-blas-threads",
+        default=None,
+        help="OPENBLAS_NUM_THREADS for the reference (default: unset -> its own default)",
+    )
     ap.add_argument("--prepared-dir", default=None, help="default: a fresh temporary directory")
     ap.add_argument("--lane-extra-bufts", action="store_true", help="let llama.cpp use AMX/repacked weights")
     ap.add_argument("--skip-lane", action="store_true", help="reference only (e.g. a bitnet model)")
@@ -135,8 +163,13 @@ def _measure(a: argparse.Namespace, prompt: list[int], work: Path) -> tuple[dict
     first = run_child(REF_CHILD, {**ref_args, "prepared_dir": prepared}, ref_env)
     info = json.loads(Path(str(work / "ref.npy") + ".json").read_text())
     ids = info["ids"]
-    lane_args = {"model": a.model, "ids": ids, "threads": a.lane_threads, "extra_bufts": a.lane_extra_bufts,
-                 "out": str(work / "lane.npy")}
+    lane_args = {
+        "model": a.model,
+        "ids": ids,
+        "threads": a.lane_threads,
+        "extra_bufts": a.lane_extra_bufts,
+        "out": str(work / "lane.npy"),
+    }
     ref_runs, lane_runs = [], []
     for _ in range(a.repeats):
         if not a.skip_lane:
@@ -149,19 +182,32 @@ def _measure(a: argparse.Namespace, prompt: list[int], work: Path) -> tuple[dict
 
     size_mib = Path(a.model).stat().st_size / 2**20
     result: dict[str, Any] = {
-        "model": a.model, "model_mib": round(size_mib, 1), "n_prompt": len(prompt), "n_ids": len(ids),
-        "generated": ids[len(prompt):], "repeats": a.repeats,
-        "reference_warm": {"wall_s": med(ref_runs, "wall_s"), "rss_mib": max(r["rss_mib"] for r in ref_runs),
-                           "cpu_s": med(ref_runs, "cpu_s"), "last_timings": info["timings"]},
-        "reference_no_prepared_dir": cold, "reference_first_with_prepare": first,
+        "model": a.model,
+        "model_mib": round(size_mib, 1),
+        "n_prompt": len(prompt),
+        "n_ids": len(ids),
+        "generated": ids[len(prompt) :],
+        "repeats": a.repeats,
+        "reference_warm": {
+            "wall_s": med(ref_runs, "wall_s"),
+            "rss_mib": max(r["rss_mib"] for r in ref_runs),
+            "cpu_s": med(ref_runs, "cpu_s"),
+            "last_timings": info["timings"],
+        },
+        "reference_no_prepared_dir": cold,
+        "reference_first_with_prepare": first,
         "reference_blas": info["settings"]["numpy"],
         "p2_rss_limit_mib": {"embedded (400 MiB)": 400.0, "file*1.5+200": round(size_mib * 1.5 + 200, 1)},
     }
     if lane_runs:
         lane_wall = med(lane_runs, "wall_s")
-        result["lane"] = {"wall_s": lane_wall, "rss_mib": max(r["rss_mib"] for r in lane_runs),
-                          "cpu_s": med(lane_runs, "cpu_s"), "threads": a.lane_threads,
-                          "extra_bufts": a.lane_extra_bufts}
+        result["lane"] = {
+            "wall_s": lane_wall,
+            "rss_mib": max(r["rss_mib"] for r in lane_runs),
+            "cpu_s": med(lane_runs, "cpu_s"),
+            "threads": a.lane_threads,
+            "extra_bufts": a.lane_extra_bufts,
+        }
         result["ratio_wall_warm"] = result["reference_warm"]["wall_s"] / lane_wall
         result["ratio_wall_no_prepared_dir"] = cold["wall_s"] / lane_wall
         # CPU seconds: a proxy less sensitive to other jobs on the machine (lane threads spin-wait)
@@ -177,25 +223,29 @@ def _measure(a: argparse.Namespace, prompt: list[int], work: Path) -> tuple[dict
 def _report(a: argparse.Namespace, result: dict[str, Any], info: dict[str, Any]) -> None:
     """Print the table and write the JSON result."""
     n_gen = result["n_ids"] - result["n_prompt"]
-    print(f"model {a.model} ({result['model_mib']:.1f} MiB), {result['n_prompt']} prompt + {n_gen} "
-          f"generated ids, {a.repeats} repeats (medians)")
-    rows = [("reference, prepared cache warm", result["reference_warm"]),
-            ("reference, no prepared_dir", result["reference_no_prepared_dir"]),
-            ("reference, first run (writes cache)", result["reference_first_with_prepare"])]
+    print(
+        f"model {a.model} ({result['model_mib']:.1f} MiB), {result['n_prompt']} prompt + {n_gen} "
+        f"generated ids, {a.repeats} repeats (medians)"
+    )
+    rows = [
+        ("reference, prepared cache warm", result["reference_warm"]),
+        ("reference, no prepared_dir", result["reference_no_prepared_dir"]),
+        ("reference, first run (writes cache)", result["reference_first_with_prepare"]),
+    ]
     if "lane" in result:
         rows.insert(0, ("llama-cpp-python lane", result["lane"]))
     for label, r in rows:
-        print(f"  {label:38s} wall {r['wall_s']:6.3f} s   peak RSS {r['rss_mib']:7.1f} MiB   "
-              f"cpu {r['cpu_s']:.3f} s")
+        print(f"  {label:38s} wall {r['wall_s']:6.3f} s   peak RSS {r['rss_mib']:7.1f} MiB   cpu {r['cpu_s']:.3f} s")
     if "lane" in result:
-        print(f"  ratio reference/lane wall: warm {result['ratio_wall_warm']:.2f}x (target <= 3), "
-              f"no prepared_dir {result['ratio_wall_no_prepared_dir']:.2f}x; "
-              f"cpu warm {result['ratio_cpu_warm']:.2f}x")
+        print(
+            f"  ratio reference/lane wall: warm {result['ratio_wall_warm']:.2f}x (target <= 3), "
+            f"no prepared_dir {result['ratio_wall_no_prepared_dir']:.2f}x; "
+            f"cpu warm {result['ratio_cpu_warm']:.2f}x"
+        )
         print(f"  logits vs lane: {result['logits_vs_lane']}")
     print(f"  reference timings (last warm run): { {k: round(v, 3) for k, v in info['timings'].items()} }")
     nb = info["settings"]["numpy"]
-    print(f"  reference BLAS: {nb.get('blas')}; threads {nb.get('blas_threads')} "
-          f"({nb.get('blas_threads_source')})")
+    print(f"  reference BLAS: {nb.get('blas')}; threads {nb.get('blas_threads')} ({nb.get('blas_threads_source')})")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"  written {a.out}")

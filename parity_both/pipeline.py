@@ -19,6 +19,7 @@ from parity_both.receipt import write_json
 
 log = logging.getLogger("parity_both")
 
+
 class InputError(ValueError):
     """Unusable input (broken GGUF, bad tokenizer, bad prompt): one clear line, exit code 2."""
 
@@ -80,14 +81,18 @@ def authority_record(gguf_path: str, source: str, tokenizer_json: str | None, ou
 
 def _bad_tokenizer(source: str, path: str | None, e: BaseException) -> str:
     what = f"tokenizer {path}" if path else "the GGUF's embedded vocabulary"
-    fix = ("fix the file or remove models.<name>.tokenizer from config to use the GGUF's own vocabulary"
-           if path else "use a GGUF converted by a current llama.cpp, or name a tokenizer.json in config")
+    fix = (
+        "fix the file or remove models.<name>.tokenizer from config to use the GGUF's own vocabulary"
+        if path
+        else "use a GGUF converted by a current llama.cpp, or name a tokenizer.json in config"
+    )
     return f"{what} ({source}) cannot be used: {str(e).splitlines()[0] if str(e) else type(e).__name__}; {fix}"
 
 
 # -- prompt -----------------------------------------------------------------------------------
-def prompt_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str,
-                  settings: Mapping[str, Any]) -> dict[str, Any]:
+def prompt_record(
+    gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str, settings: Mapping[str, Any]
+) -> dict[str, Any]:
     from parity_both.lanes.base import apply_contract
     from parity_both.tokenize import templates
     from parity_both.tokenize.reference import ReferenceTokenizer
@@ -103,13 +108,22 @@ def prompt_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: 
         used, evidence = requested, {"rule": "configured"}
     tok = ReferenceTokenizer.from_files(tokenizer_json, authority)
     bos_text = tok.piece(tok.bos_id) if tok.bos_id is not None else None
-    fp = templates.format_prompt(used, settings["text"], settings.get("system_prompt"), md,
-                                 vocab_add_bos=tok.add_bos, vocab_add_eos=tok.add_eos, bos_text=bos_text)
+    fp = templates.format_prompt(
+        used,
+        settings["text"],
+        settings.get("system_prompt"),
+        md,
+        vocab_add_bos=tok.add_bos,
+        vocab_add_eos=tok.add_eos,
+        bos_text=bos_text,
+    )
     body = tok.encode(fp.text, parse_special=fp.contract.parse_special)
     ids = apply_contract(body, fp.contract, tok.bos_id, tok.eos_id)
     if len(ids) >= 2 and tok.bos_id is not None and ids[0] == ids[1] == tok.bos_id:
-        raise InputError(f"prompt {name!r}: the token ids begin with two BOS tokens ({tok.bos_id}); the template "
-                         f"text already contains BOS - use a template without it or set the prompt's template")
+        raise InputError(
+            f"prompt {name!r}: the token ids begin with two BOS tokens ({tok.bos_id}); the template "
+            f"text already contains BOS - use a template without it or set the prompt's template"
+        )
     if not ids:
         raise InputError(f"prompt {name!r} tokenizes to no tokens; give it some text")
     stop_ids = eog_stop_ids(gguf_path, tok)  # llama.cpp's end-of-generation set (tokenize.reference)
@@ -130,14 +144,17 @@ def corpus_windows(body: list[int], window: int, windows: int, bos_id: int | Non
     vocabulary adds one (llama-perplexity's chunking); the text must be long enough for all of them."""
     step = window - (1 if bos_id is not None else 0)
     if len(body) < step * windows:
-        raise InputError(f"the corpus has {len(body)} tokens, fewer than {windows} window(s) of {window} need "
-                         f"({step * windows}); use a longer text or fewer/smaller windows")
+        raise InputError(
+            f"the corpus has {len(body)} tokens, fewer than {windows} window(s) of {window} need "
+            f"({step * windows}); use a longer text or fewer/smaller windows"
+        )
     head = [bos_id] if bos_id is not None else []
-    return [head + body[k * step:(k + 1) * step] for k in range(windows)]
+    return [head + body[k * step : (k + 1) * step] for k in range(windows)]
 
 
-def corpus_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str,
-                  settings: Mapping[str, Any]) -> dict[str, Any]:
+def corpus_record(
+    gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str, settings: Mapping[str, Any]
+) -> dict[str, Any]:
     """The prompt record of a corpus prompt: the windows' ids back to back and where each window starts."""
     from parity_both.tokenize.reference import ReferenceTokenizer
 
@@ -145,24 +162,41 @@ def corpus_record(gguf_path: str, authority: Mapping[str, Any], tokenizer_json: 
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"corpus {path} of prompt {name!r} cannot be read as UTF-8 text ({e}); "
-                         f"point `corpus:` at a UTF-8 text file") from e
+        raise InputError(
+            f"corpus {path} of prompt {name!r} cannot be read as UTF-8 text ({e}); point `corpus:` at a UTF-8 text file"
+        ) from e
     tok = ReferenceTokenizer.from_files(tokenizer_json, authority)
     ctx = int(read_gguf(gguf_path).arch_key("context_length", 0) or 0)
     window, n = int(settings["window"]), int(settings["windows"])
     if ctx and window > ctx:
-        raise InputError(f"prompt {name!r}: window {window} is longer than the model's context ({ctx} tokens); "
-                         f"set a smaller `window`")
+        raise InputError(
+            f"prompt {name!r}: window {window} is longer than the model's context ({ctx} tokens); "
+            f"set a smaller `window`"
+        )
     wins = corpus_windows(tok.encode(text, parse_special=False), window, n, tok.bos_id if tok.add_bos else None)
     ids = [i for w in wins for i in w]
     return {
-        "prompt": {"name": name, "corpus": str(path), "corpus_sha256": sha256_text(text), "window": window,
-                   "windows": n, "text": None, "system_prompt": None},
-        "template": {"requested": "raw", "used": "raw", "evidence": {"rule": "corpus prompts are raw text"},
-                     "notes": []},
+        "prompt": {
+            "name": name,
+            "corpus": str(path),
+            "corpus_sha256": sha256_text(text),
+            "window": window,
+            "windows": n,
+            "text": None,
+            "system_prompt": None,
+        },
+        "template": {
+            "requested": "raw",
+            "used": "raw",
+            "evidence": {"rule": "corpus prompts are raw text"},
+            "notes": [],
+        },
         "formatted": None,
-        "contract": {"add_bos": bool(tok.add_bos and tok.bos_id is not None), "add_eos": False,
-                     "parse_special": False},  # per window
+        "contract": {
+            "add_bos": bool(tok.add_bos and tok.bos_id is not None),
+            "add_eos": False,
+            "parse_special": False,
+        },  # per window
         "ids": ids,
         "pieces": [tok.piece(i) for i in ids],
         "n_tokens": len(ids),
@@ -209,19 +243,37 @@ def effective_activation(activation: str | None, twin_record: Mapping[str, Any] 
     return DEFAULT_ACTIVATION.get(str(twin_record["source"]["architecture"]))
 
 
-def reference_logits(gguf_path: str, prompt: Mapping[str, Any], max_tokens: int, mode: str,
-                     activation: str | None, out_npz: str, prepared_dir: str | None = None,
-                     twin_record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def reference_logits(
+    gguf_path: str,
+    prompt: Mapping[str, Any],
+    max_tokens: int,
+    mode: str,
+    activation: str | None,
+    out_npz: str,
+    prepared_dir: str | None = None,
+    twin_record: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     from parity_both.reference import run_reference
 
     activation = effective_activation(activation, twin_record)
     if prompt.get("window_starts"):  # a corpus: every window from an empty cache, nothing generated
         max_tokens = 0
-        runs = [run_reference(gguf_path, w, 0, mode=mode, activation=activation, prepared_dir=prepared_dir)
-                for w in windows_of(prompt, list(prompt["ids"]))]
+        runs = [
+            run_reference(gguf_path, w, 0, mode=mode, activation=activation, prepared_dir=prepared_dir)
+            for w in windows_of(prompt, list(prompt["ids"]))
+        ]
     else:
-        runs = [run_reference(gguf_path, list(prompt["ids"]), int(max_tokens), mode=mode, activation=activation,
-                              stop_ids=prompt.get("stop_ids") or (), prepared_dir=prepared_dir)]
+        runs = [
+            run_reference(
+                gguf_path,
+                list(prompt["ids"]),
+                int(max_tokens),
+                mode=mode,
+                activation=activation,
+                stop_ids=prompt.get("stop_ids") or (),
+                prepared_dir=prepared_dir,
+            )
+        ]
     res = runs[-1]
     logits = np.concatenate([np.asarray(r.logits, dtype=np.float32) for r in runs])
     ids = [i for r in runs for i in r.ids]
@@ -231,15 +283,26 @@ def reference_logits(gguf_path: str, prompt: Mapping[str, Any], max_tokens: int,
     settings.update(max_tokens=int(max_tokens), stop_ids=list(prompt.get("stop_ids") or []))
     if prompt.get("window_starts"):
         settings.update(window_starts=list(prompt["window_starts"]))
-    save_npz(out_npz, logits=logits, ids=np.asarray(ids, dtype=np.int64), n_prompt=np.int64(n_prompt),
-             settings=json.dumps(settings, sort_keys=True), timings=json.dumps(timings, sort_keys=True))
+    save_npz(
+        out_npz,
+        logits=logits,
+        ids=np.asarray(ids, dtype=np.int64),
+        n_prompt=np.int64(n_prompt),
+        settings=json.dumps(settings, sort_keys=True),
+        timings=json.dumps(timings, sort_keys=True),
+    )
     return {"n_tokens": len(ids), "timings": timings}
 
 
 def load_reference(path: str) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as z:
-        return {"logits": z["logits"], "ids": [int(i) for i in z["ids"]], "n_prompt": int(z["n_prompt"]),
-                "settings": json.loads(str(z["settings"])), "timings": json.loads(str(z["timings"]))}
+        return {
+            "logits": z["logits"],
+            "ids": [int(i) for i in z["ids"]],
+            "n_prompt": int(z["n_prompt"]),
+            "settings": json.loads(str(z["settings"])),
+            "timings": json.loads(str(z["timings"])),
+        }
 
 
 # -- lanes ------------------------------------------------------------------------------------
@@ -271,7 +334,10 @@ def lane_vocab(backend: Mapping[str, Any], model_path: str) -> dict[str, Any]:
     return {
         "vocab_hash": vocab_fingerprint(dump),
         "vocab_size": len(dump.tokens),
-        "bos_id": dump.bos_id, "eos_id": dump.eos_id, "add_bos": dump.add_bos, "add_eos": dump.add_eos,
+        "bos_id": dump.bos_id,
+        "eos_id": dump.eos_id,
+        "add_bos": dump.add_bos,
+        "add_eos": dump.add_eos,
         "source": f"{backend.get('engine')} API ({backend.get('lane')})",
         "tokens": [[i, t, k] for i, t, k in dump.tokens],
     }
@@ -308,8 +374,14 @@ def lane_tokenization(engine: Any, prompt: Mapping[str, Any]) -> list[int]:
     return apply_contract(body, contract, vocab.bos_id, vocab.eos_id)
 
 
-def lane_eval(backend: Mapping[str, Any], model_path: str, prompt: Mapping[str, Any], reference_npz: str,
-              threads: int, out_npz: str) -> dict[str, Any]:
+def lane_eval(
+    backend: Mapping[str, Any],
+    model_path: str,
+    prompt: Mapping[str, Any],
+    reference_npz: str,
+    threads: int,
+    out_npz: str,
+) -> dict[str, Any]:
     ref = load_reference(reference_npz)
     full_ids = ref["ids"]
     t0 = time.perf_counter()
@@ -328,22 +400,33 @@ def lane_eval(backend: Mapping[str, Any], model_path: str, prompt: Mapping[str, 
     finally:
         engine.close()
     timings = {"load_s": t_load, "eval_s": t_eval, "total_s": time.perf_counter() - t0}
-    save_npz(out_npz, lane_ids=np.asarray(lane_ids, dtype=np.int64),
-             lane_pieces=json.dumps(lane_pieces, ensure_ascii=False), token_parity=json.dumps(parity, sort_keys=True),
-             logits=np.asarray(logits, dtype=np.float32) if logits is not None else np.zeros((0, 0), np.float32),
-             has_logits=np.bool_(logits is not None), identity=json.dumps(identity, sort_keys=True),
-             settings=json.dumps(settings, sort_keys=True), timings=json.dumps(timings, sort_keys=True),
-             timestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    save_npz(
+        out_npz,
+        lane_ids=np.asarray(lane_ids, dtype=np.int64),
+        lane_pieces=json.dumps(lane_pieces, ensure_ascii=False),
+        token_parity=json.dumps(parity, sort_keys=True),
+        logits=np.asarray(logits, dtype=np.float32) if logits is not None else np.zeros((0, 0), np.float32),
+        has_logits=np.bool_(logits is not None),
+        identity=json.dumps(identity, sort_keys=True),
+        settings=json.dumps(settings, sort_keys=True),
+        timings=json.dumps(timings, sort_keys=True),
+        timestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
     return {"token_parity": parity, "timings": timings}
 
 
 def load_lane(path: str) -> dict[str, Any]:
     with np.load(path, allow_pickle=False) as z:
-        return {"lane_ids": [int(i) for i in z["lane_ids"]], "token_parity": json.loads(str(z["token_parity"])),
-                "lane_pieces": json.loads(str(z["lane_pieces"])) if "lane_pieces" in z.files else None,
-                "logits": z["logits"] if bool(z["has_logits"]) else None,
-                "identity": json.loads(str(z["identity"])), "settings": json.loads(str(z["settings"])),
-                "timings": json.loads(str(z["timings"])), "timestamp": str(z["timestamp"])}
+        return {
+            "lane_ids": [int(i) for i in z["lane_ids"]],
+            "token_parity": json.loads(str(z["token_parity"])),
+            "lane_pieces": json.loads(str(z["lane_pieces"])) if "lane_pieces" in z.files else None,
+            "logits": z["logits"] if bool(z["has_logits"]) else None,
+            "identity": json.loads(str(z["identity"])),
+            "settings": json.loads(str(z["settings"])),
+            "timings": json.loads(str(z["timings"])),
+            "timestamp": str(z["timestamp"]),
+        }
 
 
 # -- localization -----------------------------------------------------------------------------
@@ -360,10 +443,21 @@ def graph_status(reference_npz: str, lane_npz: str, thresholds: Mapping[str, Any
     return verdict(Evaluation(load_reference(reference_npz), load_lane(lane_npz), {}), thresholds)["status"]
 
 
-def localization(*, backend: Mapping[str, Any], twin_gguf: str, twin_record: Mapping[str, Any],
-                 prompt: Mapping[str, Any], reference_npz: str, lane_npz: str, thresholds: Mapping[str, Any],
-                 floor: float, diagnose: bool, activation: str | None, threads: int,
-                 capture_dir: str) -> dict[str, Any]:
+def localization(
+    *,
+    backend: Mapping[str, Any],
+    twin_gguf: str,
+    twin_record: Mapping[str, Any],
+    prompt: Mapping[str, Any],
+    reference_npz: str,
+    lane_npz: str,
+    thresholds: Mapping[str, Any],
+    floor: float,
+    diagnose: bool,
+    activation: str | None,
+    threads: int,
+    capture_dir: str,
+) -> dict[str, Any]:
     """The receipt's `localization` section. When the graph verdict fails (or diagnose is on), capture every
     node the lane evaluates on the twin and every node the reference computes, keep both captures beside the
     record, and name the first layer and node where the lane departs."""
@@ -385,18 +479,36 @@ def localization(*, backend: Mapping[str, Any], twin_gguf: str, twin_record: Map
         return {"status": "not_run", "reason": str(e), "graph_status": status}
     finally:
         engine.close()
-    index, arrays = reference_capture(twin_gguf, ids, "exact", effective_activation(activation, twin_record),
-                                      generation=node_names_generation(backend))
+    index, arrays = reference_capture(
+        twin_gguf,
+        ids,
+        "exact",
+        effective_activation(activation, twin_record),
+        generation=node_names_generation(backend),
+    )
     save_capture(ref_prefix, index, arrays)
     section = localize(load_capture(ref_prefix), load_capture(lane_prefix), floor)
-    section.update(graph_status=status, n_tokens=len(ids), names=node_names_generation(backend),
-                   captures={"lane": str(lane_prefix), "reference": str(ref_prefix)})
+    section.update(
+        graph_status=status,
+        n_tokens=len(ids),
+        names=node_names_generation(backend),
+        captures={"lane": str(lane_prefix), "reference": str(ref_prefix)},
+    )
     return section
 
 
 # -- op-by-op kernel check ----------------------------------------------------------------------
-def kernel_check(*, backend: Mapping[str, Any], lane_gguf: str, prompt: Mapping[str, Any], reference_npz: str,
-                 activation: str | None, threads: int, capture_prefix: str, keep_capture: bool) -> dict[str, Any]:
+def kernel_check(
+    *,
+    backend: Mapping[str, Any],
+    lane_gguf: str,
+    prompt: Mapping[str, Any],
+    reference_npz: str,
+    activation: str | None,
+    threads: int,
+    capture_prefix: str,
+    keep_capture: bool,
+) -> dict[str, Any]:
     """The receipt's `kernels` section: capture every node the lane evaluates on the file it evaluates (the
     quantized model, or its transcoded copy) and recompute each from the lane's own captured sources with the
     model's parameters. The capture is kept beside the section only when diagnosing (it is large)."""
@@ -421,13 +533,29 @@ def kernel_check(*, backend: Mapping[str, Any], lane_gguf: str, prompt: Mapping[
 
 
 # -- receipts and summary ---------------------------------------------------------------------
-def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json: str, tokenizer_json: str,
-                 prompt_json: str, reference_npz: str, lane_npz: str, lane_vocab_json: str, backend_json: str,
-                 thresholds: Mapping[str, Mapping[str, Any]], mode: str, gates: Collection[str],
-                 lane_gguf: str | None = None, transcode_json: str | None = None,
-                 twin_reference_npz: str | None = None, twin_lane_npz: str | None = None,
-                 twin_record_json: str | None = None, localization_json: str | None = None,
-                 kernels_json: str | None = None) -> dict[str, Any]:
+def make_receipt(
+    *,
+    lane: str,
+    model_name: str,
+    model_json: str,
+    authority_json: str,
+    tokenizer_json: str,
+    prompt_json: str,
+    reference_npz: str,
+    lane_npz: str,
+    lane_vocab_json: str,
+    backend_json: str,
+    thresholds: Mapping[str, Mapping[str, Any]],
+    mode: str,
+    gates: Collection[str],
+    lane_gguf: str | None = None,
+    transcode_json: str | None = None,
+    twin_reference_npz: str | None = None,
+    twin_lane_npz: str | None = None,
+    twin_record_json: str | None = None,
+    localization_json: str | None = None,
+    kernels_json: str | None = None,
+) -> dict[str, Any]:
     """The receipt of one lane and prompt, validated. thresholds: {"quantized": ..., "graph": ...}.
     The graph verdict is evaluated when the twin's reference and lane npz are given, else skipped."""
     from parity_both.receipt import Evaluation, build_receipt, validate_receipt
@@ -438,47 +566,73 @@ def make_receipt(*, lane: str, model_name: str, model_json: str, authority_json:
     lane_auth = {k: v for k, v in lane_vocab_rec.items() if k != "tokens"}
     if lane_auth.get("vocab_hash") != authority.get("vocab_hash"):
         lane_auth["difference"] = vocab_difference(tokenizer_json, authority, lane_vocab_rec)
-    quantized = Evaluation(load_reference(reference_npz), load_lane(lane_npz), {
-        "reference": model["path"],
-        "lane": str(Path(lane_gguf).resolve()) if lane_gguf else model["path"],
-        "transcode": read_json(transcode_json) if transcode_json else None,
-    })
+    quantized = Evaluation(
+        load_reference(reference_npz),
+        load_lane(lane_npz),
+        {
+            "reference": model["path"],
+            "lane": str(Path(lane_gguf).resolve()) if lane_gguf else model["path"],
+            "transcode": read_json(transcode_json) if transcode_json else None,
+        },
+    )
     graph = None
     if twin_reference_npz or twin_lane_npz:
         if not (twin_reference_npz and twin_lane_npz):
             raise ValueError("the graph verdict needs both the twin's reference npz and its lane npz")
         rec = read_json(twin_record_json) if twin_record_json else {}
         twin = str(Path(rec["twin"]["path"]).resolve()) if rec else None
-        graph = Evaluation(load_reference(twin_reference_npz), load_lane(twin_lane_npz), {
-            "reference": twin, "lane": twin,
-            "twin": {k: rec[k] for k in ("dtype", "exact", "twin", "source") if k in rec} if rec else None,
-        })
+        graph = Evaluation(
+            load_reference(twin_reference_npz),
+            load_lane(twin_lane_npz),
+            {
+                "reference": twin,
+                "lane": twin,
+                "twin": {k: rec[k] for k in ("dtype", "exact", "twin", "source") if k in rec} if rec else None,
+            },
+        )
     receipt = build_receipt(
-        lane=lane, model_name=model_name, model=model, authority=authority, lane_vocab=lane_auth,
-        prompt=read_json(prompt_json), backend=read_json(backend_json), mode=mode, gates=list(gates),
-        quantized=quantized, thresholds=thresholds["quantized"], graph=graph, graph_thresholds=thresholds["graph"],
+        lane=lane,
+        model_name=model_name,
+        model=model,
+        authority=authority,
+        lane_vocab=lane_auth,
+        prompt=read_json(prompt_json),
+        backend=read_json(backend_json),
+        mode=mode,
+        gates=list(gates),
+        quantized=quantized,
+        thresholds=thresholds["quantized"],
+        graph=graph,
+        graph_thresholds=thresholds["graph"],
         localization=read_json(localization_json) if localization_json else None,
-        kernels=read_json(kernels_json) if kernels_json else None)
+        kernels=read_json(kernels_json) if kernels_json else None,
+    )
     validate_receipt(receipt)
     return receipt
 
 
-def vocab_difference(tokenizer_json: str, authority: Mapping[str, Any],
-                     lane_vocab_rec: Mapping[str, Any]) -> dict[str, Any] | None:
+def vocab_difference(
+    tokenizer_json: str, authority: Mapping[str, Any], lane_vocab_rec: Mapping[str, Any]
+) -> dict[str, Any] | None:
     """First id (or flag) where the lane's vocabulary differs from the reference authority's."""
     from parity_both.lanes.base import VocabDump
     from parity_both.tokenize.authority import compare_vocabs
     from parity_both.tokenize.reference import ReferenceTokenizer
 
     ref = ReferenceTokenizer.from_files(tokenizer_json, authority).vocab_dump()
-    lane = VocabDump([(int(i), str(t), str(k)) for i, t, k in lane_vocab_rec["tokens"]],
-                     lane_vocab_rec.get("bos_id"), lane_vocab_rec.get("eos_id"),
-                     bool(lane_vocab_rec.get("add_bos")), bool(lane_vocab_rec.get("add_eos")))
+    lane = VocabDump(
+        [(int(i), str(t), str(k)) for i, t, k in lane_vocab_rec["tokens"]],
+        lane_vocab_rec.get("bos_id"),
+        lane_vocab_rec.get("eos_id"),
+        bool(lane_vocab_rec.get("add_bos")),
+        bool(lane_vocab_rec.get("add_eos")),
+    )
     return compare_vocabs(ref, lane)
 
 
-def make_summary(receipt_paths: Sequence[str], errors: Sequence[Mapping[str, Any]] | None = None,
-                 lanes: Sequence[str] = ()) -> dict[str, Any]:
+def make_summary(
+    receipt_paths: Sequence[str], errors: Sequence[Mapping[str, Any]] | None = None, lanes: Sequence[str] = ()
+) -> dict[str, Any]:
     """The summary of these receipts (see summary.build_summary for `errors` and `lanes`)."""
     from parity_both.receipt import load_receipt
     from parity_both.summary import build_summary
@@ -524,8 +678,9 @@ def write_failed_summary(out_dir: str, receipt_paths: Sequence[str], lanes: Sequ
         # a job whose wildcards are a subset of the receipt's is upstream of it (backend {lane},
         # reference {model, prompt}, ...): the receipt on disk is an earlier run's
         # (keys a receipt does not have, e.g. the twin's dtype, do not separate them)
-        return any(e.get("wildcards") and all(wildcards.get(k, v) == v for k, v in e["wildcards"].items())
-                   for e in errors)
+        return any(
+            e.get("wildcards") and all(wildcards.get(k, v) == v for k, v in e["wildcards"].items()) for e in errors
+        )
 
     usable = [p for p in receipt_paths if Path(p).is_file() and not downstream_of_failure(p)]
     summary = make_summary(usable, errors, lanes)
@@ -565,6 +720,20 @@ def save_npz(path: str, **arrays: Any) -> None:
     os.replace(tmp, p)
 
 
-__all__ = ["InputError", "model_facts", "prompt_record", "reference_logits", "lane_vocab", "lane_eval",
-           "make_receipt", "make_summary", "write_summary", "write_failed_summary", "failure_records",
-           "write_json", "write_text", "read_json", "compare_ids"]
+__all__ = [
+    "InputError",
+    "model_facts",
+    "prompt_record",
+    "reference_logits",
+    "lane_vocab",
+    "lane_eval",
+    "make_receipt",
+    "make_summary",
+    "write_summary",
+    "write_failed_summary",
+    "failure_records",
+    "write_json",
+    "write_text",
+    "read_json",
+    "compare_ids",
+]

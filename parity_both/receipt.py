@@ -115,13 +115,16 @@ def _unusable(ev: Evaluation) -> tuple[str, dict[str, Any]] | None:
         return "error", {"reason": f"logit shapes differ: reference {ref.shape}, lane {lane.shape}"}
     if not np.all(np.isfinite(lane)):
         bad = int(np.argmax(~np.all(np.isfinite(lane), axis=1)))
-        return "fail", {"reason": f"lane logits contain NaN/Inf (first at position {bad})",
-                        "first_divergence": {"pos": bad, "reasons": ["non-finite logits"]}}
+        return "fail", {
+            "reason": f"lane logits contain NaN/Inf (first at position {bad})",
+            "first_divergence": {"pos": bad, "reasons": ["non-finite logits"]},
+        }
     return None
 
 
-def _threshold_failures(agg: Mapping[str, Any], greedy: Mapping[str, Any], first: Mapping[str, Any] | None,
-                        th: Mapping[str, Any]) -> list[str]:
+def _threshold_failures(
+    agg: Mapping[str, Any], greedy: Mapping[str, Any], first: Mapping[str, Any] | None, th: Mapping[str, Any]
+) -> list[str]:
     failures = []
     if first:
         failures.append(f"position {first['pos']}: {'; '.join(first['reasons'])}")
@@ -132,8 +135,10 @@ def _threshold_failures(agg: Mapping[str, Any], greedy: Mapping[str, Any], first
         failures.append(f"same-top-1 rate {rate:.3f} < same_top1_min {th['same_top1_min']}")
     if th.get("greedy_contained") and greedy["n_generated"] and not greedy["all_contained"]:
         step = next(s for s in greedy["steps"] if not s["contained"])
-        failures.append(f"greedy step {step['step']}: reference token {step['ref_token']} and lane token "
-                        f"{step['lane_token']} are not in each other's top-5")
+        failures.append(
+            f"greedy step {step['step']}: reference token {step['ref_token']} and lane token "
+            f"{step['lane_token']} are not in each other's top-5"
+        )
     return failures
 
 
@@ -163,9 +168,11 @@ def verdict(ev: Evaluation, th: Mapping[str, Any]) -> dict[str, Any]:
     ids = [int(i) for i in ev.reference["ids"]]
     n_prompt = int(ev.reference["n_prompt"])
     section: dict[str, Any] = {
-        "files": dict(ev.files), "thresholds": dict(th),
+        "files": dict(ev.files),
+        "thresholds": dict(th),
         "sequence": {"ids": ids, "n_prompt": n_prompt, "n_generated": len(ids) - n_prompt},
-        "rows": [], "greedy": None,
+        "rows": [],
+        "greedy": None,
         "summary": {"first_divergence": None, "failures": [], "mean_mse": None, "mean_kl": None},
     }
     problem = _unusable(ev)
@@ -180,9 +187,18 @@ def verdict(ev: Evaluation, th: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -- the receipt ------------------------------------------------------------------------------
-def _context(*, lane: str, model_name: str, model: Mapping[str, Any], authority: Mapping[str, Any],
-             lane_vocab: Mapping[str, Any], prompt: Mapping[str, Any], backend: Mapping[str, Any], mode: str,
-             ev: Evaluation) -> dict[str, Any]:
+def _context(
+    *,
+    lane: str,
+    model_name: str,
+    model: Mapping[str, Any],
+    authority: Mapping[str, Any],
+    lane_vocab: Mapping[str, Any],
+    prompt: Mapping[str, Any],
+    backend: Mapping[str, Any],
+    mode: str,
+    ev: Evaluation,
+) -> dict[str, Any]:
     """Everything the two verdicts share: what was compared, by whom, under which settings."""
     ref_settings = ev.reference["settings"]
     return {
@@ -191,8 +207,9 @@ def _context(*, lane: str, model_name: str, model: Mapping[str, Any], authority:
         "model": model["path"],
         "model_name": model_name,
         "model_sha256": model["sha256"],
-        "model_facts": {k: model.get(k) for k in ("architecture", "file_name", "size_bytes", "quant_types",
-                                                   "type_numbering")},
+        "model_facts": {
+            k: model.get(k) for k in ("architecture", "file_name", "size_bytes", "quant_types", "type_numbering")
+        },
         "backend": lane,
         # what the backend rule provisioned, plus what the engine said about itself while running
         "backend_identity": {**dict(backend.get("identity") or {}), "runtime": dict(ev.lane.get("identity") or {})},
@@ -200,9 +217,12 @@ def _context(*, lane: str, model_name: str, model: Mapping[str, Any], authority:
         "prompt_name": prompt["prompt"]["name"],
         "corpus": corpus_facts(prompt),
         "prompt_template": {
-            "requested": prompt["template"]["requested"], "used": prompt["template"]["used"],
-            "evidence": prompt["template"]["evidence"], "notes": prompt["template"]["notes"],
-            "system_prompt": prompt["prompt"].get("system_prompt"), "formatted": prompt["formatted"],
+            "requested": prompt["template"]["requested"],
+            "used": prompt["template"]["used"],
+            "evidence": prompt["template"]["evidence"],
+            "notes": prompt["template"]["notes"],
+            "system_prompt": prompt["prompt"].get("system_prompt"),
+            "formatted": prompt["formatted"],
         },
         "tokenization_contract": prompt["contract"],
         "tokenizer_authority": dict(authority),
@@ -210,9 +230,15 @@ def _context(*, lane: str, model_name: str, model: Mapping[str, Any], authority:
         "tokenizer_consistent": lane_vocab.get("vocab_hash") == authority.get("vocab_hash"),
         "token_parity": dict(ev.lane["token_parity"]),
         "reference_settings": dict(ref_settings),
-        "determinism": {"lane": dict(ev.lane.get("settings") or {}),
-                        "reference": {"mode": mode, "threads": (ref_settings.get("numpy") or {}).get("blas_threads"),
-                                      "dtype": ref_settings.get("dtype"), "kv_cache": ref_settings.get("kv_cache")}},
+        "determinism": {
+            "lane": dict(ev.lane.get("settings") or {}),
+            "reference": {
+                "mode": mode,
+                "threads": (ref_settings.get("numpy") or {}).get("blas_threads"),
+                "dtype": ref_settings.get("dtype"),
+                "kv_cache": ref_settings.get("kv_cache"),
+            },
+        },
         "metric_definitions": dict(metrics.METRIC_DEFINITIONS),
     }
 
@@ -225,9 +251,16 @@ def _overall(sections: Mapping[str, Mapping[str, Any]], tokenizer_consistent: bo
     q = sections["quantized"]["summary"]
     summary: dict[str, Any] = {
         "verdicts": {v: sections[v]["status"] for v in VERDICTS},
-        "first_divergence": next(({"verdict": v, **sections[v]["summary"]["first_divergence"]} for v in evaluated
-                                  if sections[v]["summary"].get("first_divergence")), None),
-        "mean_mse": q.get("mean_mse"), "mean_kl": q.get("mean_kl"),
+        "first_divergence": next(
+            (
+                {"verdict": v, **sections[v]["summary"]["first_divergence"]}
+                for v in evaluated
+                if sections[v]["summary"].get("first_divergence")
+            ),
+            None,
+        ),
+        "mean_mse": q.get("mean_mse"),
+        "mean_kl": q.get("mean_kl"),
         "failures": [f"{v}: {f}" for v in evaluated for f in sections[v]["summary"].get("failures") or []],
     }
     reasons = [f"{v}: {sections[v]['summary']['reason']}" for v in evaluated if sections[v]["summary"].get("reason")]
@@ -267,19 +300,34 @@ def build_receipt(
     """The complete receipt, hashed once. `quantized`: both sides on the model file, judged by
     `thresholds`; `graph`: both sides on the lossless twin, judged by `graph_thresholds` (None: the
     graph verdict is skipped for `graph_skipped_reason`)."""
-    receipt = _context(lane=lane, model_name=model_name, model=model, authority=authority, lane_vocab=lane_vocab,
-                       prompt=prompt, backend=backend, mode=mode, ev=quantized)
+    receipt = _context(
+        lane=lane,
+        model_name=model_name,
+        model=model,
+        authority=authority,
+        lane_vocab=lane_vocab,
+        prompt=prompt,
+        backend=backend,
+        mode=mode,
+        ev=quantized,
+    )
     receipt["quantized"] = verdict(quantized, thresholds)
-    receipt["timings"] = {"quantized": {"lane": dict(quantized.lane.get("timings") or {}),
-                                        "reference": dict(quantized.reference.get("timings") or {})}}
+    receipt["timings"] = {
+        "quantized": {
+            "lane": dict(quantized.lane.get("timings") or {}),
+            "reference": dict(quantized.reference.get("timings") or {}),
+        }
+    }
     if graph is None:
         receipt["graph"] = {"status": "skipped", "reason": graph_skipped_reason}
     else:
         if graph_thresholds is None:
             raise ValueError("a graph evaluation needs graph_thresholds")
         receipt["graph"] = verdict(graph, graph_thresholds)
-        receipt["timings"]["graph"] = {"lane": dict(graph.lane.get("timings") or {}),
-                                       "reference": dict(graph.reference.get("timings") or {})}
+        receipt["timings"]["graph"] = {
+            "lane": dict(graph.lane.get("timings") or {}),
+            "reference": dict(graph.reference.get("timings") or {}),
+        }
     if localization is not None:
         receipt["localization"] = dict(localization)
     if kernels is not None:
@@ -306,9 +354,11 @@ def _localization_hints(loc: Mapping[str, Any] | None) -> list[str]:
         return []
     node = loc["first_node"]
     at = f"layer {loc['first_layer']}, " if loc.get("first_layer") is not None else ""
-    return [f"on the lossless twin the lane first departs from the reference at {at}node {node['name']} "
-            f"({node['op']}{', occurrence ' + str(node['occurrence'] + 1) if node['occurrence'] else ''}): "
-            f"NMSE {node['nmse']:.3g} (floor {loc['floor_nmse']:.3g}); captures in {loc.get('captures')}"]
+    return [
+        f"on the lossless twin the lane first departs from the reference at {at}node {node['name']} "
+        f"({node['op']}{', occurrence ' + str(node['occurrence'] + 1) if node['occurrence'] else ''}): "
+        f"NMSE {node['nmse']:.3g} (floor {loc['floor_nmse']:.3g}); captures in {loc.get('captures')}"
+    ]
 
 
 def diagnose(status: str, receipt: Mapping[str, Any]) -> list[str]:
@@ -316,11 +366,15 @@ def diagnose(status: str, receipt: Mapping[str, Any]) -> list[str]:
     hints = _localization_hints(receipt.get("localization"))
     graph, quantized = receipt["graph"]["status"], receipt["quantized"]["status"]
     if graph == "pass" and quantized == "fail":
-        hints.append("the lane computes the same graph as the reference on the lossless twin: the quantized "
-                     "difference comes from the weight types' kernels and rounding, not from the graph")
+        hints.append(
+            "the lane computes the same graph as the reference on the lossless twin: the quantized "
+            "difference comes from the weight types' kernels and rounding, not from the graph"
+        )
     if graph == "fail" and quantized == "pass":
-        hints.append("the lane's graph differs from the reference's on the lossless twin although the quantized "
-                     "comparison passes: the quantization noise hides a graph difference there")
+        hints.append(
+            "the lane's graph differs from the reference's on the lossless twin although the quantized "
+            "comparison passes: the quantization noise hides a graph difference there"
+        )
     ref = receipt.get("reference_settings") or {}
     lane = (receipt.get("determinism") or {}).get("lane") or {}
     if status == "fail" and ref.get("arch") in BITNET_ARCHS:
@@ -331,16 +385,21 @@ def diagnose(status: str, receipt: Mapping[str, Any]) -> list[str]:
                 f"the reference computes the BitNet FFN with relu2 (squared ReLU; chosen by: {source}), "
                 "while mainline llama.cpp and BitNet.cpp's current code compute SiLU: a KL of order 1 is "
                 "that difference. Set `activation: silu` on the model to compare the graph the engines "
-                "compute, or keep relu2 to show they do not compute what the model was trained with.")
+                "compute, or keep relu2 to show they do not compute what the model was trained with."
+            )
     if status == "fail" and lane.get("type_v") == "f16":
-        hints.append("this lane ran with an F16 V cache (its llama.cpp generation refuses F32 V without "
-                     "flash attention), which alone moves logits by NMSE ~1e-3")
+        hints.append(
+            "this lane ran with an F16 V cache (its llama.cpp generation refuses F32 V without "
+            "flash attention), which alone moves logits by NMSE ~1e-3"
+        )
     if status == "token_mismatch":
         tp = receipt.get("token_parity") or {}
-        hints.append(f"the lane tokenized the formatted prompt differently from the tokenizer authority at "
-                     f"position {tp.get('first_divergent_pos')} (reference {tp.get('ref_id')} "
-                     f"{tp.get('ref_piece')!r}, lane {tp.get('lane_id')} {tp.get('lane_piece')!r}); compare "
-                     "the tokenizer authority's source with the GGUF's own vocabulary (gguf_agreement)")
+        hints.append(
+            f"the lane tokenized the formatted prompt differently from the tokenizer authority at "
+            f"position {tp.get('first_divergent_pos')} (reference {tp.get('ref_id')} "
+            f"{tp.get('ref_piece')!r}, lane {tp.get('lane_id')} {tp.get('lane_piece')!r}); compare "
+            "the tokenizer authority's source with the GGUF's own vocabulary (gguf_agreement)"
+        )
     return hints
 
 
@@ -371,8 +430,13 @@ def corpus_facts(prompt: Mapping[str, Any]) -> dict[str, Any] | None:
     meta = prompt["prompt"]
     if not meta.get("corpus"):
         return None
-    return {"path": meta["corpus"], "sha256": meta["corpus_sha256"], "window": meta["window"],
-            "windows": meta["windows"], "window_starts": list(prompt["window_starts"])}
+    return {
+        "path": meta["corpus"],
+        "sha256": meta["corpus_sha256"],
+        "window": meta["window"],
+        "windows": meta["windows"],
+        "window_starts": list(prompt["window_starts"]),
+    }
 
 
 def validate_receipt(receipt: Mapping[str, Any]) -> None:
@@ -398,9 +462,22 @@ def upgrade_v1(old: Mapping[str, Any]) -> dict[str, Any]:
     for k in ("all_passed", "first_divergence", "mean_mse", "mean_kl"):
         summary.setdefault(k, None)
     r["summary"] = summary
-    for k in ("model_sha256", "tokenizer_authority", "lane_tokenizer_authority", "tokenizer_consistent",
-              "prompt_template", "tokenization_contract", "determinism", "backend_identity",
-              "reference_settings", "greedy", "token_parity", "metric_definitions", "status", "exit_code"):
+    for k in (
+        "model_sha256",
+        "tokenizer_authority",
+        "lane_tokenizer_authority",
+        "tokenizer_consistent",
+        "prompt_template",
+        "tokenization_contract",
+        "determinism",
+        "backend_identity",
+        "reference_settings",
+        "greedy",
+        "token_parity",
+        "metric_definitions",
+        "status",
+        "exit_code",
+    ):
         r.setdefault(k, None)
     if r["status"] is None:
         r["status"] = {True: "pass", False: "fail", None: "error"}[summary["all_passed"]]
@@ -417,9 +494,13 @@ def upgrade_v2(old: Mapping[str, Any]) -> dict[str, Any]:
     q_status = "pass" if r["status"] == "tokenizer_inconsistent" else r["status"]
     files = r.pop("evaluated_files", None) or {"reference": r.get("model"), "lane": r.get("model")}
     r["quantized"] = {
-        "status": q_status, "files": files, "sequence": r.pop("sequence", None),
-        "thresholds": r.pop("thresholds", None), "positions": r.pop("positions", len(r.get("rows") or [])),
-        "rows": r.pop("rows", None) or [], "greedy": r.pop("greedy", None),
+        "status": q_status,
+        "files": files,
+        "sequence": r.pop("sequence", None),
+        "thresholds": r.pop("thresholds", None),
+        "positions": r.pop("positions", len(r.get("rows") or [])),
+        "rows": r.pop("rows", None) or [],
+        "greedy": r.pop("greedy", None),
         "summary": {k: v for k, v in summary.items() if k not in ("all_passed", "hints")},
     }
     r["graph"] = {"status": "skipped", "reason": f"receipt v{old.get('version')} predates the graph verdict"}

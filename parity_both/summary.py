@@ -19,8 +19,21 @@ from parity_both.receipt import VERDICTS, canonical_json, worst
 
 RULE = "─" * 58
 DOUBLE = "═" * 58
-AUTHORITY_KEYS = ("source", "path", "file_hash", "config_hash", "vocab_hash", "vocab_size", "bos_id", "eos_id",
-                  "add_bos", "add_eos", "tokenizer_model", "tokenizer_pre", "fidelity")
+AUTHORITY_KEYS = (
+    "source",
+    "path",
+    "file_hash",
+    "config_hash",
+    "vocab_hash",
+    "vocab_size",
+    "bos_id",
+    "eos_id",
+    "add_bos",
+    "add_eos",
+    "tokenizer_model",
+    "tokenizer_pre",
+    "fidelity",
+)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -49,8 +62,7 @@ def _lane_verdict(prompts: Mapping[str, Mapping[str, Any]], which: str) -> dict[
     evaluated = {name: e for name, e in entries.items() if e["status"] != "skipped"}
     if not evaluated:
         return {"status": "skipped", "reason": next(iter(entries.values()))["reason"]}
-    first = next(({"prompt": k, **e["first_divergence"]} for k, e in evaluated.items() if e["first_divergence"]),
-                 None)
+    first = next(({"prompt": k, **e["first_divergence"]} for k, e in evaluated.items() if e["first_divergence"]), None)
     return {
         "status": worst([e["status"] for e in evaluated.values()]),
         "first_divergence": first,
@@ -81,8 +93,14 @@ def _lane_entry(receipts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         **{v: _lane_verdict(prompts, v) for v in VERDICTS},
         "tokenizer_consistent": all(r.get("tokenizer_consistent") is not False for r in receipts),
         "lane_vocab_hash": lane_auth.get("vocab_hash"),
-        "tokenizer_difference": next(((r.get("lane_tokenizer_authority") or {}).get("difference") for r in receipts
-                                      if (r.get("lane_tokenizer_authority") or {}).get("difference")), None),
+        "tokenizer_difference": next(
+            (
+                (r.get("lane_tokenizer_authority") or {}).get("difference")
+                for r in receipts
+                if (r.get("lane_tokenizer_authority") or {}).get("difference")
+            ),
+            None,
+        ),
         "prompts": prompts,
     }
 
@@ -110,8 +128,9 @@ def failed_run_exit_code(errors: Sequence[Mapping[str, Any]], any_receipt: bool)
     return max((int(e.get("exit_code") or 1) for e in errors), key=lambda c: (c != 1, c))
 
 
-def build_summary(receipts: Sequence[Mapping[str, Any]], errors: Sequence[Mapping[str, Any]] | None = None,
-                  lanes: Sequence[str] = ()) -> dict[str, Any]:
+def build_summary(
+    receipts: Sequence[Mapping[str, Any]], errors: Sequence[Mapping[str, Any]] | None = None, lanes: Sequence[str] = ()
+) -> dict[str, Any]:
     """The summary of `receipts`. errors: None for a run that completed; for a run that failed, the
     failure records of its jobs (each lane named in one is a lane that could not run). lanes: every
     lane the run was asked for (listed even when no receipt exists)."""
@@ -131,7 +150,8 @@ def build_summary(receipts: Sequence[Mapping[str, Any]], errors: Sequence[Mappin
             lane = (e.get("wildcards") or {}).get("lane")
             if lane:
                 lanes_flat.setdefault(lane, {"models": {}}).update(
-                    status="error", exit_code=e.get("exit_code"), kind=e.get("kind"), message=e.get("message"))
+                    status="error", exit_code=e.get("exit_code"), kind=e.get("kind"), message=e.get("message")
+                )
     passed = errors is None and bool(lanes_flat) and all(v["status"] == "ok" for v in lanes_flat.values())
     first_model = next(iter(out_models.values()), None)
     summary = {
@@ -142,8 +162,7 @@ def build_summary(receipts: Sequence[Mapping[str, Any]], errors: Sequence[Mappin
         "overall": {
             "both_passed": passed,
             "all_passed": passed,
-            "tokenizer_consistent": all(m["tokenizer_consistent"] for m in out_models.values()) if out_models
-            else None,
+            "tokenizer_consistent": all(m["tokenizer_consistent"] for m in out_models.values()) if out_models else None,
             "exit_code": exit_code,
             "lanes": sorted(lanes_flat),
             "receipts": len(receipts),
@@ -168,27 +187,38 @@ def _mark(status: str) -> str:
 
 def _authority_lines(name: str, m: Mapping[str, Any]) -> list[str]:
     a = m["tokenizer_authority"]
-    return [f"Model: {name}", f"  File:             {m['model']}", f"  SHA-256:          {m['model_sha256']}", "",
-            "Tokenizer Authority", RULE,
-            f"Source:           {a['source']}",
-            f"Path:             {a['path']}",
-            f"File hash:        {a['file_hash']}",
-            f"Config hash:      {a['config_hash']}",
-            f"Vocab hash:       {a['vocab_hash']}",
-            f"Vocab size:       {a['vocab_size']} (bos {a['bos_id']}, eos {a['eos_id']}, "
-            f"add_bos {a['add_bos']}, pre {a['tokenizer_pre']})",
-            f"Consistent:       {'✓ yes' if m['tokenizer_consistent'] else '✗ NO'} (reference vs every lane)",
-            ""]
+    return [
+        f"Model: {name}",
+        f"  File:             {m['model']}",
+        f"  SHA-256:          {m['model_sha256']}",
+        "",
+        "Tokenizer Authority",
+        RULE,
+        f"Source:           {a['source']}",
+        f"Path:             {a['path']}",
+        f"File hash:        {a['file_hash']}",
+        f"Config hash:      {a['config_hash']}",
+        f"Vocab hash:       {a['vocab_hash']}",
+        f"Vocab size:       {a['vocab_size']} (bos {a['bos_id']}, eos {a['eos_id']}, "
+        f"add_bos {a['add_bos']}, pre {a['tokenizer_pre']})",
+        f"Consistent:       {'✓ yes' if m['tokenizer_consistent'] else '✗ NO'} (reference vs every lane)",
+        "",
+    ]
 
 
 def _verdict_line(label: str, v: Mapping[str, Any]) -> str:
     if v["status"] == "skipped":
         return f"{label:<18}- skipped ({v['reason']})"
     fd = v["first_divergence"]
-    where = (f"; first divergence: prompt {fd['prompt']}, position {fd['pos']} ({'; '.join(fd.get('reasons', []))})"
-             if fd else "")
-    return (f"{label:<18}{_mark(v['status'])} {v['status']:<6} mean KL {_fmt(v['mean_kl'])}  mean MSE "
-            f"{_fmt(v['mean_mse'])}  mean cosine {_fmt(v['mean_cosine_sim'], '.6f')}{where}")
+    where = (
+        f"; first divergence: prompt {fd['prompt']}, position {fd['pos']} ({'; '.join(fd.get('reasons', []))})"
+        if fd
+        else ""
+    )
+    return (
+        f"{label:<18}{_mark(v['status'])} {v['status']:<6} mean KL {_fmt(v['mean_kl'])}  mean MSE "
+        f"{_fmt(v['mean_mse'])}  mean cosine {_fmt(v['mean_cosine_sim'], '.6f')}{where}"
+    )
 
 
 def _prompt_lines(pname: str, p: Mapping[str, Any]) -> list[str]:
@@ -198,19 +228,24 @@ def _prompt_lines(pname: str, p: Mapping[str, Any]) -> list[str]:
         if v["status"] == "skipped":
             lines.append(f"      {which:<10} skipped")
             continue
-        lines.append(f"      {which:<10} {v['status']:<14} KL {_fmt(v['mean_kl'])}  NMSE {_fmt(v['nmse'])}  same-top "
-                     f"{_fmt(v['same_top1_rate'], '.3f')}  greedy {_fmt(v['greedy_exact_match_rate'], '.3f')}")
+        lines.append(
+            f"      {which:<10} {v['status']:<14} KL {_fmt(v['mean_kl'])}  NMSE {_fmt(v['nmse'])}  same-top "
+            f"{_fmt(v['same_top1_rate'], '.3f')}  greedy {_fmt(v['greedy_exact_match_rate'], '.3f')}"
+        )
     lines += [f"      {f}" for f in p["failures"][:3]]
     lines.append(f"      receipt: {p['receipt_path']}")
     return lines
 
 
 def _lane_lines(label: str, lane: str, v: Mapping[str, Any]) -> list[str]:
-    lines = [f"Lane {label}: {lane}", RULE,
-             f"Backend:          {v['engine']} {v['version'] or ''}".rstrip(),
-             f"Status:           {'✓ Parity OK' if v['passed'] else '✗ ' + v['status'].upper()}",
-             _verdict_line("Graph (twin):", v["graph"]),
-             _verdict_line("Quantized:", v["quantized"])]
+    lines = [
+        f"Lane {label}: {lane}",
+        RULE,
+        f"Backend:          {v['engine']} {v['version'] or ''}".rstrip(),
+        f"Status:           {'✓ Parity OK' if v['passed'] else '✗ ' + v['status'].upper()}",
+        _verdict_line("Graph (twin):", v["graph"]),
+        _verdict_line("Quantized:", v["quantized"]),
+    ]
     if v.get("tokenizer_difference"):
         lines.append(f"Vocab difference: {canonical_json(v['tokenizer_difference'])}")
     for pname, p in v["prompts"].items():
@@ -229,15 +264,20 @@ def render_text(summary: Mapping[str, Any]) -> str:
     errored = {k: v for k, v in summary["lanes"].items() if v.get("status") == "error"}
     if errored:
         lines += ["Lanes that could not run", RULE]
-        lines += [f"{lane}: {v.get('kind')} (exit {v.get('exit_code')}): {v.get('message')}"
-                  for lane, v in errored.items()]
+        lines += [
+            f"{lane}: {v.get('kind')} (exit {v.get('exit_code')}): {v.get('message')}" for lane, v in errored.items()
+        ]
         lines.append("")
     o = summary["overall"]
     tokenizers = {True: "✓ consistent", False: "✗ INCONSISTENT", None: "n/a"}[o["tokenizer_consistent"]]
     n_failed = sum(1 for v in summary["lanes"].values() if v["status"] != "ok")
-    lines += ["Overall Status", RULE,
-              "Both lanes:       " + ("✓ PASSED" if o["both_passed"]
-                                         else f"✗ FAILED ({n_failed} of {len(summary['lanes'])} lanes failed)"),
-              f"Tokenizers:       {tokenizers}",
-              f"Exit code:        {o['exit_code']}", ""]
+    lines += [
+        "Overall Status",
+        RULE,
+        "Both lanes:       "
+        + ("✓ PASSED" if o["both_passed"] else f"✗ FAILED ({n_failed} of {len(summary['lanes'])} lanes failed)"),
+        f"Tokenizers:       {tokenizers}",
+        f"Exit code:        {o['exit_code']}",
+        "",
+    ]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ def main() -> None:
     ref = np.load(sm.input.reference)
     ids, logits, window = list(ref["ids"]), ref["logits"], int(prompt["prompt"]["window"])
     starts = list(prompt["window_starts"])
-    write_kl_base(sm.output[0], [ids[s:s + window] for s in starts], [logits[s:s + window] for s in starts])
+    write_kl_base(sm.output[0], [ids[s : s + window] for s in starts], [logits[s : s + window] for s in starts])
 
 
 run_job(snakemake, main)  # noqa: F821

@@ -11,9 +11,16 @@ def main() -> None:
     sm = snakemake  # noqa: F821
     prepared = os.path.dirname(sm.input.prepared[0]) if sm.input.get("prepared") else None
     record = pipeline.read_json(sm.input.record) if sm.input.get("record") else None
-    pipeline.reference_logits(sm.input.gguf, pipeline.read_json(sm.input.prompt), sm.params.max_tokens,
-                              sm.params.mode, sm.params.activation, sm.output[0], prepared_dir=prepared,
-                              twin_record=record)
+    pipeline.reference_logits(
+        sm.input.gguf,
+        pipeline.read_json(sm.input.prompt),
+        sm.params.max_tokens,
+        sm.params.mode,
+        sm.params.activation,
+        sm.output[0],
+        prepared_dir=prepared,
+        twin_record=record,
+    )
 
 
 run_job(snakemake, main)  # noqa: F821

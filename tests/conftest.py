@@ -29,11 +29,24 @@ def write_config(workdir: Path, cfg: dict[str, Any]) -> Path:
     return path
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
-              timeout: int = 900) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run the real workflow with its working directory in `workdir` (config.yaml there)."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--profile", str(REPO / "profiles" / "default"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--profile",
+        str(REPO / "profiles" / "default"),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
@@ -47,7 +60,7 @@ def jobs_run(proc: subprocess.CompletedProcess) -> list[str]:
         s = line.strip()
         for kw in ("rule ", "checkpoint ", "localrule ", "localcheckpoint "):
             if s.startswith(kw) and s.endswith(":"):
-                out.append(s[len(kw):-1])
+                out.append(s[len(kw) : -1])
     return [j for j in out if j != "all"]
 
 
@@ -75,8 +88,14 @@ def drop_merge_for(tokenizer_json: Path, text: str, avoid: tuple[str, ...] = ())
     return target
 
 
-def llama_cpp_model(path: Path | str, *, n_ctx: int = 64, n_threads: int = 2, vocab_only: bool = False,
-                    use_extra_bufts: bool | None = None) -> Any:
+def llama_cpp_model(
+    path: Path | str,
+    *,
+    n_ctx: int = 64,
+    n_threads: int = 2,
+    vocab_only: bool = False,
+    use_extra_bufts: bool | None = None,
+) -> Any:
     """A real llama-cpp-python model built exactly as the `llama` lane builds it (parity settings: F32 K/V,
     flash attention off, one batch of n_ctx; parity_both.lanes.llama_cpp_python.open_llama). Like the
     lane, use_extra_bufts=None keeps the engine's default (weight repacking on); a test that needs the
@@ -86,8 +105,9 @@ def llama_cpp_model(path: Path | str, *, n_ctx: int = 64, n_threads: int = 2, vo
     return open_llama(path, n_ctx=n_ctx, threads=n_threads, vocab_only=vocab_only, use_extra_bufts=use_extra_bufts)
 
 
-def llama_cpp_logits(path: Path | str, ids: list[int], n_threads: int = 2, *,
-                     use_extra_bufts: bool | None = None) -> Any:
+def llama_cpp_logits(
+    path: Path | str, ids: list[int], n_threads: int = 2, *, use_extra_bufts: bool | None = None
+) -> Any:
     """All-position logits for `ids` from llama-cpp-python (one batch, fresh cache), the lane's settings."""
     import numpy as np
 

@@ -38,9 +38,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
     return build_authority(str(MODEL), "gguf_embedded", None, str(out)), out
 
 
-def _external(
-    tmp_path: Path, tok_json: dict[str, Any] | bytes, name: str = "tokenizer.json"
-) -> dict[str, Any]:
+def _external(tmp_path: Path, tok_json: dict[str, Any] | bytes, name: str = "tokenizer.json") -> dict[str, Any]:
     src = tmp_path / "src" / name
     src.parent.mkdir(parents=True, exist_ok=True)
     src.write_bytes(tok_json if isinstance(tok_json, bytes) else json.dumps(tok_json).encode())
@@ -99,9 +97,7 @@ def test_identical_files_at_different_paths_hash_the_same(
     assert a["gguf_agreement"]["agrees"] is True, a["gguf_agreement"]
 
 
-def test_config_hash_sees_one_merge_or_one_special_token(
-    embedded: tuple[dict[str, Any], Path], tmp_path: Path
-) -> None:
+def test_config_hash_sees_one_merge_or_one_special_token(embedded: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
     auth, out = embedded
     base = json.loads(out.read_text(encoding="utf-8"))
     # the same meaning in a different layout hashes the same
@@ -198,9 +194,7 @@ def test_one_token_changed_changes_fingerprint_and_is_named(embedded: tuple[dict
     assert compare_vocabs(dump, kind_changed)["first_difference"]["id"] == 500
     flags = VocabDump(tokens=dump.tokens, bos_id=dump.bos_id, eos_id=dump.eos_id, add_bos=True, add_eos=False)
     d = compare_vocabs(dump, flags)
-    assert (
-        d is not None and d["flags"] == {"add_bos": {"a": False, "b": True}} and d["n_token_differences"] == 0
-    )
+    assert d is not None and d["flags"] == {"add_bos": {"a": False, "b": True}} and d["n_token_differences"] == 0
 
 
 def test_dump_ids_table_marks_first_divergence() -> None:
@@ -213,9 +207,7 @@ def test_dump_ids_table_marks_first_divergence() -> None:
     assert "identical" in same.splitlines()[-1] and "<--" not in same
 
 
-def test_auto_discovered_source_copies_the_file_as_is(
-    embedded: tuple[dict[str, Any], Path], tmp_path: Path
-) -> None:
+def test_auto_discovered_source_copies_the_file_as_is(embedded: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
     auth, out = embedded
     model_dir = tmp_path / "model"
     model_dir.mkdir()

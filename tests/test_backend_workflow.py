@@ -43,8 +43,15 @@ def _env(cache: Path, **extra: str) -> dict[str, str]:
 def test_two_offline_lanes_in_parallel_pass(cache, tmp_path):
     work = tmp_path / "w"
     work.mkdir()
-    write_config(work, {"models": {"smol": {"gguf": "embedded"}}, "prompts": PROMPT, "max_tokens": 2,
-                        "lanes": ["llama-2024", "llama"]})
+    write_config(
+        work,
+        {
+            "models": {"smol": {"gguf": "embedded"}},
+            "prompts": PROMPT,
+            "max_tokens": 2,
+            "lanes": ["llama-2024", "llama"],
+        },
+    )
     snakemake(work, "--cores", "2", env=_env(cache))
     s = json.loads((work / "results/summary.json").read_text())
     assert s["overall"]["exit_code"] == 0 and set(s["lanes"]) == {"llama", "llama-2024"}, s
@@ -68,15 +75,22 @@ def test_two_offline_lanes_in_parallel_pass(cache, tmp_path):
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "parity_both.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "parity_both.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=900,
+    )
 
 
 def test_repair_disabled_with_backend_missing_exits_2_with_the_repair_command(tmp_path):
     empty = tmp_path / "empty-cache"
     out = tmp_path / "ci"
-    p = run_cli(["--lanes", "llama-2024", "--no-repair", "--max-tokens", "1", "--out-dir", str(out)],
-                {"PARITY_BOTH_CACHE": str(empty), "PARITY_BOTH_REPAIR": ""})
+    p = run_cli(
+        ["--lanes", "llama-2024", "--no-repair", "--max-tokens", "1", "--out-dir", str(out)],
+        {"PARITY_BOTH_CACHE": str(empty), "PARITY_BOTH_REPAIR": ""},
+    )
     assert p.returncode == 2, p.stderr[-3000:]
     assert "llama-2024" in p.stderr and "parity_both.provision.backends provision llama-2024" in p.stderr
     assert not list(out.glob("receipt_*.json"))
@@ -86,8 +100,10 @@ def test_repair_disabled_with_backend_missing_exits_2_with_the_repair_command(tm
 def test_ci_environment_defaults_to_no_repair(tmp_path):
     empty = tmp_path / "empty-cache"
     out = tmp_path / "ci"
-    p = run_cli(["--lanes", "llama-2024", "--max-tokens", "1", "--out-dir", str(out)],
-                {"PARITY_BOTH_CACHE": str(empty), "PARITY_BOTH_REPAIR": "", "CI": "true"})
+    p = run_cli(
+        ["--lanes", "llama-2024", "--max-tokens", "1", "--out-dir", str(out)],
+        {"PARITY_BOTH_CACHE": str(empty), "PARITY_BOTH_REPAIR": "", "CI": "true"},
+    )
     assert p.returncode == 2, p.stderr[-3000:]
     assert "repair is disabled (CI environment detected: CI is set)" in p.stderr, p.stderr[-3000:]
     assert "parity_both.provision.backends provision llama-2024" in p.stderr
@@ -95,14 +111,35 @@ def test_ci_environment_defaults_to_no_repair(tmp_path):
 
 def test_unreachable_git_source_exits_3_after_retries(tmp_path):
     cfg = tmp_path / "extra.yaml"
-    cfg.write_text(yaml.safe_dump({"backends": {"remote": {
-        "kind": "harness", "recipe": "llama.cpp",
-        "source": {"type": "git", "url": "https://127.0.0.1:9/llama.cpp.git", "commit": "0" * 40}}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "backends": {
+                    "remote": {
+                        "kind": "harness",
+                        "recipe": "llama.cpp",
+                        "source": {"type": "git", "url": "https://127.0.0.1:9/llama.cpp.git", "commit": "0" * 40},
+                    }
+                }
+            }
+        )
+    )
     out = tmp_path / "ci"
-    p = run_cli(["--lanes", "remote,llama", "--config", str(cfg), "--max-tokens", "1", "--out-dir", str(out),
-                 "--format", "json"],
-                {"PARITY_BOTH_CACHE": str(tmp_path / "c"), "PARITY_BOTH_REPAIR": "auto",
-                 "PARITY_BOTH_FETCH_BACKOFF": "0.1"})
+    p = run_cli(
+        [
+            "--lanes",
+            "remote,llama",
+            "--config",
+            str(cfg),
+            "--max-tokens",
+            "1",
+            "--out-dir",
+            str(out),
+            "--format",
+            "json",
+        ],
+        {"PARITY_BOTH_CACHE": str(tmp_path / "c"), "PARITY_BOTH_REPAIR": "auto", "PARITY_BOTH_FETCH_BACKOFF": "0.1"},
+    )
     assert p.returncode == 3, p.stderr[-3000:]
     summary = json.loads(p.stdout)
     assert summary["overall"]["exit_code"] == 3 and summary["errors"][0]["exit_code"] == 3

@@ -45,8 +45,19 @@ from parity_both.provision.specs import BUILTIN_SPECS, BackendSpec, SourceSpec, 
 
 REPO = Path(__file__).resolve().parent.parent
 # the failure record's schema (parity_both.jobs.failure_record), spelled out independently
-RECORD_KEYS = {"exit_code", "kind", "message", "rule", "wildcards", "log", "backend", "phase", "hint", "build_log",
-               "details"}
+RECORD_KEYS = {
+    "exit_code",
+    "kind",
+    "message",
+    "rule",
+    "wildcards",
+    "log",
+    "backend",
+    "phase",
+    "hint",
+    "build_log",
+    "details",
+}
 FAST = {"retries": 3, "backoff": 0.05}
 
 
@@ -544,9 +555,7 @@ def bitnet_build(
     if not shutil.which("clang"):
         pytest.skip("clang is required by BitNet.cpp's CMake (apt-get install clang)")
     repo, pinned = bitnet_upstream
-    spec = replace(
-        BUILTIN_SPECS["bitnet"], source=SourceSpec(type="git", url=f"file://{repo}", commit=pinned)
-    )
+    spec = replace(BUILTIN_SPECS["bitnet"], source=SourceSpec(type="git", url=f"file://{repo}", commit=pinned))
     log = tmp_path_factory.mktemp("bitnet-logs") / "bitnet.log"
     t0 = time.monotonic()
     ident = provision_backend(spec, test_cache, log, "auto", retries=2, backoff=0.2)
@@ -607,9 +616,7 @@ def test_bitnet_recipe_end_to_end(bitnet_build: tuple[dict, Path], bitnet_upstre
     ref = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
     nmse = float(((ref.astype(np.float64) - got) ** 2).sum() / (ref.astype(np.float64) ** 2).sum())
     top1 = float((ref.argmax(1) == got.argmax(1)).mean())
-    print(
-        f"bitnet mimic (Oct-2024 tree, clang) vs llama-cpp-python 0.3.36: NMSE {nmse:.3g}, top-1 {top1:.3f}"
-    )
+    print(f"bitnet mimic (Oct-2024 tree, clang) vs llama-cpp-python 0.3.36: NMSE {nmse:.3g}, top-1 {top1:.3f}")
     assert nmse < 5e-3 and top1 >= 0.75
 
 
@@ -617,9 +624,7 @@ def test_bitnet_second_provision_reuses_cache(
     bitnet_build: tuple[dict, Path], bitnet_upstream: tuple[Path, str], test_cache: Path, tmp_path: Path
 ) -> None:
     repo, pinned = bitnet_upstream
-    spec = replace(
-        BUILTIN_SPECS["bitnet"], source=SourceSpec(type="git", url=f"file://{repo}", commit=pinned)
-    )
+    spec = replace(BUILTIN_SPECS["bitnet"], source=SourceSpec(type="git", url=f"file://{repo}", commit=pinned))
     t0 = time.monotonic()
     ident = provision_backend(spec, test_cache, tmp_path / "again.log", "never")
     assert time.monotonic() - t0 < 5
@@ -648,10 +653,7 @@ def test_bitnet_cpp_dir_existing_build_skips_clone(
     assert all(str(mine) in p for p in got["library_paths"])
     with HarnessLane.from_backend({"identity": got}, model_path(), n_ctx=16) as lane:
         assert lane.eval_logits([1, 2]).shape == (2, 49152)
-    assert (
-        HarnessBuild.load(Path(got["harness_path"]).parent.parent / "harness.json").api_generation
-        == "2024-10"
-    )
+    assert HarnessBuild.load(Path(got["harness_path"]).parent.parent / "harness.json").api_generation == "2024-10"
 
 
 def test_missing_compiler_is_build_failure_with_hint(tmp_path: Path) -> None:

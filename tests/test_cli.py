@@ -20,9 +20,24 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 def test_json_stdout_is_pure_and_receipt_written(tmp_path):
     out = tmp_path / "ci"
-    p = run_cli("--out-dir", str(out), "--lanes", "llama", "--format", "json", "--max-tokens", "2",
-                "--prompt", "What is 2+2?",
-                "--prompt-template", "chatml", "--system-prompt", "Be brief.", "--dump-ids", "--dump-cpp-ids")
+    p = run_cli(
+        "--out-dir",
+        str(out),
+        "--lanes",
+        "llama",
+        "--format",
+        "json",
+        "--max-tokens",
+        "2",
+        "--prompt",
+        "What is 2+2?",
+        "--prompt-template",
+        "chatml",
+        "--system-prompt",
+        "Be brief.",
+        "--dump-ids",
+        "--dump-cpp-ids",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout)  # the whole of stdout is one JSON document
     assert summary["overall"]["exit_code"] == 0 and summary["overall"]["both_passed"] is True
@@ -46,9 +61,24 @@ def test_token_mismatch_exits_2_without_logits(tmp_path, smol_path):
     prompt = "Photosynthesis converts sunlight into chemical energy."
     drop_merge_for(tok, prompt)
     out = tmp_path / "ci"
-    p = run_cli("--out-dir", str(out), "--lanes", "llama", "--tokenizer", str(tok), "--prompt", prompt,
-                "--prompt-template", "raw",
-                "--max-tokens", "1", "--cos-tol", "0.99", "--metrics", "cos,kl")
+    p = run_cli(
+        "--out-dir",
+        str(out),
+        "--lanes",
+        "llama",
+        "--tokenizer",
+        str(tok),
+        "--prompt",
+        prompt,
+        "--prompt-template",
+        "raw",
+        "--max-tokens",
+        "1",
+        "--cos-tol",
+        "0.99",
+        "--metrics",
+        "cos,kl",
+    )
     assert p.returncode == 2, p.stdout + p.stderr[-3000:]
     assert "TOKEN_MISMATCH" in p.stdout
     assert p.stdout == (out / "results/summary.txt").read_text()  # the workflow's own text summary
@@ -88,9 +118,23 @@ def test_not_a_gguf_and_missing_tokenizer(tmp_path):
 
 def test_help_lists_every_seed_flag():
     p = run_cli("--help")
-    for flag in ("--model-gguf", "--tokenizer", "--prompt", "--max-tokens", "--cos-tol", "--out-dir", "--format",
-                 "--prompt-template", "--system-prompt", "--no-repair", "--verbose", "--dump-ids", "--dump-cpp-ids",
-                 "--metrics", "--lanes"):
+    for flag in (
+        "--model-gguf",
+        "--tokenizer",
+        "--prompt",
+        "--max-tokens",
+        "--cos-tol",
+        "--out-dir",
+        "--format",
+        "--prompt-template",
+        "--system-prompt",
+        "--no-repair",
+        "--verbose",
+        "--dump-ids",
+        "--dump-cpp-ids",
+        "--metrics",
+        "--lanes",
+    ):
         assert flag in p.stdout
 
 
@@ -103,8 +147,9 @@ def test_broken_tokenizer_json_exits_2_with_a_clear_paragraph(tmp_path):
     tok = tmp_path / "tokenizer.json"
     tok.write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}))
     out = tmp_path / "ci"
-    p = run_cli("--out-dir", str(out), "--lanes", "llama", "--tokenizer", str(tok), "--max-tokens", "1",
-                "--format", "json")
+    p = run_cli(
+        "--out-dir", str(out), "--lanes", "llama", "--tokenizer", str(tok), "--max-tokens", "1", "--format", "json"
+    )
     assert p.returncode == 2, p.stderr[-2000:]
     summary = json.loads(p.stdout)  # stdout stays one JSON document
     assert summary["overall"]["exit_code"] == 2

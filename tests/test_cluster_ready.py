@@ -16,9 +16,22 @@ from conftest import REPO
 
 def test_every_planned_job_declares_threads_memory_and_runtime(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "report_plots", "-n", "--configfile", "config/demo.yaml",
-         "--config", f"out_dir={tmp_path / 'results'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "report_plots",
+            "-n",
+            "--configfile",
+            "config/demo.yaml",
+            "--config",
+            f"out_dir={tmp_path / 'results'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     jobs = re.split(r"\n(?=(?:local)?(?:rule|checkpoint) \w+:\n)", text)
@@ -49,8 +62,16 @@ BUILDER = textwrap.dedent("""
 
 
 def test_concurrent_builders_build_once(tmp_path: Path) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, str(tmp_path), str(i)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILDER, str(tmp_path), str(i)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
     outs = [p.communicate(timeout=60) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert len((tmp_path / "builds.log").read_text().split()) == 1  # one build, by whichever got the lock first

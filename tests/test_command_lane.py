@@ -64,8 +64,14 @@ def test_probe_stamps_the_program_hash_and_info(tmp_path):
 def test_build_steps_run_when_the_program_is_missing(tmp_path):
     src = wrapper(tmp_path / "engine.in", sys.executable, str(TOY))
     dst = tmp_path / "bin" / "engine"
-    spec = spec_from_config("mine", {"kind": "command", "command": [str(dst)], "build": [
-        ["mkdir", "-p", str(dst.parent)], ["cp", str(src), str(dst)], ["chmod", "+x", str(dst)]]})
+    spec = spec_from_config(
+        "mine",
+        {
+            "kind": "command",
+            "command": [str(dst)],
+            "build": [["mkdir", "-p", str(dst.parent)], ["cp", str(src), str(dst)], ["chmod", "+x", str(dst)]],
+        },
+    )
     assert command_probe(spec)["present"] is False
     done = ensure_backend(spec, tmp_path / "cache", tmp_path / "build.log", "auto")
     assert done.repaired and dst.is_file()
@@ -73,8 +79,7 @@ def test_build_steps_run_when_the_program_is_missing(tmp_path):
     assert ident["kind"] == "command" and ident["command"] == [str(dst)] and ident["binary_sha256"] == sha256(dst)
     assert ident["info"]["protocol"] == 1 and "$ cp" in (tmp_path / "build.log").read_text()
 
-    broken = spec_from_config("bad", {"kind": "command", "command": [str(tmp_path / "nope")],
-                                      "build": [["false"]]})
+    broken = spec_from_config("bad", {"kind": "command", "command": [str(tmp_path / "nope")], "build": [["false"]]})
     with pytest.raises(BackendFailure) as err:
         ensure_backend(broken, tmp_path / "cache", tmp_path / "bad.log", "auto")
     assert err.value.code == 5 and "build step ['false'] failed" in err.value.message
@@ -135,10 +140,17 @@ def test_command_lane_beside_llama_and_llama_2024_and_reruns_alone(cache, tmp_pa
     work.mkdir()
     prog = wrapper(tmp_path / "ref-engine", sys.executable, "-m", "parity_both.lanes.reference_engine")
     # max_tokens 0: the reference evaluates the prompt in one batch, as the lane does, so NMSE is exactly 0
-    write_config(work, {"models": {"smol": {"gguf": "embedded", "twin": "off"}}, "max_tokens": 0, "kernels": False,
-                        "prompts": {"capital": {"text": "What is the capital of France?", "template": "raw"}},
-                        "lanes": ["llama-2024", "llama", "ref"],
-                        "backends": {"ref": {"kind": "command", "command": [str(prog)]}}})
+    write_config(
+        work,
+        {
+            "models": {"smol": {"gguf": "embedded", "twin": "off"}},
+            "max_tokens": 0,
+            "kernels": False,
+            "prompts": {"capital": {"text": "What is the capital of France?", "template": "raw"}},
+            "lanes": ["llama-2024", "llama", "ref"],
+            "backends": {"ref": {"kind": "command", "command": [str(prog)]}},
+        },
+    )
     env = {"PARITY_BOTH_CACHE": str(cache), "PARITY_BOTH_REPAIR": "auto"}
     snakemake(work, "--cores", "2", env=env)
     s = json.loads((work / "results/summary.json").read_text())

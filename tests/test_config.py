@@ -10,8 +10,11 @@ import yaml
 from parity_both import config as pbconfig
 
 REPO_CONFIG = pbconfig.SCHEMA_PATH.parent.parent / "config.yaml"
-MINIMAL = {"models": {"m": {"gguf": "embedded"}, "f": {"fixture": {"arch": "bitnet", "weight_type": "TQ2_0"}}},
-           "prompts": {"p": {"text": "hi"}}, "lanes": ["llama"]}
+MINIMAL = {
+    "models": {"m": {"gguf": "embedded"}, "f": {"fixture": {"arch": "bitnet", "weight_type": "TQ2_0"}}},
+    "prompts": {"p": {"text": "hi"}},
+    "lanes": ["llama"],
+}
 
 
 def test_with_defaults_fills_what_snakemake_validate_fills():
@@ -30,8 +33,15 @@ def test_documented_defaults():
     assert cfg["reference"] == {"mode": "exact", "activation": None}
     assert cfg["prompts"]["p"] == {"text": "hi", "template": "auto", "system_prompt": None, "window": 256, "windows": 1}
     assert cfg["models"]["f"]["fixture"] == {"arch": "bitnet", "weight_type": "TQ2_0", "size": "tiny", "seed": 0}
-    quantized = {"cos_tol": 0.95, "nmse_max": 0.1, "kl_max": 0.1, "mean_kl_max": 0.02, "topk_min": 0.6,
-                 "same_top1_min": 0.75, "greedy_contained": True}
+    quantized = {
+        "cos_tol": 0.95,
+        "nmse_max": 0.1,
+        "kl_max": 0.1,
+        "mean_kl_max": 0.02,
+        "topk_min": 0.6,
+        "same_top1_min": 0.75,
+        "greedy_contained": True,
+    }
     assert pbconfig.thresholds(cfg, "exact") == pbconfig.thresholds(cfg, "ggml") == quantized
     graph = pbconfig.thresholds(cfg, "graph")
     assert graph["cos_tol"] == 0.999 and graph["nmse_max"] == 1e-5 and graph["mean_kl_max"] == 1e-5
@@ -39,9 +49,14 @@ def test_documented_defaults():
 
 
 def test_overrides_metrics_and_twin():
-    cfg = pbconfig.with_defaults({**MINIMAL, "metrics": ["kl"], "thresholds": {"graph": {"kl_max": 0.5}},
-                                  "models": {"m": {"gguf": "embedded", "twin": False},
-                                             "n": {"gguf": "embedded", "twin": "F16"}}})
+    cfg = pbconfig.with_defaults(
+        {
+            **MINIMAL,
+            "metrics": ["kl"],
+            "thresholds": {"graph": {"kl_max": 0.5}},
+            "models": {"m": {"gguf": "embedded", "twin": False}, "n": {"gguf": "embedded", "twin": "F16"}},
+        }
+    )
     th = pbconfig.thresholds(cfg, "graph")
     assert th["kl_max"] == 0.5 and th["mean_kl_max"] == 1e-5  # the rest of the set keeps its defaults
     assert th["cos_tol"] is None and th["topk_min"] is None and th["greedy_contained"] is False
@@ -49,12 +64,15 @@ def test_overrides_metrics_and_twin():
     assert yaml.safe_load("twin: off") == {"twin": False}  # what `twin: off` in YAML is
 
 
-@pytest.mark.parametrize("bad, where", [
-    ({"max_tokens": -1}, "config max_tokens"),
-    ({"thresholds": {"graph": {"cos_tol": 2}}}, "config thresholds.graph.cos_tol"),
-    ({"thresholds": {"fp8": {}}}, "config thresholds"),
-    ({"models": {"m": {"gguf": "embedded", "twin": "F8"}}}, "config models.m.twin"),
-])
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"max_tokens": -1}, "config max_tokens"),
+        ({"thresholds": {"graph": {"cos_tol": 2}}}, "config thresholds.graph.cos_tol"),
+        ({"thresholds": {"fp8": {}}}, "config thresholds"),
+        ({"models": {"m": {"gguf": "embedded", "twin": "F8"}}}, "config models.m.twin"),
+    ],
+)
 def test_invalid_config_is_one_line_naming_the_field(bad, where):
     with pytest.raises(pbconfig.ConfigError, match=f"^{where}: ") as e:
         pbconfig.with_defaults({**MINIMAL, **bad})

@@ -27,14 +27,21 @@ def make_llama(path: Path, *, vocab_only: bool = False) -> Any:
     return llama_cpp_model(path, vocab_only=vocab_only)
 
 
-CASES = [("llama", "F32", False), ("llama", "F16", False), ("llama", "Q8_0", False), ("llama", "Q4_0", False),
-         ("llama", "Q4_1", False), ("bitnet", "TQ1_0", False), ("bitnet", "TQ2_0", False),
-         ("bitnet", "TQ2_0", True), ("bitnet", "F16", False)]
+CASES = [
+    ("llama", "F32", False),
+    ("llama", "F16", False),
+    ("llama", "Q8_0", False),
+    ("llama", "Q4_0", False),
+    ("llama", "Q4_1", False),
+    ("bitnet", "TQ1_0", False),
+    ("bitnet", "TQ2_0", False),
+    ("bitnet", "TQ2_0", True),
+    ("bitnet", "F16", False),
+]
 
 
 @pytest.mark.parametrize(("arch", "weight_type", "scales"), CASES)
-def test_fixture_loads_and_evaluates_in_llama_cpp(tmp_path: Path, arch: str, weight_type: str,
-                                                  scales: bool) -> None:
+def test_fixture_loads_and_evaluates_in_llama_cpp(tmp_path: Path, arch: str, weight_type: str, scales: bool) -> None:
     path = tmp_path / "m.gguf"
     facts = write_fixture(path, arch=arch, weight_type=weight_type, size="tiny", seed=1, scale_tensors=scales)
     assert facts["dims"]["n_vocab"] == 49152
@@ -44,7 +51,7 @@ def test_fixture_loads_and_evaluates_in_llama_cpp(tmp_path: Path, arch: str, wei
     assert len(toks) > 10
     llm.reset()
     llm.eval(toks)
-    logits = np.array(llm.scores[:llm.n_tokens])
+    logits = np.array(llm.scores[: llm.n_tokens])
     llm.close()
     assert logits.shape == (len(toks), 49152)
     assert np.isfinite(logits).all()
@@ -62,8 +69,9 @@ def test_vocabulary_is_the_real_one(tmp_path: Path) -> None:
     a, b = make_llama(path, vocab_only=True), make_llama(default_vocab_gguf(), vocab_only=True)
     for text in (PROMPT, "<|im_start|>user\nhi<|im_end|>\n"):
         for special in (False, True):
-            assert a.tokenize(text.encode(), add_bos=False, special=special) == \
-                b.tokenize(text.encode(), add_bos=False, special=special)
+            assert a.tokenize(text.encode(), add_bos=False, special=special) == b.tokenize(
+                text.encode(), add_bos=False, special=special
+            )
     assert a.metadata["tokenizer.chat_template"] == b.metadata["tokenizer.chat_template"]
 
 
@@ -78,13 +86,42 @@ def test_same_args_same_bytes(tmp_path: Path) -> None:
 
 def test_cli_writes_same_file_as_api(tmp_path: Path) -> None:
     api = write_fixture(tmp_path / "api.gguf", arch="llama", weight_type="Q8_0", seed=3)
-    out = subprocess.run([sys.executable, "-m", "parity_both.fixtures", "--arch", "llama", "--weight-type",
-                          "Q8_0", "--seed", "3", "--vocab-gguf", str(default_vocab_gguf()),
-                          str(tmp_path / "cli.gguf")], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parity_both.fixtures",
+            "--arch",
+            "llama",
+            "--weight-type",
+            "Q8_0",
+            "--seed",
+            "3",
+            "--vocab-gguf",
+            str(default_vocab_gguf()),
+            str(tmp_path / "cli.gguf"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert json.loads(out.stdout)["sha256"] == api["sha256"]
-    bad = subprocess.run([sys.executable, "-m", "parity_both.fixtures", "--arch", "llama", "--weight-type",
-                          "TQ2_0", "--dim", "n_embd=64", str(tmp_path / "x.gguf")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parity_both.fixtures",
+            "--arch",
+            "llama",
+            "--weight-type",
+            "TQ2_0",
+            "--dim",
+            "n_embd=64",
+            str(tmp_path / "x.gguf"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "multiple of 256" in bad.stderr
 
 

@@ -38,7 +38,7 @@ def slow_q8_0(x: np.ndarray) -> list[tuple[F32, list[int], F32]]:
     """arch/x86/quants.c quantize_row_q8_0 (+ Q8_1's s): [(d as stored, qs, s as stored)] per block."""
     out = []
     for b in range(len(x) // 32):
-        v = x[b * 32:(b + 1) * 32]
+        v = x[b * 32 : (b + 1) * 32]
         amax = F32(0)
         for e in v:
             amax = max(amax, abs(e))
@@ -60,7 +60,7 @@ def slow_q8_k(x: np.ndarray) -> list[tuple[F32, list[int]]]:
     """ggml-quants.c quantize_row_q8_K_ref."""
     out = []
     for b in range(len(x) // 256):
-        v = x[b * 256:(b + 1) * 256]
+        v = x[b * 256 : (b + 1) * 256]
         vmax, amax = F32(0), F32(0)
         for e in v:
             if abs(e) > amax:
@@ -79,15 +79,18 @@ def slow_row(x: np.ndarray, w_row: bytes, type_name: str) -> float:
     if type_name in ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"):
         size = {"Q8_0": 34, "Q4_0": 18, "Q5_0": 22, "Q4_1": 20, "Q5_1": 24}[type_name]
         for ib, (dy, qy, sy) in enumerate(slow_q8_0(x)):
-            blk = w_row[ib * size:(ib + 1) * size]
+            blk = w_row[ib * size : (ib + 1) * size]
             dx = f16(blk[0:2])
             if type_name == "Q8_0":
                 qx = np.frombuffer(blk[2:], np.int8).tolist()
                 sumf += F32(sum(a * b for a, b in zip(qx, qy, strict=True))) * F32(dx * dy)
                 continue
             qs = blk[-16:]
-            qh = int.from_bytes(blk[4:8] if type_name == "Q5_1" else blk[2:6], "little") \
-                if type_name in ("Q5_0", "Q5_1") else 0
+            qh = (
+                int.from_bytes(blk[4:8] if type_name == "Q5_1" else blk[2:6], "little")
+                if type_name in ("Q5_0", "Q5_1")
+                else 0
+            )
             sumi = 0
             for j in range(16):
                 x0, x1 = qs[j] & 0x0F, qs[j] >> 4
@@ -106,7 +109,7 @@ def slow_row(x: np.ndarray, w_row: bytes, type_name: str) -> float:
         pow3 = [1, 3, 9, 27, 81, 243]
         for ib, (dy, qy) in enumerate(slow_q8_k(x)):
             if type_name == "TQ2_0":
-                blk = w_row[ib * 66:(ib + 1) * 66]
+                blk = w_row[ib * 66 : (ib + 1) * 66]
                 sumi = 0
                 for j in (0, 32):
                     for lane in range(4):
@@ -114,7 +117,7 @@ def slow_row(x: np.ndarray, w_row: bytes, type_name: str) -> float:
                             sumi += qy[j * 4 + lane * 32 + k] * (((blk[j + k] >> (lane * 2)) & 3) - 1)
                 dx = f16(blk[64:66])
             else:
-                blk = w_row[ib * 54:(ib + 1) * 54]
+                blk = w_row[ib * 54 : (ib + 1) * 54]
                 qs, qh, sumi = blk[0:48], blk[48:52], 0
                 for lane in range(5):
                     for m in range(32):
@@ -156,8 +159,9 @@ def test_ggml_linear_equals_slow_c_transcription(type_name: str) -> None:
     x[2, :256] = 0  # an all-zero block (d = 0)
     got = ggml_emul.ggml_linear(x, raw, type_name, rows, cols)
     rb = raw.size // rows
-    slow = np.array([[slow_row(x[t], raw[r * rb:(r + 1) * rb].tobytes(), type_name) for r in range(rows)]
-                     for t in range(3)], F32)
+    slow = np.array(
+        [[slow_row(x[t], raw[r * rb : (r + 1) * rb].tobytes(), type_name) for r in range(rows)] for t in range(3)], F32
+    )
     exact = ggml_emul.exact_linear(x, raw, type_name, rows, cols)
     # same arithmetic but the float32 summation order: agreement at float32 rounding level
     np.testing.assert_allclose(got, slow, rtol=2e-6, atol=2e-6 * float(np.abs(slow).max()))
@@ -222,11 +226,22 @@ def test_float_weights() -> None:
 class GgmlTensor(ctypes.Structure):
     """struct ggml_tensor of llama-cpp-python 0.3.36's ggml.h (GGML_MAX_DIMS 4, MAX_SRC 10, NAME 64)."""
 
-    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
-                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
-                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
-                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
-                ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
 
 
 Node = tuple[str, str, list[int], "np.ndarray | None"]
@@ -284,19 +299,31 @@ def capture_llama(path: Path, tokens: list[int], names: set[str]) -> dict[str, n
 
 
 TOKENS = [19556, 905, 28, 451, 314, 253, 1028, 30, 12, 99, 1000, 4000]
-LLAMA_OPS = [("attn_norm-0", "blk.0.attn_v.weight", "Vcur-0"),
-             ("ffn_norm-0", "blk.0.ffn_up.weight", "ffn_up-0"),
-             ("ffn_swiglu-0", "blk.0.ffn_down.weight", "ffn_out-0"),
-             ("result_norm", "token_embd.weight", "result_output")]
-BITNET_OPS = [("attn_norm-0", "blk.0.attn_v.weight", "Vcur-0"),
-              ("attn_sub_norm-0", "blk.0.attn_output.weight", "attn_out-0"),
-              ("ffn_sub_norm-0", "blk.0.ffn_down.weight", "ffn_down-0"),
-              ("result_norm", "token_embd.weight", "result_output")]
+LLAMA_OPS = [
+    ("attn_norm-0", "blk.0.attn_v.weight", "Vcur-0"),
+    ("ffn_norm-0", "blk.0.ffn_up.weight", "ffn_up-0"),
+    ("ffn_swiglu-0", "blk.0.ffn_down.weight", "ffn_out-0"),
+    ("result_norm", "token_embd.weight", "result_output"),
+]
+BITNET_OPS = [
+    ("attn_norm-0", "blk.0.attn_v.weight", "Vcur-0"),
+    ("attn_sub_norm-0", "blk.0.attn_output.weight", "attn_out-0"),
+    ("ffn_sub_norm-0", "blk.0.ffn_down.weight", "ffn_down-0"),
+    ("result_norm", "token_embd.weight", "result_output"),
+]
 
 
-@pytest.mark.parametrize(("arch", "weight_type"), [("llama", "F16"), ("llama", "Q8_0"), ("llama", "Q4_0"),
-                                                    ("llama", "Q4_1"), ("bitnet", "TQ1_0"),
-                                                    ("bitnet", "TQ2_0")])
+@pytest.mark.parametrize(
+    ("arch", "weight_type"),
+    [
+        ("llama", "F16"),
+        ("llama", "Q8_0"),
+        ("llama", "Q4_0"),
+        ("llama", "Q4_1"),
+        ("bitnet", "TQ1_0"),
+        ("bitnet", "TQ2_0"),
+    ],
+)
 def test_ggml_linear_matches_llama_cpp(tmp_path: Path, arch: str, weight_type: str) -> None:
     path = tmp_path / f"{arch}_{weight_type}.gguf"
     write_fixture(path, arch=arch, weight_type=weight_type, size="tiny", seed=11)

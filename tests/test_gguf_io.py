@@ -49,8 +49,10 @@ def test_peek_agrees_with_full_reader_without_numpy(smol_path: str) -> None:
     arch, types = peek_format(smol_path)
     assert arch == g.architecture == "llama"
     assert types == {t.type_id for t in g.tensors.values()} == {0, 3, 8}  # F32, Q4_1, Q8_0
-    code = ("import sys; from parity_both.gguf.peek import peek_format; "
-            f"peek_format({smol_path!r}); sys.exit(3 if 'numpy' in sys.modules else 0)")
+    code = (
+        "import sys; from parity_both.gguf.peek import peek_format; "
+        f"peek_format({smol_path!r}); sys.exit(3 if 'numpy' in sys.modules else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 

@@ -242,11 +242,7 @@ def test_logits_october_2024_generation(build_2024: HarnessBuild, llm: Any) -> N
         json.dumps(m),
     )
     # the Oct-2024 llama.h refuses an F32 V cache without flash attention: F16 V, and said so
-    assert (
-        settings["type_k"] == "f32"
-        and settings["type_v"] == "f16"
-        and "flash attention" in settings["type_v_note"]
-    )
+    assert settings["type_k"] == "f32" and settings["type_v"] == "f16" and "flash attention" in settings["type_v_note"]
     # the two generations' kernels differ (notes: NMSE ~4e-4, KL ~2e-3): statistical agreement only
     assert m["nmse"] < 5e-3 and m["kl_mean"] < 2e-2 and m["top1"] >= 0.75, m
 
@@ -282,12 +278,27 @@ def test_harness_exit_codes(build_2024: HarnessBuild, build_2025: HarnessBuild, 
     rc, st, _ = _run_status([binary, "frobnicate", "--model", model_path()])
     assert (rc, st["exit_code"], st["stage"]) == (1, 1, "args") and "unknown command" in st["error"]
     np.asarray([1, 2, 3], dtype="<i4").tofile(ids)
-    rc, st, _ = _run_status([binary, "eval", "--model", model_path(), "--ids-file", ids,
-                             "--out", tmp_path / "no-such-dir" / "l.f32"])
+    rc, st, _ = _run_status(
+        [binary, "eval", "--model", model_path(), "--ids-file", ids, "--out", tmp_path / "no-such-dir" / "l.f32"]
+    )
     assert (rc, st["exit_code"], st["stage"]) == (4, 4, "io")
     # Oct-2024 llama.cpp refuses an F32 V cache without flash attention: with the fallback off, an engine failure
-    rc, st, _ = _run_status([build_2024.harness_path, "eval", "--model", model_path(), "--ids-file", ids,
-                             "--out", tmp_path / "l", "--type-v", "f32", "--v-f16-fallback", "0"])
+    rc, st, _ = _run_status(
+        [
+            build_2024.harness_path,
+            "eval",
+            "--model",
+            model_path(),
+            "--ids-file",
+            ids,
+            "--out",
+            tmp_path / "l",
+            "--type-v",
+            "f32",
+            "--v-f16-fallback",
+            "0",
+        ]
+    )
     assert (rc, st["exit_code"], st["stage"]) == (3, 3, "new_context")
     assert any("flash_attn" in line for line in st["engine_log_tail"]), st["engine_log_tail"]
 
@@ -306,9 +317,23 @@ def test_out_of_memory_still_prints_a_status_line(build_2025: HarnessBuild, tmp_
         def cap(limit: int = limit) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-        proc = subprocess.run([build_2025.harness_path, "eval", "--model", str(model_path()), "--ids-file", str(ids),
-                               "--out", str(tmp_path / "l")], capture_output=True, text=True, check=False,
-                              timeout=300, preexec_fn=cap)
+        proc = subprocess.run(
+            [
+                build_2025.harness_path,
+                "eval",
+                "--model",
+                str(model_path()),
+                "--ids-file",
+                str(ids),
+                "--out",
+                str(tmp_path / "l"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+            preexec_fn=cap,
+        )
         lines = proc.stdout.strip().splitlines()
         assert len(lines) == 1, (mib, proc.returncode, proc.stdout, proc.stderr[-2000:])
         st = json.loads(lines[0])
@@ -357,8 +382,15 @@ def captures(
         cap = load_capture(out / which)
         saved, arrays = cap.index, cap.arrays
         assert saved == index
-        res[which] = {"ids": ids, "plain": plain, "logits": logits, "index": index, "arrays": arrays,
-                      "settings": settings, "prefix": out / which}
+        res[which] = {
+            "ids": ids,
+            "plain": plain,
+            "logits": logits,
+            "index": index,
+            "arrays": arrays,
+            "settings": settings,
+            "prefix": out / which,
+        }
     return res
 
 
@@ -389,8 +421,13 @@ def test_capture_nodes_names_shapes_and_data(which: str, captures: dict[str, dic
     assert [x["op"] for x in _nodes(index, "Qcur-0") if x["op"] in ("MUL_MAT", "ROPE")] == ["MUL_MAT", "ROPE"]
     assert [x["i"] for x in index["nodes"]] == list(range(len(index["nodes"])))
     assert "l_out-30" not in names and names.index("l_out-29") < names.index("result_norm")
-    shapes = {"attn_norm-0": [576, n, 1, 1], "ffn_out-0": [576, n, 1, 1], "l_out-29": [576, n, 1, 1],
-              "result_norm": [576, n, 1, 1], "result_output": [49152, n, 1, 1]}
+    shapes = {
+        "attn_norm-0": [576, n, 1, 1],
+        "ffn_out-0": [576, n, 1, 1],
+        "l_out-29": [576, n, 1, 1],
+        "result_norm": [576, n, 1, 1],
+        "result_output": [49152, n, 1, 1],
+    }
     for name, ne in shapes.items():
         assert _nodes(index, name)[-1]["ne"] == ne, name
     assert _nodes(index, soft_max)[0]["ne"][1:] == [n, 9, 1]  # [n_kv, n_tokens, n_head]
@@ -403,8 +440,14 @@ def test_capture_nodes_names_shapes_and_data(which: str, captures: dict[str, dic
             assert src is None or src["node"] is None or src["node"] < node["i"]
     # every matmul weight is named, typed and never read
     q = _nodes(index, "Qcur-0")[0]
-    assert q["src"][0] == {"name": "blk.0.attn_q.weight", "type": "q4_1", "ne": [576, 576, 1, 1], "node": None,
-                           "key": None, "weight": True}
+    assert q["src"][0] == {
+        "name": "blk.0.attn_q.weight",
+        "type": "q4_1",
+        "ne": [576, 576, 1, 1],
+        "node": None,
+        "key": None,
+        "weight": True,
+    }
 
 
 @pytest.mark.parametrize("which", ["2024", "2025", "python"])
@@ -448,8 +491,13 @@ def test_strided_conversion_reads_permuted_views(type_name: str) -> None:
     from parity_both.lanes.capture import strided_to_f32
 
     base = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) - 7  # small integers: exact in every type
-    stored = {"f32": base, "f16": base.astype(np.float16), "i32": base.astype(np.int32),
-              "i64": base.astype(np.int64), "bf16": (base.view(np.uint32) >> 16).astype(np.uint16)}[type_name]
+    stored = {
+        "f32": base,
+        "f16": base.astype(np.float16),
+        "i32": base.astype(np.int32),
+        "i64": base.astype(np.int64),
+        "bf16": (base.view(np.uint32) >> 16).astype(np.uint16),
+    }[type_name]
     view = stored.transpose(0, 2, 1)  # what ggml_permute makes: same bytes, other strides
     ne, nb = [*reversed(view.shape), 1], [*reversed(view.strides), stored.nbytes]
     got = strided_to_f32(np.frombuffer(stored.tobytes(), np.uint8), type_name, ne, nb)
@@ -460,9 +508,7 @@ def test_strided_conversion_reads_permuted_views(type_name: str) -> None:
 # --------------------------------------------------------------------------------------- use_extra_bufts
 
 
-def test_extra_bufts_is_the_engine_default_and_recorded(
-    captures: dict[str, dict[str, Any]], smol_path: str
-) -> None:
+def test_extra_bufts_is_the_engine_default_and_recorded(captures: dict[str, dict[str, Any]], smol_path: str) -> None:
     import llama_cpp
 
     engine_default = bool(llama_cpp.llama_model_default_params().use_extra_bufts)
@@ -503,9 +549,7 @@ def test_extra_bufts_change_numbers_only_where_weights_repack(
     assert not m["bitwise"] and m["nmse"] < 1e-2, m
 
 
-def test_provision_lane_record_feeds_harness_lane(
-    test_cache: Path, logs: Path, build_2025: HarnessBuild
-) -> None:
+def test_provision_lane_record_feeds_harness_lane(test_cache: Path, logs: Path, build_2025: HarnessBuild) -> None:
     rec = provision_lane(
         "llama-harness",
         None,
@@ -522,7 +566,12 @@ def test_provision_lane_record_feeds_harness_lane(
     assert missing["present"] is False
     assert stable_probe(rec["probe"])["source"] == stable_probe(missing)["source"]
     again = provision_lane(
-        "llama-harness", None, repair="auto", repair_why="test", log_path=logs / "lane.log", threads=2,
+        "llama-harness",
+        None,
+        repair="auto",
+        repair_why="test",
+        log_path=logs / "lane.log",
+        threads=2,
         cache_dir=test_cache,
     )
     assert json.dumps(again, sort_keys=True) == json.dumps(rec, sort_keys=True)  # deterministic record

@@ -25,8 +25,10 @@ from parity_both.compare.kernels.kvcache import kv_expectations
 from parity_both.compare.kernels.recompute import Context
 from parity_both.lanes.llama_cpp_python import LlamaCppPythonLane
 
-TEXT = ("<|im_start|>system\nYou are a concise assistant.<|im_end|>\n<|im_start|>user\nName three primary "
-        "colours.<|im_end|>\n<|im_start|>assistant\nWhat is the capital of France?")
+TEXT = (
+    "<|im_start|>system\nYou are a concise assistant.<|im_end|>\n<|im_start|>user\nName three primary "
+    "colours.<|im_end|>\n<|im_start|>assistant\nWhat is the capital of France?"
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,9 @@ class _Overlay(Mapping[str, np.ndarray]):
         return len(self.base)
 
 
-def _perturbed(cap: Capture, node: Node, data: np.ndarray | None = None,
-               op_params: dict[int, int] | None = None) -> Capture:
+def _perturbed(
+    cap: Capture, node: Node, data: np.ndarray | None = None, op_params: dict[int, int] | None = None
+) -> Capture:
     """A copy of the capture with one node's data and/or op_params replaced."""
     index = copy.deepcopy(dict(cap.index))
     arrays = _Overlay(cap.arrays)
@@ -104,8 +107,7 @@ def test_honest_capture_every_node_within_floor(honest: dict[str, Any]) -> None:
     assert sec["diagnosis"].startswith("rounding compounded: every op within floor")
     counts = sec["counts"]
     assert counts["checked"] >= 0.95 * counts["nodes"]  # only KV-cache write destinations are skipped
-    assert set(counts["skipped_by_reason"]) == {
-        "view of a leaf that attention does not read (a KV-cache destination)"}
+    assert set(counts["skipped_by_reason"]) == {"view of a leaf that attention does not read (a KV-cache destination)"}
     # every layer's quantized matmuls, the LM head, attention, RoPE, softmax and the cache views are checked
     per_op = sec["per_op"]
     assert per_op["MUL_MAT:Q4_1"]["nodes"] == 30 * 7
@@ -115,8 +117,9 @@ def test_honest_capture_every_node_within_floor(honest: dict[str, Any]) -> None:
     # agreement is at float32-rounding level, far below the floors
     assert per_op["MUL_MAT:Q4_1"]["worst"]["nmse"] < 1e-11
     assert per_op["SOFT_MAX"]["worst"]["nmse"] < 1e-13
-    assert json.dumps(sec, sort_keys=True) == json.dumps(summarize(honest["rows"], honest["model"], "honest",
-                                                                   FLOORS), sort_keys=True)
+    assert json.dumps(sec, sort_keys=True) == json.dumps(
+        summarize(honest["rows"], honest["model"], "honest", FLOORS), sort_keys=True
+    )
 
 
 def test_kv_cache_views_hold_the_roped_keys(honest: dict[str, Any]) -> None:
@@ -159,15 +162,20 @@ def test_q4_1_min_term_dropped_in_one_node_fails_there(honest: dict[str, Any]) -
     assert (first["i"], first["op"], first["weight_type"], first["weight"]) == (node.i, "MUL_MAT", "Q4_1", w)
     assert first["nmse"] > 1e3 * FLOORS["MUL_MAT:Q4_1"]
     assert sec["status"] == "fail"
-    assert sec["diagnosis"].startswith("Q4_1 vec_dot disagrees: NMSE ") and "at blk.3.ffn_down (floor 1e-11)" in \
-        sec["diagnosis"]
+    assert (
+        sec["diagnosis"].startswith("Q4_1 vec_dot disagrees: NMSE ")
+        and "at blk.3.ffn_down (floor 1e-11)" in sec["diagnosis"]
+    )
 
 
-@pytest.mark.parametrize(("name", "op", "k", "param", "value", "model_key"), [
-    ("norm-4", "RMS_NORM", 0, "eps", 1e-4, "eps"),
-    ("Kcur-7", "ROPE", 5, "freq_base", 150000.0, "freq_base"),
-    ("kq_soft_max-2", "SOFT_MAX", 0, "scale", 1 / np.sqrt(66.0), "scale"),
-])
+@pytest.mark.parametrize(
+    ("name", "op", "k", "param", "value", "model_key"),
+    [
+        ("norm-4", "RMS_NORM", 0, "eps", 1e-4, "eps"),
+        ("Kcur-7", "ROPE", 5, "freq_base", 150000.0, "freq_base"),
+        ("kq_soft_max-2", "SOFT_MAX", 0, "scale", 1 / np.sqrt(66.0), "scale"),
+    ],
+)
 def test_engine_parameter_differing_from_the_model_fails_even_with_right_math(
     honest: dict[str, Any], name: str, op: str, k: int, param: str, value: float, model_key: str
 ) -> None:
@@ -206,7 +214,7 @@ def test_silu_replaced_by_gelu_fails_at_that_node(honest: dict[str, Any]) -> Non
     cap = honest["cap"]
     node = _node(cap, "ffn_swiglu-11", "SWIGLU")
     gate, up = (_src(cap, node, k).astype(np.float64) for k in (0, 1))
-    gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)))
+    gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
     sec = _recheck(honest, _perturbed(cap, node, gelu * up), node)
     first = sec["first_failure"]
     assert (first["i"], first["op"]) == (node.i, "SWIGLU")
@@ -223,10 +231,12 @@ def _apply(h: dict[str, Any], name: str, op: str, fn: Callable[[np.ndarray], np.
 
 def test_q8_0_dequantization_error_fails_at_the_embedding(honest: dict[str, Any]) -> None:
     """get_rows of token_embd (Q8_0) with one block's values scaled: the first node fails, typed Q8_0."""
+
     def scale_block(x: np.ndarray) -> np.ndarray:
         y = x.copy()
         y[..., 5, 32:64] *= 1.1
         return y
+
     sec = _apply(honest, "embd", "GET_ROWS", scale_block)
     first = sec["first_failure"]
     assert (first["i"], first["weight_type"]) == (0, "Q8_0")
@@ -275,8 +285,9 @@ def test_honest_bitnet_tq2_0_fixture_every_node_within_floor(tmp_path: Path) -> 
     write_fixture(path, arch="bitnet", weight_type="TQ2_0", size="small", seed=5, scale_tensors=True)
     lane = LlamaCppPythonLane(str(path), n_ctx=64, threads=2)
     try:
-        lane.eval_capture([1, 17, 923, 4500, 33, 800, 1200, 77, 9, 3000, 12, 15, 18, 400, 500, 600] * 2,
-                          tmp_path / "bitnet")
+        lane.eval_capture(
+            [1, 17, 923, 4500, 33, 800, 1200, 77, 9, 3000, 12, 15, 18, 400, 500, 600] * 2, tmp_path / "bitnet"
+        )
     finally:
         lane.close()
     sec = check_kernels(tmp_path / "bitnet", path)
@@ -311,13 +322,14 @@ def test_ffn_gate_and_up_swapped_fails_at_the_glu(honest: dict[str, Any]) -> Non
     node = _node(cap, "ffn_swiglu-2", "SWIGLU")
     gate, up = _node(cap, "ffn_gate-2", "MUL_MAT"), _node(cap, "ffn_up-2", "MUL_MAT")
     g, u = cap.data(gate).astype(np.float64), cap.data(up).astype(np.float64)
-    swapped = _rewired(_rewired(cap, node, 0, up, u / (1 + np.exp(-u)) * g), node, 1, gate,
-                       u / (1 + np.exp(-u)) * g)
+    swapped = _rewired(_rewired(cap, node, 0, up, u / (1 + np.exp(-u)) * g), node, 1, gate, u / (1 + np.exp(-u)) * g)
     sec = _recheck(honest, swapped, node)
     first = sec["first_failure"]
     assert first["i"] == node.i and first["nmse"] < FLOORS["SWIGLU"]
-    assert [p["engine"] for p in first["params"]] == ["ffn_up-2 (blk.2.ffn_up.weight)",
-                                                     "ffn_gate-2 (blk.2.ffn_gate.weight)"]
+    assert [p["engine"] for p in first["params"]] == [
+        "ffn_up-2 (blk.2.ffn_up.weight)",
+        "ffn_gate-2 (blk.2.ffn_gate.weight)",
+    ]
 
 
 # --- planted bugs in real engines (slow: one October-2024 tree build per mutant) -----------------------------
@@ -340,10 +352,9 @@ MUTANT_EXPECTATIONS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("mutant", sorted(MUTANT_EXPECTATIONS))
 def test_planted_engine_bug_fails_at_its_node(mutant: str, smol_path: str, tmp_path: Path) -> None:
-    from tests.mutants import mutant_build  # the mutation suite's cached tree copies and builds
-
     from parity_both.fixtures import write_fixture
     from parity_both.lanes.harness import HarnessLane
+    from tests.mutants import mutant_build  # the mutation suite's cached tree copies and builds
 
     model_kind, name, op, weight_type, param = MUTANT_EXPECTATIONS[mutant]
     if model_kind == "smol":

@@ -54,10 +54,14 @@ def test_llama_perplexity_reproduces_our_mean_kl(tmp_path: Path, smol_path: str)
     from parity_both.report.perplexity_tool import ensure_perplexity, run_kl_divergence
 
     window = 256
-    write_config(tmp_path, {"models": {"smollm2": {"gguf": "embedded", "twin": False}},
-                            "prompts": {"readme": {"corpus": str(REPO / "README.md"), "window": window,
-                                                   "windows": 1}},
-                            "lanes": ["llama-2024"]})
+    write_config(
+        tmp_path,
+        {
+            "models": {"smollm2": {"gguf": "embedded", "twin": False}},
+            "prompts": {"readme": {"corpus": str(REPO / "README.md"), "window": window, "windows": 1}},
+            "lanes": ["llama-2024"],
+        },
+    )
     res = tmp_path / "results" / "smollm2"
     snakemake(tmp_path, "results/smollm2/kl-base/readme.bin", "results/smollm2/receipts/llama-2024/readme.json")
     receipt = json.loads((res / "receipts" / "llama-2024" / "readme.json").read_text())

@@ -23,8 +23,12 @@ TOY = [sys.executable, str(REPO / "tools" / "lane_programs" / "toy_engine.py")]
 def lane_check(tmp_path: Path, backends: dict, name: str) -> subprocess.CompletedProcess:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"backends": backends}))
-    return subprocess.run([sys.executable, "-m", "parity_both.cli", "lane-check", "--backend", name, "--config",
-                           str(cfg)], capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "parity_both.cli", "lane-check", "--backend", name, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_a_conforming_program_passes_every_rule(tmp_path):
@@ -32,8 +36,16 @@ def test_a_conforming_program_passes_every_rule(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[-1].startswith("19/19 rules pass"), proc.stdout
-    for rule in ("info-protocol", "bad-input-token-id", "tokenize-special", "eval-shape", "eval-finite",
-                 "eval-deterministic", "eval-causal", "status-lines"):
+    for rule in (
+        "info-protocol",
+        "bad-input-token-id",
+        "tokenize-special",
+        "eval-shape",
+        "eval-finite",
+        "eval-deterministic",
+        "eval-causal",
+        "status-lines",
+    ):
         assert any(ln.split()[:2] == [rule, "pass"] for ln in lines), (rule, proc.stdout)
 
 
@@ -75,8 +87,9 @@ def test_the_schema_rejects_malformed_status_lines():
     assert status_errors({"ok": True, "exit_code": 0, "command": "info"})  # no protocol
     assert status_errors({"ok": False, "exit_code": 2, "command": "eval"})  # no stage/error
     assert status_errors({"ok": True, "exit_code": 3, "command": "tokenize", "ids": []})  # ok with exit 3
-    assert status_errors({"ok": True, "exit_code": 0, "command": "eval", "n_tokens": 1, "n_vocab": 9,
-                          "settings": {"threads": 1}})  # settings without n_ctx, n_batch, type_k, type_v
+    assert status_errors(
+        {"ok": True, "exit_code": 0, "command": "eval", "n_tokens": 1, "n_vocab": 9, "settings": {"threads": 1}}
+    )  # settings without n_ctx, n_batch, type_k, type_v
     assert not status_errors({"ok": True, "exit_code": 0, "command": "tokenize", "ids": [1, 2]})
 
 
@@ -92,11 +105,18 @@ def test_nan_logits_fail_the_finiteness_rule():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("defect", "rules", "says"), [
-    ("shape", {"eval-shape"}, "got 737265 values"),
-    ("nondet", {"eval-deterministic"}, "bitwise the same logits"),
-    ("exit", {"bad-input-model", "bad-input-ids-file", "bad-input-token-id"}, "want exit 2 with ok=false; got exit 3"),
-])
+@pytest.mark.parametrize(
+    ("defect", "rules", "says"),
+    [
+        ("shape", {"eval-shape"}, "got 737265 values"),
+        ("nondet", {"eval-deterministic"}, "bitwise the same logits"),
+        (
+            "exit",
+            {"bad-input-model", "bad-input-ids-file", "bad-input-token-id"},
+            "want exit 2 with ok=false; got exit 3",
+        ),
+    ],
+)
 def test_broken_programs_fail_the_rule_they_break(defect, rules, says):
     bad = failed(defect)
     assert rules <= set(bad), bad
@@ -111,8 +131,10 @@ def test_broken_programs_fail_the_rule_they_break(defect, rules, says):
 @pytest.mark.parametrize("backend", ["llama-2024", "engine-llama", "engine-reference"])
 def test_the_harness_and_the_engine_programs_conform(tmp_path, backend):
     py = [sys.executable, "-m"]
-    backends = {"engine-llama": {"kind": "command", "command": [*py, "parity_both.lanes.llama_engine"]},
-                "engine-reference": {"kind": "command", "command": [*py, "parity_both.lanes.reference_engine"]}}
+    backends = {
+        "engine-llama": {"kind": "command", "command": [*py, "parity_both.lanes.llama_engine"]},
+        "engine-reference": {"kind": "command", "command": [*py, "parity_both.lanes.reference_engine"]},
+    }
     proc = lane_check(tmp_path, backends, backend)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == "19/19 rules pass", proc.stdout

@@ -15,14 +15,25 @@ def _capture(names: list[str], arrays: list[np.ndarray]) -> Capture:
     nodes, data = [], {}
     for i, (name, a) in enumerate(zip(names, arrays, strict=True)):
         key = f"n{i:04d}"
-        nodes.append({"i": i, "key": key, "name": name, "op": "ADD", "ne": list(a.shape[::-1]), "type": "f32",
-                      "op_params": [], "src": []})
+        nodes.append(
+            {
+                "i": i,
+                "key": key,
+                "name": name,
+                "op": "ADD",
+                "ne": list(a.shape[::-1]),
+                "type": "f32",
+                "op_params": [],
+                "src": [],
+            }
+        )
         data[key] = a
     return Capture({"schema": "parity-both/capture/1", "engine": "test", "n_tokens": 4, "nodes": nodes}, data)
 
 
-NAMES = ["inp_embd"] + [f"{b}-{i}" for i in range(3) for b in ("attn_norm", "Qcur", "Qcur", "kqv_out", "ffn_out",
-                                                                 "l_out")]
+NAMES = ["inp_embd"] + [
+    f"{b}-{i}" for i in range(3) for b in ("attn_norm", "Qcur", "Qcur", "kqv_out", "ffn_out", "l_out")
+]
 
 
 def _pair(plant_at: int | None, size: float = 1e-2, seed: int = 0) -> tuple[Capture, Capture]:
@@ -82,8 +93,11 @@ def test_capture_round_trip(tmp_path) -> None:
 
 def test_corpus_windows() -> None:
     body = list(range(100, 120))
-    assert corpus_windows(body, 5, 3, bos_id=1) == [[1, 100, 101, 102, 103], [1, 104, 105, 106, 107],
-                                                    [1, 108, 109, 110, 111]]
+    assert corpus_windows(body, 5, 3, bos_id=1) == [
+        [1, 100, 101, 102, 103],
+        [1, 104, 105, 106, 107],
+        [1, 108, 109, 110, 111],
+    ]
     assert corpus_windows(body, 5, 2, bos_id=None) == [[100, 101, 102, 103, 104], [105, 106, 107, 108, 109]]
     with pytest.raises(InputError, match="fewer than 6 window"):
         corpus_windows(body, 5, 6, bos_id=None)

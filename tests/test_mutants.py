@@ -148,8 +148,9 @@ def test_mutant_tree_is_a_linked_copy_with_one_real_file() -> None:
 # ---------------------------------------------------------------------------------- the engines
 
 
-def test_honest_floor_on_the_twin(honest_build: HarnessBuild, twin: Path,
-                                  honest_twin: tuple[list[int], np.ndarray]) -> None:
+def test_honest_floor_on_the_twin(
+    honest_build: HarnessBuild, twin: Path, honest_twin: tuple[list[int], np.ndarray]
+) -> None:
     """The honest engine against itself at another thread count stays within the documented floor."""
     ids, base = honest_twin
     other = _logits(honest_build, twin, ids, threads=1)
@@ -168,7 +169,10 @@ def test_graph_mutant_differs_on_the_twin(name: str, twin: Path, honest_twin: tu
 @pytest.mark.slow
 @pytest.mark.parametrize("name", KERNEL)
 def test_kernel_mutant_invisible_on_the_twin_visible_on_its_weight_type(
-    name: str, honest_build: HarnessBuild, twin: Path, tq2_model: Path,
+    name: str,
+    honest_build: HarnessBuild,
+    twin: Path,
+    tq2_model: Path,
     honest_twin: tuple[list[int], np.ndarray],
 ) -> None:
     build = mutant_build(name)

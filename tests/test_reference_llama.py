@@ -33,9 +33,14 @@ def compare(ref: np.ndarray, lane: np.ndarray) -> dict[str, float]:
 
     la, lb = log_softmax(a), log_softmax(b)
     kl = (np.exp(la) * (la - lb)).sum(1)
-    return {"nmse": float(((a - b) ** 2).sum() / (a**2).sum()), "max_abs": float(np.abs(a - b).max()),
-            "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top1": int((a.argmax(1) == b.argmax(1)).sum()), "rows": len(a)}
+    return {
+        "nmse": float(((a - b) ** 2).sum() / (a**2).sum()),
+        "max_abs": float(np.abs(a - b).max()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1": int((a.argmax(1) == b.argmax(1)).sum()),
+        "rows": len(a),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,8 +89,11 @@ def f32_variant_model(f32_model: Path, tmp_path_factory: pytest.TempPathFactory)
     factors = rng.uniform(1.0, 4.0, hd // 2).astype(np.float32)
     specs.append(TensorSpec("rope_freqs.weight", (hd // 2,), "F32", lambda: f32(factors)))
     kvs = [kv for kv in read_raw_kvs(f32_model)] + [
-        kv_str("llama.rope.scaling.type", "linear"), kv_f32("llama.rope.scaling.factor", 2.0),
-        kv_f32("llama.rope.scaling.attn_factor", 0.9), kv_f32("llama.attention.scale", 0.5)]
+        kv_str("llama.rope.scaling.type", "linear"),
+        kv_f32("llama.rope.scaling.factor", 2.0),
+        kv_f32("llama.rope.scaling.attn_factor", 0.9),
+        kv_f32("llama.attention.scale", 0.5),
+    ]
     path = f32_model.with_name("tiny_llama_f32_variant.gguf")
     write_gguf(path, kvs, specs)
     return path
@@ -119,11 +127,13 @@ def test_embedded_model_vs_llama_cpp() -> None:
     lane = llama_cpp_logits(embedded_model_path(), res.ids)
     m = compare(res.logits, lane)
     n = res.n_prompt
-    gen_agree = int((lane[n - 1:-1].argmax(1) == np.array(res.ids[n:])).sum())
-    print(f"\nembedded Q4_1 model vs llama-cpp-python ({len(res.ids)} positions): {m}; "
-          f"lane's greedy choice agrees on {gen_agree}/{len(res.ids) - n} generated tokens; "
-          f"timings {res.timings}")
-    assert res.ids[n:n + 7] == [504, 3575, 282, 4649, 314, 7042, 30]  # "The capital of France is Paris."
+    gen_agree = int((lane[n - 1 : -1].argmax(1) == np.array(res.ids[n:])).sum())
+    print(
+        f"\nembedded Q4_1 model vs llama-cpp-python ({len(res.ids)} positions): {m}; "
+        f"lane's greedy choice agrees on {gen_agree}/{len(res.ids) - n} generated tokens; "
+        f"timings {res.timings}"
+    )
+    assert res.ids[n : n + 7] == [504, 3575, 282, 4649, 314, 7042, 30]  # "The capital of France is Paris."
     assert m["nmse"] < 5e-3
     assert m["kl_mean"] < 1e-2 and m["kl_max"] < 0.1
     assert m["top1"] >= 0.85 * m["rows"]
@@ -154,7 +164,7 @@ def test_kv_cache_forward_in_pieces_equals_one_batch(f32_model: Path) -> None:
 
 def test_stop_ids_and_zero_tokens(f32_model: Path) -> None:
     base = run_reference(str(f32_model), CHAT_IDS, 6)
-    gen = base.ids[len(CHAT_IDS):]
+    gen = base.ids[len(CHAT_IDS) :]
     assert len(gen) == 6
     stop_at = gen[2]
     first = gen.index(stop_at)
@@ -216,17 +226,19 @@ def test_refusals(tmp_path: Path, f32_model: Path) -> None:
     from parity_both.gguf.reader import read_gguf
 
     g = read_gguf(f32_model)
-    kvs = [kv if kv.key != "general.architecture" else kv_str("general.architecture", "mamba")
-           for kv in read_raw_kvs(f32_model)]
+    kvs = [
+        kv if kv.key != "general.architecture" else kv_str("general.architecture", "mamba")
+        for kv in read_raw_kvs(f32_model)
+    ]
     other = tmp_path / "mamba.gguf"
-    write_gguf(other, kvs, [TensorSpec(n, t.shape, "F32", lambda n=n: g.raw(n).tobytes())
-                            for n, t in g.tensors.items()])
+    write_gguf(
+        other, kvs, [TensorSpec(n, t.shape, "F32", lambda n=n: g.raw(n).tobytes()) for n, t in g.tensors.items()]
+    )
     with pytest.raises(NotImplementedError, match="mamba"):
         run_reference(str(other), CHAT_IDS, 1)
     kvs = read_raw_kvs(f32_model) + [kv_str("llama.rope.scaling.type", "yarn")]
     yarn = tmp_path / "yarn.gguf"
-    write_gguf(yarn, kvs, [TensorSpec(n, t.shape, "F32", lambda n=n: g.raw(n).tobytes())
-                           for n, t in g.tensors.items()])
+    write_gguf(yarn, kvs, [TensorSpec(n, t.shape, "F32", lambda n=n: g.raw(n).tobytes()) for n, t in g.tensors.items()])
     with pytest.raises(NotImplementedError, match="YaRN"):
         run_reference(str(yarn), CHAT_IDS, 1)
 
@@ -242,8 +254,7 @@ def test_embedded_model_dequantized_to_f32_matches_llama_cpp_exactly(tmp_path: P
 
     src = embedded_model_path()
     g = read_gguf(src)
-    kvs = [kv if kv.key != "general.file_type" else kv_u32("general.file_type", 0)
-           for kv in read_raw_kvs(src)]
+    kvs = [kv if kv.key != "general.file_type" else kv_u32("general.file_type", 0) for kv in read_raw_kvs(src)]
 
     def f32(t: Any) -> bytes:
         return dequantize(g.raw(t.name), t.type_name, t.n_elements).astype("<f4").tobytes()

@@ -34,19 +34,41 @@ def llama_names_2024(n_layer: int, bias: bool = False) -> list[tuple[str, str]]:
     result, its residual add is renamed l_out (cvec.apply_to returns it unchanged)."""
     out = [("inp_embd", "GET_ROWS")]
     for i in range(n_layer):
+
         def b(name: str, op: str = "ADD", i: int = i) -> list[tuple[str, str]]:
             return [(f"{name}-{i}", op)] if bias else []
-        out += [(f"norm-{i}", "RMS_NORM"), (f"attn_norm-{i}", "MUL"),
-                (f"Qcur-{i}", "MUL_MAT"), *b("Qcur"), (f"Qcur-{i}", "ROPE"),
-                (f"Kcur-{i}", "MUL_MAT"), *b("Kcur"), (f"Kcur-{i}", "ROPE"),
-                (f"Vcur-{i}", "MUL_MAT"), *b("Vcur"),
-                (f"kq-{i}", "MUL_MAT"), (f"kq_soft_max_ext-{i}", "SOFT_MAX"), (f"kqv-{i}", "MUL_MAT"),
-                (f"kqv_merged-{i}", "PERMUTE"), (f"kqv_merged_cont-{i}", "CONT"),
-                *b("kqv_wo", "MUL_MAT"), (f"kqv_out-{i}", "ADD" if bias else "MUL_MAT"), (f"ffn_inp-{i}", "ADD"),
-                (f"norm-{i}", "RMS_NORM"), (f"ffn_norm-{i}", "MUL"),
-                (f"ffn_gate-{i}", "MUL_MAT"), *b("ffn_gate_b"), (f"ffn_silu-{i}", "SILU"),
-                (f"ffn_up-{i}", "MUL_MAT"), *b("ffn_up_b"), (f"ffn_gate_par-{i}", "MUL"),
-                *b("ffn_down", "MUL_MAT"), (f"ffn_out-{i}", "ADD" if bias else "MUL_MAT"), (f"l_out-{i}", "ADD")]
+
+        out += [
+            (f"norm-{i}", "RMS_NORM"),
+            (f"attn_norm-{i}", "MUL"),
+            (f"Qcur-{i}", "MUL_MAT"),
+            *b("Qcur"),
+            (f"Qcur-{i}", "ROPE"),
+            (f"Kcur-{i}", "MUL_MAT"),
+            *b("Kcur"),
+            (f"Kcur-{i}", "ROPE"),
+            (f"Vcur-{i}", "MUL_MAT"),
+            *b("Vcur"),
+            (f"kq-{i}", "MUL_MAT"),
+            (f"kq_soft_max_ext-{i}", "SOFT_MAX"),
+            (f"kqv-{i}", "MUL_MAT"),
+            (f"kqv_merged-{i}", "PERMUTE"),
+            (f"kqv_merged_cont-{i}", "CONT"),
+            *b("kqv_wo", "MUL_MAT"),
+            (f"kqv_out-{i}", "ADD" if bias else "MUL_MAT"),
+            (f"ffn_inp-{i}", "ADD"),
+            (f"norm-{i}", "RMS_NORM"),
+            (f"ffn_norm-{i}", "MUL"),
+            (f"ffn_gate-{i}", "MUL_MAT"),
+            *b("ffn_gate_b"),
+            (f"ffn_silu-{i}", "SILU"),
+            (f"ffn_up-{i}", "MUL_MAT"),
+            *b("ffn_up_b"),
+            (f"ffn_gate_par-{i}", "MUL"),
+            *b("ffn_down", "MUL_MAT"),
+            (f"ffn_out-{i}", "ADD" if bias else "MUL_MAT"),
+            (f"l_out-{i}", "ADD"),
+        ]
     return out + [("norm", "RMS_NORM"), ("result_norm", "MUL"), ("result_output", "MUL_MAT")]
 
 
@@ -60,22 +82,46 @@ def bitnet_names_2024(n_layer: int, scales: bool, act: str = "silu") -> list[tup
     act_nodes = [("ffn_silu", "SILU")] if act == "silu" else [("ffn_relu", "RELU"), ("ffn_sqr(relu)", "SQR")]
     out = [("inp_embd", "GET_ROWS")]
     for i in range(n_layer):
+
         def sc(name: str, i: int = i) -> list[tuple[str, str]]:
             return [(f"{name}_s-{i}", "MUL")] if scales else []
-        out += [(f"norm-{i}", "RMS_NORM"), (f"attn_norm-{i}", "MUL"),
-                (f"Qcur-{i}", s), (f"Qcur-{i}", "ROPE"), (f"Kcur-{i}", s), (f"Kcur-{i}", "ROPE"), (f"Vcur-{i}", s),
-                (f"kq-{i}", "MUL_MAT"), (f"kq_soft_max_ext-{i}", "SOFT_MAX"), (f"kqv-{i}", "MUL_MAT"),
-                (f"kqv_merged-{i}", "PERMUTE"), (f"kqv_out-{i}", "CONT"),
-                (f"norm-{i}", "RMS_NORM"), (f"attn_sub_norm-{i}", "MUL"), (f"attn_o_out-{i}", s),
-                (f"ffn_inp-{i}", "ADD"), (f"norm-{i}", "RMS_NORM"), (f"ffn_norm-{i}", "MUL"),
-                (f"ffn_gate-{i}", "MUL_MAT"), *sc("ffn_gate"), *[(f"{n}-{i}", op) for n, op in act_nodes],
-                (f"ffn_up-{i}", "MUL_MAT"), *sc("ffn_up"), (f"ffn_sub_out-{i}", "MUL"),
-                (f"norm-{i}", "RMS_NORM"), (f"ffn_sub_norm-{i}", "MUL"), (f"ffn_down-{i}", s), (f"l_out-{i}", "ADD")]
+
+        out += [
+            (f"norm-{i}", "RMS_NORM"),
+            (f"attn_norm-{i}", "MUL"),
+            (f"Qcur-{i}", s),
+            (f"Qcur-{i}", "ROPE"),
+            (f"Kcur-{i}", s),
+            (f"Kcur-{i}", "ROPE"),
+            (f"Vcur-{i}", s),
+            (f"kq-{i}", "MUL_MAT"),
+            (f"kq_soft_max_ext-{i}", "SOFT_MAX"),
+            (f"kqv-{i}", "MUL_MAT"),
+            (f"kqv_merged-{i}", "PERMUTE"),
+            (f"kqv_out-{i}", "CONT"),
+            (f"norm-{i}", "RMS_NORM"),
+            (f"attn_sub_norm-{i}", "MUL"),
+            (f"attn_o_out-{i}", s),
+            (f"ffn_inp-{i}", "ADD"),
+            (f"norm-{i}", "RMS_NORM"),
+            (f"ffn_norm-{i}", "MUL"),
+            (f"ffn_gate-{i}", "MUL_MAT"),
+            *sc("ffn_gate"),
+            *[(f"{n}-{i}", op) for n, op in act_nodes],
+            (f"ffn_up-{i}", "MUL_MAT"),
+            *sc("ffn_up"),
+            (f"ffn_sub_out-{i}", "MUL"),
+            (f"norm-{i}", "RMS_NORM"),
+            (f"ffn_sub_norm-{i}", "MUL"),
+            (f"ffn_down-{i}", s),
+            (f"l_out-{i}", "ADD"),
+        ]
     return out + [("norm", "RMS_NORM"), ("result_norm", "MUL"), ("result_output", "MUL_MAT")]
 
 
-def traced(path: Path | str, ids: list[int], activation: str | None = None,
-           mode: str = "exact") -> tuple[np.ndarray, np.ndarray, Recorder]:
+def traced(
+    path: Path | str, ids: list[int], activation: str | None = None, mode: str = "exact"
+) -> tuple[np.ndarray, np.ndarray, Recorder]:
     """(logits without tracing, logits with tracing, the recorder), one batch each."""
     model = load_model(path, activation=activation, mode=mode)
     ids_a = np.asarray(ids)
@@ -125,11 +171,21 @@ def test_embedded_model_trace_names_layout_and_unchanged_logits() -> None:
     assert np.array_equal(off.view(np.uint32), on.view(np.uint32))
     assert names_ops(rec) == llama_names_2024(30)
     T, d, H, Hkv, hd = len(CHAT_IDS), 576, 9, 3, 64
-    shapes = {("attn_norm-0", 0): (T, d), ("Qcur-0", 0): (T, H * hd), ("Qcur-0", 1): (T, H, hd),
-              ("Kcur-0", 1): (T, Hkv, hd), ("Vcur-0", 0): (T, Hkv * hd), ("kq-0", 0): (H, T, T),
-              ("kq_soft_max_ext-0", 0): (H, T, T), ("kqv-0", 0): (H, T, hd), ("kqv_merged-0", 0): (T, H, hd),
-              ("kqv_merged_cont-0", 0): (T, H * hd), ("ffn_gate-0", 0): (T, 1536), ("l_out-29", 0): (T, d),
-              ("result_output", 0): (T, 49152)}
+    shapes = {
+        ("attn_norm-0", 0): (T, d),
+        ("Qcur-0", 0): (T, H * hd),
+        ("Qcur-0", 1): (T, H, hd),
+        ("Kcur-0", 1): (T, Hkv, hd),
+        ("Vcur-0", 0): (T, Hkv * hd),
+        ("kq-0", 0): (H, T, T),
+        ("kq_soft_max_ext-0", 0): (H, T, T),
+        ("kqv-0", 0): (H, T, hd),
+        ("kqv_merged-0", 0): (T, H, hd),
+        ("kqv_merged_cont-0", 0): (T, H * hd),
+        ("ffn_gate-0", 0): (T, 1536),
+        ("l_out-29", 0): (T, d),
+        ("result_output", 0): (T, 49152),
+    }
     for (name, k), shape in shapes.items():
         assert first(rec, name, k).shape == shape, name
     node = next(n for n in rec.nodes if n["name"] == "attn_norm-0")
@@ -176,10 +232,37 @@ def test_ggml_mode_trace_unchanged_logits(bitnet_f32: dict[bool, Path], tmp: Pat
 # Names both generations give the same tensor (current: llama-cpp-python 0.3.36, src/models/llama.cpp,
 # src/models/bitnet.cpp, llama-graph.cpp build_qkv / build_ffn / build_attn_mha); the last node of each
 # name (Qcur/Kcur: after RoPE; Vcur: its reshape, same data as the matmul).
-SHARED_LLAMA = ("attn_norm", "Qcur", "Kcur", "Vcur", "kqv", "ffn_inp", "ffn_norm", "ffn_gate", "ffn_up",
-                "ffn_out", "l_out")
-SHARED_BITNET = ("attn_norm", "Qcur", "Kcur", "Vcur", "kqv", "attn_sub_norm", "ffn_inp", "ffn_norm", "ffn_gate",
-                 "ffn_gate_s", "ffn_up", "ffn_up_s", "ffn_sub_out", "ffn_sub_norm", "ffn_down", "l_out")
+SHARED_LLAMA = (
+    "attn_norm",
+    "Qcur",
+    "Kcur",
+    "Vcur",
+    "kqv",
+    "ffn_inp",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_out",
+    "l_out",
+)
+SHARED_BITNET = (
+    "attn_norm",
+    "Qcur",
+    "Kcur",
+    "Vcur",
+    "kqv",
+    "attn_sub_norm",
+    "ffn_inp",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_gate_s",
+    "ffn_up",
+    "ffn_up_s",
+    "ffn_sub_out",
+    "ffn_sub_norm",
+    "ffn_down",
+    "l_out",
+)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bitnet"])

@@ -41,8 +41,10 @@ def test_fast_dequant_bit_exact_on_quantized_random_data(type_name: str) -> None
     assert np.array_equal(bits(dequantize(raw, type_name, x.size)), bits(gguf_deq(raw, type_name)))
 
 
-@pytest.mark.parametrize("type_name,block_bytes", [("Q4_0", 18), ("Q4_1", 20), ("Q8_0", 34), ("F16", 2),
-                                                     ("BF16", 2), ("F32", 4), ("TQ2_0", 66)])
+@pytest.mark.parametrize(
+    "type_name,block_bytes",
+    [("Q4_0", 18), ("Q4_1", 20), ("Q8_0", 34), ("F16", 2), ("BF16", 2), ("F32", 4), ("TQ2_0", 66)],
+)
 def test_fast_dequant_bit_exact_on_random_bytes(type_name: str, block_bytes: int) -> None:
     """Arbitrary bit patterns, scales included (inf/nan/subnormal fp16 scales too)."""
     rng = np.random.default_rng(2)
@@ -57,7 +59,8 @@ def test_fast_dequant_bit_exact_on_random_bytes(type_name: str, block_bytes: int
 def test_fast_dequant_bit_exact_on_embedded_model_path() -> None:
     g = read_gguf(embedded_model_path())
     names = ["token_embd.weight", "output_norm.weight"] + [
-        f"blk.{i}.{n}.weight" for i in (0, 17, 29) for n in ("attn_q", "attn_k", "ffn_down", "ffn_gate")]
+        f"blk.{i}.{n}.weight" for i in (0, 17, 29) for n in ("attn_q", "attn_k", "ffn_down", "ffn_gate")
+    ]
     seen = set()
     for name in names:
         t = g.tensors[name]
@@ -76,8 +79,7 @@ def test_i2_s_fast_path_matches_parity_both_quants() -> None:
     rng = np.random.default_rng(4)
     n = 128 * 96
     packed = rng.integers(0, 256, n // 4, dtype=np.uint8)  # includes the never-written code 3
-    raw = np.concatenate([packed, np.frombuffer(np.float32(0.0371).tobytes(), np.uint8),
-                          np.zeros(28, np.uint8)])
+    raw = np.concatenate([packed, np.frombuffer(np.float32(0.0371).tobytes(), np.uint8), np.zeros(28, np.uint8)])
     ours = dequantize(raw, "I2_S", n)
     assert np.array_equal(bits(ours), bits(quants.dequantize(raw, "I2_S", n)))
     t = np.sign(rng.standard_normal(n)).astype(np.int8) * (rng.random(n) > 0.3)
@@ -158,8 +160,9 @@ def test_prepared_cache_is_exact_deterministic_and_reused(tmp_path: Path) -> Non
         assert np.array_equal(bits(w1.dense()), bits(w2.dense()))
         w1.release()
     ids = np.array([0, 5, 49151, 7])
-    assert np.array_equal(with_cache.rows_of("token_embd.weight", ids),
-                          without.matrix("token_embd.weight").dense()[ids])
+    assert np.array_equal(
+        with_cache.rows_of("token_embd.weight", ids), without.matrix("token_embd.weight").dense()[ids]
+    )
     cache.close()
     # a cache for another model is not used
     other = tmp_path / "other.gguf"
@@ -179,6 +182,5 @@ def test_prepared_cache_of_a_ternary_model(tmp_path: Path) -> None:
     cache = PreparedCache(m, tmp_path / "p")
     for name in m["tensors"]:
         t = g.tensors[name]
-        assert np.array_equal(bits(cache.rows(name, 0, t.rows_cols[0])),
-                              bits(dequantize_rows(g, t, 0, t.rows_cols[0])))
+        assert np.array_equal(bits(cache.rows(name, 0, t.rows_cols[0])), bits(dequantize_rows(g, t, 0, t.rows_cols[0])))
     cache.close()

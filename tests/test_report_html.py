@@ -18,8 +18,11 @@ from matplotlib import image as mpimg
 from conftest import snakemake, write_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow, pytest.mark.chromium,
-              pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make setup installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.chromium,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make setup installs it)"),
+]
 
 CLICKER = """<script>
 window.addEventListener('load', () => {
@@ -42,10 +45,16 @@ def render(report: Path, steps: list[str], out: Path) -> tuple[np.ndarray, str]:
     head, tail = report.read_text(encoding="utf-8").rsplit("</body>", 1)
     page = out.with_suffix(".html")
     page.write_text(head + CLICKER % repr(steps).replace("'", '"') + "</body>" + tail, encoding="utf-8")
-    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-              "--window-size=1600,1200", "--virtual-time-budget=10000"]
-    shot = subprocess.run([*common, f"--screenshot={out}", page.as_uri()], capture_output=True, text=True,
-                          timeout=120)
+    common = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1600,1200",
+        "--virtual-time-budget=10000",
+    ]
+    shot = subprocess.run([*common, f"--screenshot={out}", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert shot.returncode == 0, shot.stderr[-2000:]
     dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -53,7 +62,7 @@ def render(report: Path, steps: list[str], out: Path) -> tuple[np.ndarray, str]:
 
 
 def colour_pixels(img: np.ndarray, hex_rgb: str, tol: float = 0.06) -> int:
-    rgb = np.array([int(hex_rgb[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    rgb = np.array([int(hex_rgb[i : i + 2], 16) / 255 for i in (1, 3, 5)])
     return int((np.abs(img - rgb).max(axis=-1) < tol).sum())
 
 
@@ -65,9 +74,15 @@ def shown_png(dom: str) -> np.ndarray:
 
 
 def test_report_renders_plots_and_table(tmp_path: Path) -> None:
-    write_config(tmp_path, {"models": {"smollm2": {"gguf": "embedded"}},
-                            "prompts": {"capital": {"text": "What is the capital of France?", "template": "raw"}},
-                            "lanes": ["llama"], "max_tokens": 4})
+    write_config(
+        tmp_path,
+        {
+            "models": {"smollm2": {"gguf": "embedded"}},
+            "prompts": {"capital": {"text": "What is the capital of France?", "template": "raw"}},
+            "lanes": ["llama"],
+            "max_tokens": 4,
+        },
+    )
     snakemake(tmp_path, "report_plots")
     snakemake(tmp_path, "report_plots", "--report", "results/report.html")
     report = tmp_path / "results" / "report.html"

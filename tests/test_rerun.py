@@ -30,8 +30,9 @@ def external_run(tmp_path_factory):
 
     tok = work / "tokenizer.json"
     build_authority(embedded_model_path(), "gguf_embedded", None, str(tok))
-    write_config(work, {"models": {"smol": {"gguf": "embedded", "tokenizer": str(tok)}}, "prompts": PROMPTS,
-                        "max_tokens": 2})
+    write_config(
+        work, {"models": {"smol": {"gguf": "embedded", "tokenizer": str(tok)}}, "prompts": PROMPTS, "max_tokens": 2}
+    )
     snakemake(work)
     return work
 

@@ -39,9 +39,14 @@ def test_detect_unknown_template_renders_gguf():
 
 def test_detect_tokenizer_hints_then_path_then_fallback():
     md = {"tokenizer.ggml.tokens": ["a", "<|start_header_id|>", "<|eot_id|>"]}
-    assert templates.detect(md) == ("llama3-chat", {"checked": ["tokenizer.ggml.tokens"],
-                                                    "rule": "special_tokens_in_vocab",
-                                                    "markers": ["<|start_header_id|>", "<|eot_id|>"]})
+    assert templates.detect(md) == (
+        "llama3-chat",
+        {
+            "checked": ["tokenizer.ggml.tokens"],
+            "rule": "special_tokens_in_vocab",
+            "markers": ["<|start_header_id|>", "<|eot_id|>"],
+        },
+    )
     assert templates.detect({"tokenizer.ggml.pre": "llama-bpe"})[0] == "llama3-chat"
     assert templates.detect({}, "/m/Meta-Llama-3-8B.gguf")[0] == "llama3-chat"
     name, ev = templates.detect({}, "/m/some-model-instruct.gguf")
@@ -63,8 +68,10 @@ def test_render_seed_templates():
 def test_render_gguf_template_matches_hand_rendering(smol_md):
     text = templates.render("gguf", "hi", None, smol_md)
     # SmolLM2's template inserts its default system prompt when none is given.
-    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-                    "<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        "<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
     text = templates.render("gguf", "hi", "Be brief.", smol_md)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
 
@@ -87,8 +94,9 @@ def test_contract_avoids_duplicate_bos():
     assert any("duplicate" in n for n in notes)
     c, _ = templates.contract_for("raw", "<s>hello", vocab_add_bos=True, vocab_add_eos=False, bos_text="<s>")
     assert c.add_bos is True and c.parse_special is False  # plain text: "<s>" is not the BOS token
-    c, _ = templates.contract_for("llama3-chat", "<|begin_of_text|>x", vocab_add_bos=True, vocab_add_eos=False,
-                                  bos_text="<|begin_of_text|>")
+    c, _ = templates.contract_for(
+        "llama3-chat", "<|begin_of_text|>x", vocab_add_bos=True, vocab_add_eos=False, bos_text="<|begin_of_text|>"
+    )
     assert c.add_bos is False and c.parse_special is True
 
 

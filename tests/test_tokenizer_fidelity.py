@@ -148,9 +148,7 @@ def _run_family(
     # the tokenizer.json used alone, with tokenizers' own special-token splitting
     alone = ReferenceTokenizer(ref._tok, {**auth, "special_split": "tokenizers"}, ref._json)
     llm = _load_llama(path)
-    specials = sorted(
-        {t for i, t, k in ref.vocab_dump().tokens if k in ("control", "user_defined", "unknown")}
-    )
+    specials = sorted({t for i, t, k in ref.vocab_dump().tokens if k in ("control", "user_defined", "unknown")})
     rng = random.Random(sum(map(ord, family)))  # deterministic per family (str hash is salted)
     specials = rng.sample(specials, min(40, len(specials)))
     strings = tokenizer_cases.generate(n_strings, seed=1234 + sum(map(ord, family)), specials=specials)
@@ -201,9 +199,7 @@ def _run_family(
             inp_first_bad.append({"text": text[:200], "ours": ours[:40], "out_file": expected[:40]})
     # per-id pieces (what a detokenizer concatenates), on every id seen plus a deterministic sample
     n_vocab = ref.vocab_size
-    ids = sorted(
-        seen_ids | set(range(min(n_vocab, 600))) | set(rng.sample(range(n_vocab), min(n_vocab, 3000)))
-    )
+    ids = sorted(seen_ids | set(range(min(n_vocab, 600))) | set(rng.sample(range(n_vocab), min(n_vocab, 3000))))
     piece_bad = [i for i in ids if ref.piece_bytes(i) != llama_cpp_piece_bytes(llm, i)]
     # the ids greedy decoding stops on (pipeline.prompt_record) against llama_vocab_is_eog over the vocabulary
     vocab = llama_vocab_ptr(llm)
@@ -256,9 +252,7 @@ def test_family_matches_llama_cpp(family: str, authority: Callable, request: pyt
     assert e["roundtrip_agree"] == e["roundtrip_total"], "decode(ids) differs from llama.cpp's rendering"
     assert e["roundtrip_lossless"] >= 0.9 * e["roundtrip_total"], "decoding loses text llama.cpp keeps"
     if e["fidelity"] == "exact":
-        assert e["agree"] == e["comparisons"], (
-            f"an 'exact' rebuild disagrees with llama.cpp: {e['first_failures']}"
-        )
+        assert e["agree"] == e["comparisons"], f"an 'exact' rebuild disagrees with llama.cpp: {e['first_failures']}"
     else:
         # a recorded, explained limitation (fidelity_reasons): still required to be rare
         assert e["fidelity_reasons"] and e["agreement_pct"] >= 99.0, e["first_failures"]
@@ -306,15 +300,11 @@ def test_regex_table_is_llama_vocab_cpp() -> None:
     """Our pre-tokenizer table equals the one in the sdist's llama-vocab.cpp (re-extracted here)."""
     src = (llama_sdist_dir() / "vendor/llama.cpp/src/llama-vocab.cpp").read_text(encoding="utf-8")
     body = src[
-        src.index("struct llm_tokenizer_bpe : llm_tokenizer {") : src.index(
-            "std::vector<std::string> regex_exprs;"
-        )
+        src.index("struct llm_tokenizer_bpe : llm_tokenizer {") : src.index("std::vector<std::string> regex_exprs;")
     ]
     table: dict[str, tuple[str, ...]] = {}
     pending: list[str] = []
-    for m in re.finditer(
-        r"case LLAMA_VOCAB_PRE_TYPE_(\w+):|default:|regex_exprs = \{(.*?)\n\s*\};", body, re.S
-    ):
+    for m in re.finditer(r"case LLAMA_VOCAB_PRE_TYPE_(\w+):|default:|regex_exprs = \{(.*?)\n\s*\};", body, re.S):
         if m.group(1):
             pending.append(m.group(1))
         elif m.group(0) == "default:":

@@ -29,7 +29,7 @@ def independent_i2s(values: list[int], scale: float) -> bytes:
     for i, v in enumerate(values):
         block, j = divmod(i, 128)
         out[block * 32 + j % 32] |= (v + 1) << (6 - 2 * (j // 32))
-    out[n // 4:n // 4 + 4] = np.float32(scale).tobytes()
+    out[n // 4 : n // 4 + 4] = np.float32(scale).tobytes()
     return bytes(out)
 
 
@@ -57,7 +57,7 @@ def test_transcoded_fixture_loads_in_llama_cpp(i2s_fixture: Path, tmp_path: Path
     toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog", add_bos=False)
     llm.reset()
     llm.eval(toks)
-    logits = np.array(llm.scores[:llm.n_tokens])
+    logits = np.array(llm.scores[: llm.n_tokens])
     llm.close()
     assert logits.shape == (len(toks), 49152) and np.isfinite(logits).all()
 
@@ -87,8 +87,11 @@ def _bitnet_cpp_file(path: Path, scale: float, extra_tensor: TensorSpec | None =
     tensors = [TensorSpec("blk.0.ffn_up.weight", (512, 4), "I2_S", lambda: data)]
     if extra_tensor is not None:
         tensors.append(extra_tensor)
-    kvs = [kv_str("general.architecture", "bitnet-b1.58"), kv_u32("general.file_type", 40),
-           kv_u32("bitnet-b1.58.block_count", 1)]
+    kvs = [
+        kv_str("general.architecture", "bitnet-b1.58"),
+        kv_u32("general.file_type", 40),
+        kv_u32("bitnet-b1.58.block_count", 1),
+    ]
     write_gguf(path, kvs, tensors)
     return t
 
@@ -99,23 +102,30 @@ def test_scale_rounding_recorded(tmp_path: Path) -> None:
     t = _bitnet_cpp_file(src, scale)
     rec = transcode(src, out)
     expect = abs(float(np.float16(scale)) - float(np.float32(scale))) / float(np.float32(scale))
-    assert rec["max_rel_scale_change"] == pytest.approx(expect, rel=1e-12) and 0 < expect <= 2.0 ** -11
+    assert rec["max_rel_scale_change"] == pytest.approx(expect, rel=1e-12) and 0 < expect <= 2.0**-11
     g = read_gguf(out)
     w_tq2 = gq.dequantize(np.asarray(g.raw("blk.0.ffn_up.weight")), GGMLQuantizationType.TQ2_0).reshape(-1)
     w_i2s = quants.dequantize(read_gguf(src).raw("blk.0.ffn_up.weight"), "I2_S", t.size)
     np.testing.assert_array_equal(w_tq2, t.reshape(-1) * np.float32(np.float16(scale)))
-    np.testing.assert_allclose(w_tq2, w_i2s, rtol=2.0 ** -11, atol=0)
+    np.testing.assert_allclose(w_tq2, w_i2s, rtol=2.0**-11, atol=0)
     assert g.metadata["bitnet.block_count"] == 1 and "bitnet-b1.58.block_count" not in g.metadata
 
 
 def test_deterministic_and_cli(i2s_fixture: Path, tmp_path: Path) -> None:
     r1 = transcode(i2s_fixture, tmp_path / "a.gguf")
-    cli = subprocess.run([sys.executable, "-m", "parity_both.gguf.transcode", str(i2s_fixture),
-                          str(tmp_path / "b.gguf")], check=True, capture_output=True, text=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "parity_both.gguf.transcode", str(i2s_fixture), str(tmp_path / "b.gguf")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     r2 = json.loads(cli.stdout)
     assert r1["output_sha256"] == r2["output_sha256"] and r1["source_sha256"] == r2["source_sha256"]
-    bad = subprocess.run([sys.executable, "-m", "parity_both.gguf.transcode", str(tmp_path / "missing.gguf"),
-                          str(tmp_path / "c.gguf")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "parity_both.gguf.transcode", str(tmp_path / "missing.gguf"), str(tmp_path / "c.gguf")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "cannot open" in bad.stderr
 
 
@@ -131,7 +141,10 @@ def test_lut_types_refused(tmp_path: Path) -> None:
 def test_i2s_rows_not_multiple_of_256_refused(tmp_path: Path) -> None:
     src = tmp_path / "odd.gguf"
     data = independent_i2s([1, 0, -1, 0] * 96, 0.5)  # 3 rows of 128
-    write_gguf(src, [kv_str("general.architecture", "bitnet-b1.58")],
-               [TensorSpec("blk.0.attn_q.weight", (128, 3), "I2_S", lambda: data)])
+    write_gguf(
+        src,
+        [kv_str("general.architecture", "bitnet-b1.58")],
+        [TensorSpec("blk.0.attn_q.weight", (128, 3), "I2_S", lambda: data)],
+    )
     with pytest.raises(GGUFError, match="multiples of 256"):
         transcode(src, tmp_path / "out.gguf")

@@ -52,8 +52,11 @@ def gguf_py_values(path: Path) -> dict[str, np.ndarray]:
 def twin_values(path: Path) -> dict[str, np.ndarray]:
     """A twin's tensors (F32 / F16 / BF16) as float32, decoded here from the raw bytes."""
     g = read_gguf(path)
-    decode = {"F32": lambda b: b.view("<f4"), "F16": lambda b: b.view("<f2").astype(np.float32),
-              "BF16": lambda b: (b.view("<u2").astype(np.uint32) << 16).view(np.float32)}
+    decode = {
+        "F32": lambda b: b.view("<f4"),
+        "F16": lambda b: b.view("<f2").astype(np.float32),
+        "BF16": lambda b: (b.view("<u2").astype(np.uint32) << 16).view(np.float32),
+    }
     return {n: decode[t.type_name](np.array(g.raw(n))) for n, t in g.tensors.items()}
 
 
@@ -63,8 +66,11 @@ def raw_kvs(path: Path) -> dict[str, bytes]:
 
 def gguf_py_fields(path: Path) -> dict[str, bytes]:
     """Every metadata key's value type and encoded value (the bytes after the key) as gguf-py reads them."""
-    return {name: b"".join(np.asarray(p).tobytes() for p in f.parts[2:])
-            for name, f in gguf_py(path).fields.items() if not name.startswith("GGUF.")}
+    return {
+        name: b"".join(np.asarray(p).tobytes() for p in f.parts[2:])
+        for name, f in gguf_py(path).fields.items()
+        if not name.startswith("GGUF.")
+    }
 
 
 @functools.cache
@@ -139,8 +145,9 @@ def test_q41_twin_equals_gguf_py_dequantization(q41: tuple[Path, Path, dict[str,
     assert rec["arch_rename"] is None and rec["keys_changed"] == {"general.file_type": {"from": 3, "to": 0}}
 
 
-def test_twins_load_and_evaluate_in_llama_cpp(i2s: tuple[Path, Path, dict[str, Any]],
-                                              q41: tuple[Path, Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_twins_load_and_evaluate_in_llama_cpp(
+    i2s: tuple[Path, Path, dict[str, Any]], q41: tuple[Path, Path, dict[str, Any]], tmp_path: Path
+) -> None:
     with pytest.raises(ValueError, match="Failed to load model"):  # mainline refuses the BitNet.cpp original
         llama_cpp.Llama(model_path=str(i2s[0]), n_ctx=64, verbose=False)
     for twin in (i2s[1], q41[1]):
@@ -153,8 +160,9 @@ def test_twins_load_and_evaluate_in_llama_cpp(i2s: tuple[Path, Path, dict[str, A
     np.testing.assert_allclose(evaluate(f16), evaluate(i2s[1]), atol=0.1)
 
 
-def test_f16_bf16_rounding_recorded(i2s: tuple[Path, Path, dict[str, Any]], q41: tuple[Path, Path, dict[str, Any]],
-                                    tmp_path: Path) -> None:
+def test_f16_bf16_rounding_recorded(
+    i2s: tuple[Path, Path, dict[str, Any]], q41: tuple[Path, Path, dict[str, Any]], tmp_path: Path
+) -> None:
     # ternary weights with an fp16-exact scale and F16 embeddings: an F16 twin is exact
     rec = write_twin(i2s[0], tmp_path / "i2s16.gguf", "F16")
     assert rec["exact"] is True and twin_is_exact(i2s[0], "F16") is True
@@ -190,20 +198,27 @@ def test_atomic_no_file_left_on_failure(i2s: tuple[Path, Path, dict[str, Any]], 
     assert seen[-1] == (24, 24) and os.listdir(tmp_path) == ["twin.gguf"]
 
 
-def test_deterministic_chunked_and_cli(i2s: tuple[Path, Path, dict[str, Any]], tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deterministic_chunked_and_cli(
+    i2s: tuple[Path, Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(twin_mod, "CHUNK_ELEMENTS", 1000)  # -> 896-element chunks: I2_S split mid-tensor
     rec = write_twin(i2s[0], tmp_path / "a.gguf")
     monkeypatch.undo()
     assert rec["twin"]["sha256"] == i2s[2]["twin"]["sha256"]
     assert rec["twin"]["sha256"] == hashlib.sha256((tmp_path / "a.gguf").read_bytes()).hexdigest()
-    cli = subprocess.run([sys.executable, "-m", "parity_both.gguf.twin", str(i2s[0]), str(tmp_path / "b.gguf")],
-                         capture_output=True, text=True)
+    cli = subprocess.run(
+        [sys.executable, "-m", "parity_both.gguf.twin", str(i2s[0]), str(tmp_path / "b.gguf")],
+        capture_output=True,
+        text=True,
+    )
     assert cli.returncode == 0, cli.stderr
     out = json.loads(cli.stdout)
     assert out["twin"]["sha256"] == rec["twin"]["sha256"] and out["tensors"] == rec["tensors"]
-    bad = subprocess.run([sys.executable, "-m", "parity_both.gguf.twin", str(tmp_path / "missing.gguf"),
-                          str(tmp_path / "c.gguf")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "parity_both.gguf.twin", str(tmp_path / "missing.gguf"), str(tmp_path / "c.gguf")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "cannot open" in bad.stderr
     with pytest.raises(ValueError, match="dtype"):
         write_twin(i2s[0], tmp_path / "d.gguf", "Q8_0")

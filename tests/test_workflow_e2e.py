@@ -125,8 +125,14 @@ def test_external_tokenizer_differing_from_the_lane_is_inconsistent_exit_2(tmp_p
         if t["id"] == 5:
             t["content"] = "<file_separator>"
     tok.write_text(json.dumps(data))
-    write_config(work, {"models": {"smol": {"gguf": "embedded", "tokenizer": str(tok)}},
-                        "prompts": {"capital": PROMPTS["capital"]}, "max_tokens": 1})
+    write_config(
+        work,
+        {
+            "models": {"smol": {"gguf": "embedded", "tokenizer": str(tok)}},
+            "prompts": {"capital": PROMPTS["capital"]},
+            "max_tokens": 1,
+        },
+    )
     snakemake(work)
     r = load_receipt(work / "results/smol/receipts/llama/capital.json")
     assert r["token_parity"]["match"] is True  # the prompt does not use the renamed piece
@@ -146,9 +152,17 @@ def test_bitnet_activation_setting_changes_the_verdict_and_the_receipt_says_why(
     work = tmp_path / "w"
     work.mkdir()
     fixture = {"arch": "bitnet", "weight_type": "TQ2_0", "size": "tiny", "seed": 1}
-    write_config(work, {"models": {"silu": {"fixture": fixture, "activation": "silu"},
-                                   "relu2": {"fixture": fixture, "activation": "relu2"}},
-                        "prompts": {"capital": PROMPTS["capital"]}, "max_tokens": 2})
+    write_config(
+        work,
+        {
+            "models": {
+                "silu": {"fixture": fixture, "activation": "silu"},
+                "relu2": {"fixture": fixture, "activation": "relu2"},
+            },
+            "prompts": {"capital": PROMPTS["capital"]},
+            "max_tokens": 2,
+        },
+    )
     snakemake(work)
     ok = load_receipt(work / "results/silu/receipts/llama/capital.json")
     bad = load_receipt(work / "results/relu2/receipts/llama/capital.json")
@@ -165,9 +179,19 @@ def test_transcoded_i2s_fixture_runs_in_the_llama_lane(tmp_path):
     says which file each side evaluated and the transcode's exact effect."""
     work = tmp_path / "w"
     work.mkdir()
-    write_config(work, {"models": {"i2s": {"fixture": {"arch": "bitnet-b1.58", "weight_type": "I2_S",
-                                                       "size": "tiny", "seed": 0}, "activation": "silu"}},
-                        "prompts": {"capital": PROMPTS["capital"]}, "max_tokens": 2})
+    write_config(
+        work,
+        {
+            "models": {
+                "i2s": {
+                    "fixture": {"arch": "bitnet-b1.58", "weight_type": "I2_S", "size": "tiny", "seed": 0},
+                    "activation": "silu",
+                }
+            },
+            "prompts": {"capital": PROMPTS["capital"]},
+            "max_tokens": 2,
+        },
+    )
     snakemake(work)
     r = load_receipt(work / "results/i2s/receipts/llama/capital.json")
     assert r["status"] == "pass", r["summary"]
@@ -187,15 +211,23 @@ def _receipt_with_twin(work: Path, prompt: str, twin_reference: Path, twin_lane:
     cfg = with_defaults(yaml.safe_load((work / "config.yaml").read_text()))
     res = work / "results"
     receipt = pipeline.make_receipt(
-        lane="llama", model_name="smol", model_json=str(res / "smol/model.json"),
+        lane="llama",
+        model_name="smol",
+        model_json=str(res / "smol/model.json"),
         authority_json=str(res / "smol/tokenizer/authority.json"),
         tokenizer_json=str(res / "smol/tokenizer/tokenizer.json"),
-        prompt_json=str(res / f"smol/prompts/{prompt}.json"), reference_npz=str(res / f"smol/reference/{prompt}.npz"),
-        lane_npz=str(res / f"smol/lanes/llama/{prompt}.npz"), lane_vocab_json=str(res / "smol/lanes/llama/vocab.json"),
+        prompt_json=str(res / f"smol/prompts/{prompt}.json"),
+        reference_npz=str(res / f"smol/reference/{prompt}.npz"),
+        lane_npz=str(res / f"smol/lanes/llama/{prompt}.npz"),
+        lane_vocab_json=str(res / "smol/lanes/llama/vocab.json"),
         backend_json=str(res / "backends/llama.json"),
-        thresholds={"quantized": thresholds(cfg, "exact"), "graph": thresholds(cfg, "graph")}, mode="exact", gates=[],
-        twin_reference_npz=str(twin_reference), twin_lane_npz=str(twin_lane),
-        twin_record_json=str(res / "smol/twin/F32.json"))
+        thresholds={"quantized": thresholds(cfg, "exact"), "graph": thresholds(cfg, "graph")},
+        mode="exact",
+        gates=[],
+        twin_reference_npz=str(twin_reference),
+        twin_lane_npz=str(twin_lane),
+        twin_record_json=str(res / "smol/twin/F32.json"),
+    )
     return receipt
 
 

@@ -172,9 +172,7 @@ def _fragment(rng: random.Random, specials: list[str]) -> str:
         cps = assigned()
         return "".join(chr(rng.choice(cps)) for _ in range(rng.randint(1, 6)))
     if kind == 8:
-        return rng.choice(
-            ("<s>", "</s>", "<unk>", "<0x0A>", "<|endoftext|>", "<|im_start|>", "[INST]", "<pad>")
-        )
+        return rng.choice(("<s>", "</s>", "<unk>", "<0x0A>", "<|endoftext|>", "<|im_start|>", "[INST]", "<pad>"))
     if kind == 9:
         return "".join(chr(rng.randint(0x21, 0x7E)) for _ in range(rng.randint(1, 8)))
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 5)))

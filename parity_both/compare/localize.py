@@ -82,8 +82,12 @@ def compare_captures(ref: Capture, lane: Capture) -> list[dict[str, Any]]:
         seen[rnode.name] = k + 1
         diff = node_difference(ref.data(rnode), lane.data(lnode))
         if diff is None:
-            diff = {"nmse": None, "max_abs": None, "n": 0,
-                    "note": f"shapes cannot be lined up: reference {list(rnode.ne)}, lane {list(lnode.ne)}"}
+            diff = {
+                "nmse": None,
+                "max_abs": None,
+                "n": 0,
+                "note": f"shapes cannot be lined up: reference {list(rnode.ne)}, lane {list(lnode.ne)}",
+            }
         rows.append(_row(rnode, k, diff))
     return rows
 

@@ -39,8 +39,15 @@ REFUSED_TYPES: dict[str, str] = {
     "re-convert the model to I2_S (BitNet.cpp setup_env.py --quant-type i2_s) or to TQ2_0",
 }
 
-_PLAIN: dict[str, str] = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2",
-                          "I32": "<i4", "I64": "<i8"}
+_PLAIN: dict[str, str] = {
+    "F32": "<f4",
+    "F16": "<f2",
+    "F64": "<f8",
+    "I8": "<i1",
+    "I16": "<i2",
+    "I32": "<i4",
+    "I64": "<i8",
+}
 
 
 class QuantError(ValueError):
@@ -79,11 +86,10 @@ def unpack_i2s(raw: np.ndarray, n_elements: int) -> tuple[np.ndarray, np.float32
     raw = np.asarray(raw, dtype=np.uint8).reshape(-1)
     packed_len = n_elements // 4
     if raw.size < packed_len + 4:
-        raise QuantError(f"I2_S tensor of {n_elements} elements needs {i2s_nbytes(n_elements)} bytes, "
-                         f"got {raw.size}")
+        raise QuantError(f"I2_S tensor of {n_elements} elements needs {i2s_nbytes(n_elements)} bytes, got {raw.size}")
     blocks = raw[:packed_len].reshape(-1, 1, I2S_BLOCK_BYTES)
     codes = (blocks >> _I2S_SHIFTS[None, :, None]) & 3  # [n_blocks, 4, 32] -> element g*32 + byte
-    scale = raw[packed_len:packed_len + 4].copy().view("<f4")[0]
+    scale = raw[packed_len : packed_len + 4].copy().view("<f4")[0]
     return _I2S_VALUES[codes.reshape(-1)], np.float32(scale)
 
 
@@ -134,8 +140,11 @@ def _dequant_q1_0(blocks: np.ndarray) -> np.ndarray:  # fp16 d, bit j of element
     return (d * (2.0 * bits - 1.0)).astype(np.float32).reshape(-1)
 
 
-_OWN_BLOCK_TYPES = {"Q8_1": (32, 36, _dequant_q8_1), "Q8_K": (256, 292, _dequant_q8_k),
-                    "Q1_0": (128, 18, _dequant_q1_0)}
+_OWN_BLOCK_TYPES = {
+    "Q8_1": (32, 36, _dequant_q8_1),
+    "Q8_K": (256, 292, _dequant_q8_k),
+    "Q1_0": (128, 18, _dequant_q1_0),
+}
 
 
 def supported_types() -> list[str]:

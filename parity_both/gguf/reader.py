@@ -152,8 +152,9 @@ def _parse(path: Path) -> tuple[int, dict[str, Any], list[RawInfo], int, int]:
         return version, metadata, raw_infos, alignment, align(fh.tell(), alignment)
 
 
-def _tensor_table(path: Path, raw_infos: list[RawInfo], data_offset: int, numbering: str,
-                  reason: str) -> dict[str, TensorInfo]:
+def _tensor_table(
+    path: Path, raw_infos: list[RawInfo], data_offset: int, numbering: str, reason: str
+) -> dict[str, TensorInfo]:
     table = BITNET_TYPES if numbering == "bitnet.cpp" else MAINLINE_TYPES
     file_size = path.stat().st_size
     tensors: dict[str, TensorInfo] = {}

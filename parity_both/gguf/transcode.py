@@ -52,8 +52,9 @@ def refuse_unreadable(src: GGUFFile) -> None:
             raise GGUFError(f"{src.path}: tensor {name!r} is {t.type_name}: {REFUSED_TYPES[t.type_name]}")
 
 
-def mainline_kvs(in_path: str | Path, arch: str, *, file_type: int | None = None,
-                 file_type_from: int | None = None) -> tuple[list[RawKV], dict[str, str], dict[str, Any]]:
+def mainline_kvs(
+    in_path: str | Path, arch: str, *, file_type: int | None = None, file_type_from: int | None = None
+) -> tuple[list[RawKV], dict[str, str], dict[str, Any]]:
     """The file's metadata for mainline llama.cpp: BitNet.cpp's fork architecture (and every
     ``<fork arch>.*`` key) renamed to mainline's ``bitnet``; ``general.file_type`` set to ``file_type``
     (when given, and only if it currently equals ``file_type_from`` when that is given; added at the
@@ -79,7 +80,7 @@ def mainline_kvs(in_path: str | Path, arch: str, *, file_type: int | None = None
                 continue
         for fork in BITNET_FORK_ARCHS:
             if key.startswith(fork + "."):
-                renamed[key] = key = new_arch + key[len(fork):]
+                renamed[key] = key = new_arch + key[len(fork) :]
                 break
         kvs.append(RawKV(key, kv.vtype, kv.value))
     if file_type is not None and file_type_from is None and not any(k.key == "general.file_type" for k in kvs):
@@ -98,8 +99,10 @@ def _tensor_specs(src: GGUFFile) -> tuple[list[TensorSpec], list[str], list[floa
     for name, t in src.tensors.items():
         if t.type_name == "I2_S":
             if t.shape[0] % 256:
-                raise GGUFError(f"{src.path}: I2_S tensor {name!r} has rows of {t.shape[0]} elements; "
-                                "TQ2_0 needs multiples of 256 (no lossless mainline type for it)")
+                raise GGUFError(
+                    f"{src.path}: I2_S tensor {name!r} has rows of {t.shape[0]} elements; "
+                    "TQ2_0 needs multiples of 256 (no lossless mainline type for it)"
+                )
             data, rel = i2s_to_tq2_0(src.raw(name), t.n_elements)
             rel_changes.append(rel)
             transcoded.append(name)
@@ -107,8 +110,16 @@ def _tensor_specs(src: GGUFFile) -> tuple[list[TensorSpec], list[str], list[floa
             continue
         if t.type_name not in _MAINLINE_IDS:
             raise GGUFError(f"{src.path}: tensor {name!r} has type {t.type_name}, unknown to mainline")
-        tensors.append(TensorSpec(name, t.shape, t.type_name, lambda n=name: bytes(src.raw(n)),
-                                  type_id=_MAINLINE_IDS[t.type_name], size=t.nbytes))
+        tensors.append(
+            TensorSpec(
+                name,
+                t.shape,
+                t.type_name,
+                lambda n=name: bytes(src.raw(n)),
+                type_id=_MAINLINE_IDS[t.type_name],
+                size=t.nbytes,
+            )
+        )
     return tensors, transcoded, rel_changes
 
 
@@ -120,8 +131,9 @@ def transcode(in_path: str | Path, out_path: str | Path) -> dict[str, Any]:
     src = read_gguf(in_path)
     refuse_unreadable(src)
     n_i2s = sum(t.type_name == "I2_S" for t in src.tensors.values())
-    kvs, renamed, changed = mainline_kvs(in_path, src.architecture, file_type_from=FTYPE_FORK_I2_S,
-                                         file_type=FTYPE_MOSTLY_TQ2_0 if n_i2s else None)
+    kvs, renamed, changed = mainline_kvs(
+        in_path, src.architecture, file_type_from=FTYPE_FORK_I2_S, file_type=FTYPE_MOSTLY_TQ2_0 if n_i2s else None
+    )
     tensors, transcoded, rel_changes = _tensor_specs(src)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -144,14 +156,18 @@ def transcode(in_path: str | Path, out_path: str | Path) -> dict[str, Any]:
         "tensors_copied": len(tensors) - len(transcoded),
         "keys_renamed": renamed,
         "keys_changed": changed,
-        "caveat": ("mainline 'bitnet' computes the FFN with SiLU; BitNet b1.58 2B-4T was trained with "
-                   "squared ReLU - transcoding does not change the engine's activation"),
+        "caveat": (
+            "mainline 'bitnet' computes the FFN with SiLU; BitNet b1.58 2B-4T was trained with "
+            "squared ReLU - transcoding does not change the engine's activation"
+        ),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m parity_both.gguf.transcode",
-                                 description="BitNet.cpp I2_S / bitnet-b1.58 GGUF -> mainline-loadable GGUF")
+    ap = argparse.ArgumentParser(
+        prog="python -m parity_both.gguf.transcode",
+        description="BitNet.cpp I2_S / bitnet-b1.58 GGUF -> mainline-loadable GGUF",
+    )
     ap.add_argument("input")
     ap.add_argument("output")
     a = ap.parse_args(argv)
@@ -167,4 +183,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -55,14 +55,14 @@ def dequantized_chunks(src: GGUFFile, t: TensorInfo, chunk_elements: int | None 
     raw = src.raw(t.name)
     n = t.n_elements
     if t.type_name == "I2_S":  # blocks of 128 elements in 32 bytes, one per-tensor scale after them
-        blk, size, tail = I2S_BLOCK, I2S_BLOCK // 4, raw[n // 4:]
+        blk, size, tail = I2S_BLOCK, I2S_BLOCK // 4, raw[n // 4 :]
     else:
         blk, size = TYPE_BLOCKS[t.type_name]
         tail = None
     step = max(1, chunk_elements // blk) * blk
     for start in range(0, n, step):
         count = min(step, n - start)
-        part = raw[start // blk * size:(start + count) // blk * size]
+        part = raw[start // blk * size : (start + count) // blk * size]
         if tail is not None:
             part = np.concatenate([part, tail])
         yield quants.dequantize(part, t.type_name, count)
@@ -95,8 +95,9 @@ def _json_float(x: float) -> float | str:
     return x if np.isfinite(x) else str(x)
 
 
-def _twin_spec(src: GGUFFile, t: TensorInfo, dtype: str, record: dict[str, Any],
-               done: Callable[[str], None]) -> TensorSpec:
+def _twin_spec(
+    src: GGUFFile, t: TensorInfo, dtype: str, record: dict[str, Any], done: Callable[[str], None]
+) -> TensorSpec:
     out_type = tensor_dtype(t, dtype)
     entry: dict[str, Any] = {"source_type": t.type_name, "type": out_type}
     record[t.name] = entry
@@ -117,8 +118,9 @@ def _twin_spec(src: GGUFFile, t: TensorInfo, dtype: str, record: dict[str, Any],
     return TensorSpec(t.name, t.shape, out_type, produce)
 
 
-def write_twin(src: str | Path, dst: str | Path, dtype: str = "F32",
-               progress: Progress | None = None) -> dict[str, Any]:
+def write_twin(
+    src: str | Path, dst: str | Path, dtype: str = "F32", progress: Progress | None = None
+) -> dict[str, Any]:
     """Write the lossless twin of ``src`` to ``dst``; return its record (JSON-able, deterministic)."""
     _check_dtype(dtype)
     src, dst = Path(src), Path(dst)
@@ -143,8 +145,12 @@ def write_twin(src: str | Path, dst: str | Path, dtype: str = "F32",
         g.close()
     arch = changed.get("general.architecture")
     return {
-        "source": {"path": str(src), "sha256": sha256_file(src), "architecture": g.architecture,
-                   "type_counts": g.type_counts()},
+        "source": {
+            "path": str(src),
+            "sha256": sha256_file(src),
+            "architecture": g.architecture,
+            "type_counts": g.type_counts(),
+        },
         "twin": {"path": str(dst), "sha256": written.sha256, "bytes": written.bytes},
         "dtype": dtype,
         "exact": all(e.get("rounded") == "exact" or e.get("n_changed") == 0 for e in per_tensor.values()),
@@ -175,8 +181,9 @@ def twin_is_exact(src: str | Path, dtype: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m parity_both.gguf.twin",
-                                 description="Write the lossless (dequantized) twin of a GGUF model")
+    ap = argparse.ArgumentParser(
+        prog="python -m parity_both.gguf.twin", description="Write the lossless (dequantized) twin of a GGUF model"
+    )
     ap.add_argument("input")
     ap.add_argument("output")
     ap.add_argument("--dtype", default="F32", choices=TWIN_DTYPES)

@@ -30,8 +30,23 @@ from parity_both.gguf.constants import (
 )
 from parity_both.gguf.lowlevel import iter_keys, read_header, read_value_raw, tensor_nbytes
 
-__all__ = ["ALIGNMENT", "TYPE_IDS", "RawKV", "TensorSpec", "Written", "kv_bool", "kv_f32", "kv_str", "kv_u32",
-           "raw_kv_array_len", "raw_kv_scalar", "raw_kv_str", "read_raw_kvs", "tensor_nbytes", "write_gguf"]
+__all__ = [
+    "ALIGNMENT",
+    "TYPE_IDS",
+    "RawKV",
+    "TensorSpec",
+    "Written",
+    "kv_bool",
+    "kv_f32",
+    "kv_str",
+    "kv_u32",
+    "raw_kv_array_len",
+    "raw_kv_scalar",
+    "raw_kv_str",
+    "read_raw_kvs",
+    "tensor_nbytes",
+    "write_gguf",
+]
 
 ALIGNMENT = GGUF_DEFAULT_ALIGNMENT
 
@@ -159,8 +174,9 @@ def _write_tensor(out: _HashingFile, t: TensorSpec, alignment: int) -> None:
     out.pad(alignment)
 
 
-def write_gguf(path: str | Path, kvs: Iterable[RawKV], tensors: list[TensorSpec],
-               alignment: int = ALIGNMENT) -> Written:
+def write_gguf(
+    path: str | Path, kvs: Iterable[RawKV], tensors: list[TensorSpec], alignment: int = ALIGNMENT
+) -> Written:
     """Write a GGUF v3 file (header, metadata, tensor table, then each tensor aligned) atomically;
     return its sha256 and size. ``alignment`` must match any general.alignment key in ``kvs``."""
     kvs = list(kvs)

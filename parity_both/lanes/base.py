@@ -76,8 +76,9 @@ class LaneEngine(Protocol):
     def close(self) -> None: ...
 
 
-def apply_contract(body_ids: list[int], contract: TokenizationContract, bos_id: int | None,
-                   eos_id: int | None) -> list[int]:
+def apply_contract(
+    body_ids: list[int], contract: TokenizationContract, bos_id: int | None, eos_id: int | None
+) -> list[int]:
     """Add BOS/EOS by id as the contract says (one place, used by the reference and every lane)."""
     ids = list(body_ids)
     if contract.add_bos:

@@ -77,8 +77,16 @@ def write_capture(
         if key is not None:
             arrays[key] = arr
             saved_leaves.add(int(leaf["i"]))
-        out_leaves.append({"i": int(leaf["i"]), "key": key, "name": leaf["name"], "op": leaf["op"],
-                           "ne": [int(n) for n in leaf["ne"]], "type": leaf["type"]})
+        out_leaves.append(
+            {
+                "i": int(leaf["i"]),
+                "key": key,
+                "name": leaf["name"],
+                "op": leaf["op"],
+                "ne": [int(n) for n in leaf["ne"]],
+                "type": leaf["type"],
+            }
+        )
     out_nodes = []
     for node in nodes:
         i = int(node["i"])
@@ -86,11 +94,18 @@ def write_capture(
         key = _key("n", i) if arr is not None else None
         if key is not None:
             arrays[key] = arr
-        out_nodes.append({
-            "i": i, "key": key, "name": node["name"], "op": node["op"], "ne": [int(n) for n in node["ne"]],
-            "type": node["type"], "op_params": [int(p) for p in node["op_params"]],
-            "src": [_source(s, saved_leaves) for s in node["src"]],
-        })
+        out_nodes.append(
+            {
+                "i": i,
+                "key": key,
+                "name": node["name"],
+                "op": node["op"],
+                "ne": [int(n) for n in node["ne"]],
+                "type": node["type"],
+                "op_params": [int(p) for p in node["op_params"]],
+                "src": [_source(s, saved_leaves) for s in node["src"]],
+            }
+        )
     index = {"schema": SCHEMA, "engine": engine, "n_tokens": int(n_tokens), "nodes": out_nodes, "leaves": out_leaves}
     save_capture(out_prefix, index, arrays)
     return index
@@ -100,10 +115,14 @@ def _source(src: Mapping[str, Any] | None, saved_leaves: set[int]) -> dict[str, 
     if src is None:
         return None
     leaf = src.get("leaf")
-    return {"name": src["name"], "type": src["type"], "ne": [int(n) for n in src["ne"]],
-            "node": None if src.get("node") is None else int(src["node"]),
-            "key": _key("l", int(leaf)) if leaf is not None and int(leaf) in saved_leaves else None,
-            "weight": bool(src.get("weight"))}
+    return {
+        "name": src["name"],
+        "type": src["type"],
+        "ne": [int(n) for n in src["ne"]],
+        "node": None if src.get("node") is None else int(src["node"]),
+        "key": _key("l", int(leaf)) if leaf is not None and int(leaf) in saved_leaves else None,
+        "weight": bool(src.get("weight")),
+    }
 
 
 def write_from_raw_dir(raw_dir: str | Path, out_prefix: str | Path, *, engine: str) -> dict[str, Any]:
@@ -122,8 +141,9 @@ def write_from_raw_dir(raw_dir: str | Path, out_prefix: str | Path, *, engine: s
         d = entry.get("data")
         if d is None:
             return None
-        flat = np.asarray(blob[d["offset"]: d["offset"] + d["count"]], dtype=np.float32)
+        flat = np.asarray(blob[d["offset"] : d["offset"] + d["count"]], dtype=np.float32)
         return flat.reshape(tuple(int(n) for n in reversed(entry["ne"])))
 
-    return write_capture(out_prefix, engine=engine, n_tokens=raw["n_tokens"], nodes=raw["nodes"],
-                         leaves=raw["leaves"], data=data)
+    return write_capture(
+        out_prefix, engine=engine, n_tokens=raw["n_tokens"], nodes=raw["nodes"], leaves=raw["leaves"], data=data
+    )

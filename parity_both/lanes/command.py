@@ -49,8 +49,15 @@ def run_program(argv: Sequence[str], timeout: float = 600.0) -> ProgramResult:
     cannot be started, or times out, gives returncode -1 and no status)."""
     argv = [str(a) for a in argv]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout,
-                              check=False, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return ProgramResult(argv, -1, "", f"{type(exc).__name__}: {exc}", None)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -74,8 +81,10 @@ def _validator() -> Any:
 
 def status_errors(status: Mapping[str, Any]) -> list[str]:
     """Why a status line does not conform to schemas/lane-status.schema.json (empty: it conforms)."""
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(line)'}: {e.message}"
-            for e in sorted(_validator().iter_errors(dict(status)), key=str)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '(line)'}: {e.message}"
+        for e in sorted(_validator().iter_errors(dict(status)), key=str)
+    ]
 
 
 def resolve_program(path: str) -> Path | None:
@@ -123,15 +132,29 @@ class CommandLane(HarnessLane):
         self._tmp = tempfile.TemporaryDirectory(prefix="parity-command-")
 
     @classmethod
-    def from_backend(cls, backend: Mapping[str, Any], model_path: Path | str, *, n_ctx: int | None = None,
-                     threads: int = 2, **kwargs: Any) -> CommandLane:
+    def from_backend(
+        cls,
+        backend: Mapping[str, Any],
+        model_path: Path | str,
+        *,
+        n_ctx: int | None = None,
+        threads: int = 2,
+        **kwargs: Any,
+    ) -> CommandLane:
         """From the backend record written by parity_both.provision.provision.provision_lane."""
         ident = dict(backend.get("identity") or {})
         extra = {k: ident[k] for k in ("name", "binary", "binary_sha256") if k in ident}
         if backend.get("lane"):
             extra["lane"] = backend["lane"]
-        return cls(ident["command"], model_path, n_ctx=n_ctx, threads=threads, info=ident.get("info"),
-                   identity_extra=extra, **kwargs)
+        return cls(
+            ident["command"],
+            model_path,
+            n_ctx=n_ctx,
+            threads=threads,
+            info=ident.get("info"),
+            identity_extra=extra,
+            **kwargs,
+        )
 
     def info(self) -> dict[str, Any]:
         if self._info is None:
@@ -141,15 +164,25 @@ class CommandLane(HarnessLane):
     # -- LaneEngine
     def identity(self) -> dict[str, Any]:
         info = self.info()
-        return {"engine": info.get("engine") or self._identity_extra.get("name") or self.command[0],
-                "kind": "command", "command": list(self.command), "protocol": info.get("protocol"),
-                "info": info, **self._identity_extra}
+        return {
+            "engine": info.get("engine") or self._identity_extra.get("name") or self.command[0],
+            "kind": "command",
+            "command": list(self.command),
+            "protocol": info.get("protocol"),
+            "info": info,
+            **self._identity_extra,
+        }
 
     def settings(self) -> dict[str, Any]:
         if self._last_settings:
             return dict(self._last_settings)
-        return {"threads": self.threads, "n_ctx": self.n_ctx, "type_k": self.type_k, "type_v": self.type_v,
-                "one_batch": True}
+        return {
+            "threads": self.threads,
+            "n_ctx": self.n_ctx,
+            "type_k": self.type_k,
+            "type_v": self.type_v,
+            "one_batch": True,
+        }
 
     def vocab(self) -> Any:
         dump = super().vocab()
@@ -182,7 +215,8 @@ class CommandLane(HarnessLane):
         if "capture" not in (self.info().get("capabilities") or []):
             raise CaptureUnsupported(
                 f"lane program {self.command[0]} does not advertise the capture extension "
-                "(info capabilities); set `kernels: false` and leave diagnose off for this lane")
+                "(info capabilities); set `kernels: false` and leave diagnose off for this lane"
+            )
         from parity_both.lanes.capture import write_from_raw_dir
 
         raw_dir = Path(self._tmp.name) / "capture"

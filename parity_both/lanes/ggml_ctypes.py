@@ -140,9 +140,14 @@ class CaptureRecorder:
         node = self._node_index.get(ptr)
         weight = node is None and self._is_weight(s)
         leaf = None if node is not None or weight else self._leaf(ptr, s)
-        return {"name": self.ggml.ggml_get_name(ptr).decode("utf-8", "replace"),
-                "type": self.ggml.ggml_type_name(s.type).decode(), "ne": [int(n) for n in s.ne],
-                "node": node, "leaf": leaf, "weight": weight}
+        return {
+            "name": self.ggml.ggml_get_name(ptr).decode("utf-8", "replace"),
+            "type": self.ggml.ggml_type_name(s.type).decode(),
+            "ne": [int(n) for n in s.ne],
+            "node": node,
+            "leaf": leaf,
+            "weight": weight,
+        }
 
     def _record_node(self, ptr: int) -> None:
         t = GgmlTensor.from_address(ptr)

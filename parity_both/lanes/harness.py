@@ -137,9 +137,7 @@ class HarnessLane:
 
     def _run(self, args: Sequence[str]) -> dict[str, Any]:
         try:
-            return run_harness(
-                self.binary, [args[0], "--model", str(self.model_path), *args[1:]], timeout=self.timeout
-            )
+            return run_harness(self.binary, [args[0], "--model", str(self.model_path), *args[1:]], timeout=self.timeout)
         except HarnessRunError as exc:
             # kept in the job's failure record (jobs.run_job adds an exception's `record`)
             record = {"harness_exit_code": exc.returncode, "harness_stage": exc.status.get("stage")}

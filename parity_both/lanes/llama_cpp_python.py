@@ -25,8 +25,9 @@ GGML_TYPE_F32 = 0
 attr_kind = kind_from_attr  # llama_token_attr bits -> token kind (one definition: tokenize/attrs.py)
 
 
-def open_llama(model_path: str | Path, *, n_ctx: int, threads: int, vocab_only: bool = False,
-               use_extra_bufts: bool | None = None) -> Any:
+def open_llama(
+    model_path: str | Path, *, n_ctx: int, threads: int, vocab_only: bool = False, use_extra_bufts: bool | None = None
+) -> Any:
     """A llama_cpp.Llama with the parity settings; use_extra_bufts None keeps the engine's default
     (``llm.model_params.use_extra_bufts`` tells what was used)."""
     import llama_cpp
@@ -43,25 +44,45 @@ def open_llama(model_path: str | Path, *, n_ctx: int, threads: int, vocab_only: 
     lib.llama_model_default_params = model_params
     try:
         return llama_cpp.Llama(
-            model_path=str(model_path), vocab_only=vocab_only, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
-            n_threads=threads, n_threads_batch=threads, logits_all=True, type_k=GGML_TYPE_F32,
-            type_v=GGML_TYPE_F32, flash_attn=False, offload_kqv=False, n_gpu_layers=0, seed=0, verbose=False,
+            model_path=str(model_path),
+            vocab_only=vocab_only,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=True,
+            type_k=GGML_TYPE_F32,
+            type_v=GGML_TYPE_F32,
+            flash_attn=False,
+            offload_kqv=False,
+            n_gpu_layers=0,
+            seed=0,
+            verbose=False,
         )
     finally:
         lib.llama_model_default_params = orig
 
 
 class LlamaCppPythonLane:
-    def __init__(self, model_path: str, *, n_ctx: int, threads: int = 1, vocab_only: bool = False,
-                 use_extra_bufts: bool | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        n_ctx: int,
+        threads: int = 1,
+        vocab_only: bool = False,
+        use_extra_bufts: bool | None = None,
+    ) -> None:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
         self.model_path = model_path
         self.n_ctx = max(int(n_ctx), 8)
         self.threads = int(threads)
-        self.llm = open_llama(model_path, n_ctx=self.n_ctx, threads=self.threads, vocab_only=vocab_only,
-                              use_extra_bufts=use_extra_bufts)
+        self.llm = open_llama(
+            model_path, n_ctx=self.n_ctx, threads=self.threads, vocab_only=vocab_only, use_extra_bufts=use_extra_bufts
+        )
         self.use_extra_bufts = bool(self.llm.model_params.use_extra_bufts)
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
@@ -82,9 +103,17 @@ class LlamaCppPythonLane:
 
     def settings(self) -> dict[str, Any]:
         return {
-            "threads": self.threads, "n_ctx": self.n_ctx, "n_batch": self.n_ctx, "n_ubatch": self.n_ctx,
-            "type_k": "f32", "type_v": "f32", "flash_attn": False, "offload_kqv": False, "n_gpu_layers": 0,
-            "use_extra_bufts": self.use_extra_bufts, "logits": "all positions, one batch, fresh cache",
+            "threads": self.threads,
+            "n_ctx": self.n_ctx,
+            "n_batch": self.n_ctx,
+            "n_ubatch": self.n_ctx,
+            "type_k": "f32",
+            "type_v": "f32",
+            "flash_attn": False,
+            "offload_kqv": False,
+            "n_gpu_layers": 0,
+            "use_extra_bufts": self.use_extra_bufts,
+            "logits": "all positions, one batch, fresh cache",
         }
 
     # -- vocabulary / tokenization -----------------------------------------------------------
@@ -142,8 +171,9 @@ class LlamaCppPythonLane:
         if rec.error is not None:
             raise RuntimeError(f"capture failed: {rec.error!r}") from rec.error
         engine = f"llama.cpp via llama-cpp-python {importlib.metadata.version('llama-cpp-python')}"
-        index = write_capture(out_prefix, engine=engine, n_tokens=len(ids), nodes=rec.nodes, leaves=rec.leaves,
-                              data=rec.data)
+        index = write_capture(
+            out_prefix, engine=engine, n_tokens=len(ids), nodes=rec.nodes, leaves=rec.leaves, data=rec.data
+        )
         return logits, index
 
     def _decode_all(self, ctx: Any, ids: list[int], rec: Any) -> np.ndarray:

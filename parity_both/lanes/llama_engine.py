@@ -24,8 +24,11 @@ _KIND_ATTR = {"unknown": 1, "unused": 2, "normal": 4, "control": 8, "user_define
 
 class LlamaCppProgram:
     def info(self) -> dict[str, Any]:
-        return {"engine": "llama.cpp via llama-cpp-python (command lane)",
-                "engine_version": importlib.metadata.version("llama-cpp-python"), "capabilities": []}
+        return {
+            "engine": "llama.cpp via llama-cpp-python (command lane)",
+            "engine_version": importlib.metadata.version("llama-cpp-python"),
+            "capabilities": [],
+        }
 
     def _open(self, model: str, n_ctx: int = 64, threads: int = 1, vocab_only: bool = True) -> Any:
         from parity_both.lanes.llama_cpp_python import LlamaCppPythonLane
@@ -49,9 +52,12 @@ class LlamaCppProgram:
                 rows.append(VocabRow(i, attr, kind, text.encode("utf-8", "surrogateescape"), buf.raw[: max(n, 0)]))
         finally:
             lane.close()
-        return rows, {"bos_id": -1 if dump.bos_id is None else dump.bos_id,
-                      "eos_id": -1 if dump.eos_id is None else dump.eos_id,
-                      "add_bos": dump.add_bos, "add_eos": dump.add_eos}
+        return rows, {
+            "bos_id": -1 if dump.bos_id is None else dump.bos_id,
+            "eos_id": -1 if dump.eos_id is None else dump.eos_id,
+            "add_bos": dump.add_bos,
+            "add_eos": dump.add_eos,
+        }
 
     def tokenize(self, model: str, text: str, add_special: bool, parse_special: bool) -> list[int]:
         lane = self._open(model)

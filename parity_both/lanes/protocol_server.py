@@ -111,8 +111,14 @@ def do_vocab(engine: ProgramEngine, opts: dict[str, str], status: dict[str, Any]
     rows, meta = engine.vocab(opts["model"])
     lines = [f"{r.id}\t{r.attr}\t{r.kind}\t{r.text.hex()}\t{r.piece.hex()}\n" for r in rows]
     write_output(opts["out"], "".join(lines).encode())
-    status.update(n_vocab=len(rows), bos_id=meta.get("bos_id", -1), eos_id=meta.get("eos_id", -1),
-                  add_bos=bool(meta.get("add_bos")), add_eos=bool(meta.get("add_eos")), vocab_path=opts["out"])
+    status.update(
+        n_vocab=len(rows),
+        bos_id=meta.get("bos_id", -1),
+        eos_id=meta.get("eos_id", -1),
+        add_bos=bool(meta.get("add_bos")),
+        add_eos=bool(meta.get("add_eos")),
+        vocab_path=opts["out"],
+    )
 
 
 def do_tokenize(engine: ProgramEngine, opts: dict[str, str], status: dict[str, Any]) -> None:
@@ -133,8 +139,14 @@ def do_eval(engine: ProgramEngine, opts: dict[str, str], status: dict[str, Any])
     ids = [int(i) for i in np.frombuffer(raw, dtype="<i4")]
     n_ctx = int_opt(opts, "n-ctx", max(512, len(ids)))
     n_batch = int_opt(opts, "n-batch", n_ctx)
-    s = EvalSettings(int_opt(opts, "threads", 2), n_ctx, n_batch, int_opt(opts, "n-ubatch", n_batch),
-                     opts.get("type-k", "f32"), opts.get("type-v", "f32"))
+    s = EvalSettings(
+        int_opt(opts, "threads", 2),
+        n_ctx,
+        n_batch,
+        int_opt(opts, "n-ubatch", n_batch),
+        opts.get("type-k", "f32"),
+        opts.get("type-v", "f32"),
+    )
     if min(s.n_ctx, s.n_batch, s.n_ubatch) < len(ids):
         raise ProtocolError(EXIT_BAD_INPUT, "args", "n_ctx, n_batch and n_ubatch must all be >= the number of tokens")
     nv = engine.n_vocab(opts["model"])
@@ -147,7 +159,10 @@ def do_eval(engine: ProgramEngine, opts: dict[str, str], status: dict[str, Any])
 
 
 HANDLERS: dict[str, Callable[[ProgramEngine, dict[str, str], dict[str, Any]], None]] = {
-    "vocab": do_vocab, "tokenize": do_tokenize, "eval": do_eval}
+    "vocab": do_vocab,
+    "tokenize": do_tokenize,
+    "eval": do_eval,
+}
 
 
 def serve(make_engine: Callable[[], ProgramEngine], argv: Sequence[str] | None = None) -> int:

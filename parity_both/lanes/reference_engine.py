@@ -52,8 +52,14 @@ class ReferenceProgram:
         self._n_vocab: dict[str, int] = {}
 
     def info(self) -> dict[str, Any]:
-        return {"engine": ENGINE, "engine_version": source_digest()[:16], "mode": self.mode,
-                "activation": self.activation, "numpy": np.__version__, "capabilities": []}
+        return {
+            "engine": ENGINE,
+            "engine_version": source_digest()[:16],
+            "mode": self.mode,
+            "activation": self.activation,
+            "numpy": np.__version__,
+            "capabilities": [],
+        }
 
     def tokenizer(self, model: str) -> Any:
         if model not in self._tokenizers:
@@ -63,10 +69,16 @@ class ReferenceProgram:
     def vocab(self, model: str) -> tuple[list[VocabRow], dict[str, Any]]:
         tok = self.tokenizer(model)
         dump = tok.vocab_dump()
-        rows = [VocabRow(i, _KIND_ATTR.get(k, 0), k, t.encode("utf-8", "surrogateescape"), tok.piece_bytes(i))
-                for i, t, k in dump.tokens]
-        meta = {"bos_id": -1 if dump.bos_id is None else dump.bos_id,
-                "eos_id": -1 if dump.eos_id is None else dump.eos_id, "add_bos": dump.add_bos, "add_eos": dump.add_eos}
+        rows = [
+            VocabRow(i, _KIND_ATTR.get(k, 0), k, t.encode("utf-8", "surrogateescape"), tok.piece_bytes(i))
+            for i, t, k in dump.tokens
+        ]
+        meta = {
+            "bos_id": -1 if dump.bos_id is None else dump.bos_id,
+            "eos_id": -1 if dump.eos_id is None else dump.eos_id,
+            "add_bos": dump.add_bos,
+            "add_eos": dump.add_eos,
+        }
         return rows, meta
 
     def tokenize(self, model: str, text: str, add_special: bool, parse_special: bool) -> list[int]:
@@ -94,10 +106,18 @@ class ReferenceProgram:
         from parity_both.reference import run_reference
 
         res = run_reference(model, ids, 0, mode=self.mode, activation=self.activation)
-        used = {"threads": settings.threads, "n_ctx": len(ids), "n_batch": len(ids), "n_ubatch": len(ids),
-                "type_k": "f32", "type_v": "f32", "flash_attn": False, "one_batch": True,
-                "threads_note": "the reference is single-threaded NumPy (BLAS threads: "
-                                f"{res.settings.get('numpy', {}).get('blas_threads')})"}
+        used = {
+            "threads": settings.threads,
+            "n_ctx": len(ids),
+            "n_batch": len(ids),
+            "n_ubatch": len(ids),
+            "type_k": "f32",
+            "type_v": "f32",
+            "flash_attn": False,
+            "one_batch": True,
+            "threads_note": "the reference is single-threaded NumPy (BLAS threads: "
+            f"{res.settings.get('numpy', {}).get('blas_threads')})",
+        }
         return np.asarray(res.logits, dtype=np.float32), used
 
 

@@ -164,9 +164,7 @@ def ensure_writable_dir(path: Path, phase: str = "prepare") -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise HarnessBuildError(
-            phase, f"cannot write to {path}: {exc.strerror or exc}", errno_=exc.errno
-        ) from exc
+        raise HarnessBuildError(phase, f"cannot write to {path}: {exc.strerror or exc}", errno_=exc.errno) from exc
 
 
 @contextlib.contextmanager
@@ -272,15 +270,11 @@ def build_engine(
 
     progress("configure engine", f"{src_dir} ({' '.join(args)})")
     t0 = time.monotonic()
-    run_logged(
-        ["cmake", "-S", src_dir, "-B", build_dir, *generator_args(), *args], log_path, "configure", env=env
-    )
+    run_logged(["cmake", "-S", src_dir, "-B", build_dir, *generator_args(), *args], log_path, "configure", env=env)
     t_conf = time.monotonic() - t0
     progress("build engine", f"target llama, -j{jobs} (full output: {log_path})")
     t0 = time.monotonic()
-    run_logged(
-        ["cmake", "--build", build_dir, "--target", "llama", "-j", str(jobs)], log_path, "compile", env=env
-    )
+    run_logged(["cmake", "--build", build_dir, "--target", "llama", "-j", str(jobs)], log_path, "compile", env=env)
     t_build = time.monotonic() - t0
     cache = cmake_cache(build_dir)
     copied = _copy_engine_outputs(build_dir, out_dir, llama_tree, log_path)
@@ -293,9 +287,7 @@ def build_engine(
     return record
 
 
-def _engine_cmake_args(
-    src_dir: Path, cc: str | None, cxx: str | None, extra_cmake_args: Sequence[str]
-) -> list[str]:
+def _engine_cmake_args(src_dir: Path, cc: str | None, cxx: str | None, extra_cmake_args: Sequence[str]) -> list[str]:
     args = [*ENGINE_BASE_CMAKE_ARGS]
     if tree_has_cmake_option(src_dir, "LLAMA_BUILD_TOOLS"):
         args.append(TOOLS_OFF)
@@ -321,9 +313,7 @@ def _copy_engine_outputs(build_dir: Path, out_dir: Path, llama_tree: Path, log_p
         shutil.copy2(so, dest, follow_symlinks=False)
         copied.append(so.name)
     if not (lib_dir / "libllama.so").exists():
-        raise HarnessBuildError(
-            "compile", f"the build produced no libllama.so (see {log_path})", log_path=log_path
-        )
+        raise HarnessBuildError("compile", f"the build produced no libllama.so (see {log_path})", log_path=log_path)
     inc_dir = out_dir / "include"
     inc_dir.mkdir(parents=True, exist_ok=True)
     for hdr_dir in (llama_tree / "include", llama_tree / "ggml" / "include"):

@@ -199,7 +199,11 @@ def fetch_git(
     if s.submodules:
         progress("fetch", "git submodule update --init --recursive")
         with_retries(
-            "git submodule update", submodules, retries=retries, backoff=backoff, log_path=log_path,
+            "git submodule update",
+            submodules,
+            retries=retries,
+            backoff=backoff,
+            log_path=log_path,
             progress=progress,
         )
     head = run_git(["rev-parse", "HEAD"], cwd=dest).stdout.strip()
@@ -261,9 +265,7 @@ def run_pip(
         env.setdefault("PIP_NO_CACHE_DIR", "1")  # never reuse a wheel pip cached with other flags
 
     def attempt() -> None:
-        proc = run_to_log(
-            [sys.executable, "-m", "pip", *args, "--retries", "2", "--timeout", "30"], log_path, env=env
-        )
+        proc = run_to_log([sys.executable, "-m", "pip", *args, "--retries", "2", "--timeout", "30"], log_path, env=env)
         if proc.returncode != 0:
             raise _pip_failure(proc, what, log_path, phase)
 
@@ -350,8 +352,6 @@ def fetch_sdist(
         with tarfile.open(files[0]) as tf:
             tf.extractall(dest, filter="data")
     return {"sdist": files[0].name, "sdist_sha256": sha}
-
-
 
 
 def ensure_source(

@@ -50,9 +50,7 @@ HARNESS_BINARY = "parity_harness"
 class HarnessRunError(RuntimeError):
     """The harness binary ran but reported a failure (its JSON status is in ``status``)."""
 
-    def __init__(
-        self, message: str, status: dict[str, Any] | None = None, returncode: int | None = None
-    ) -> None:
+    def __init__(self, message: str, status: dict[str, Any] | None = None, returncode: int | None = None) -> None:
         super().__init__(message)
         self.status = status or {}
         self.returncode = returncode
@@ -208,9 +206,7 @@ def build_harness(
         return HarnessBuild.load(hdir / "harness.json")
     try:
         with atomic_dir(hdir) as tmp:
-            build = compile_harness(
-                inc, libs, tmp, log_path, rpath=rpath, cxx=cxx, jobs=jobs, progress=progress
-            )
+            build = compile_harness(inc, libs, tmp, log_path, rpath=rpath, cxx=cxx, jobs=jobs, progress=progress)
             build.engine = engine
             build.harness_path = str(hdir / "bin" / HARNESS_BINARY)
             (tmp / "harness.json").write_text(json.dumps(build.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -237,7 +233,13 @@ def _engine_for(
         return dict(json.loads((out_root / "engine.json").read_text()))
     with atomic_dir(out_root) as tmp:
         return build_engine(
-            engine_src, tmp, log_path, cc=cc, cxx=cxx, extra_cmake_args=extra_cmake_args, jobs=jobs,
+            engine_src,
+            tmp,
+            log_path,
+            cc=cc,
+            cxx=cxx,
+            extra_cmake_args=extra_cmake_args,
+            jobs=jobs,
             progress=progress,
         )
 

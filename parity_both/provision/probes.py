@@ -124,8 +124,11 @@ def command_probe(spec: BackendSpec) -> dict[str, Any]:
         out.update(present=False, problem=f"`{' '.join(spec.command)} info` failed: {detail}")
         return out
     if st.get("protocol") != PROTOCOL_VERSION:
-        out.update(present=False, problem=f"the program speaks lane protocol {st.get('protocol')!r}, "
-                                          f"this parity-both speaks {PROTOCOL_VERSION}")
+        out.update(
+            present=False,
+            problem=f"the program speaks lane protocol {st.get('protocol')!r}, "
+            f"this parity-both speaks {PROTOCOL_VERSION}",
+        )
         return out
     info = {k: v for k, v in st.items() if k not in ("ok", "exit_code")}
     out.update(present=True, info=info, engine=str(info.get("engine") or spec.name))
@@ -162,10 +165,7 @@ def _probe_harness(spec: BackendSpec, cache_dir: Path, out: dict[str, Any]) -> N
     )
     if linked_pkg is not None and (
         linked_pkg.get("libllama_sha256") != out["libllama_sha256"]
-        or (
-            llama_lib
-            and os.path.realpath(Path(llama_lib).parent) != os.path.realpath(str(linked_pkg.get("lib_dir")))
-        )
+        or (llama_lib and os.path.realpath(Path(llama_lib).parent) != os.path.realpath(str(linked_pkg.get("lib_dir"))))
     ):
         out.update(present=False, problem="the harness does not load the installed llama-cpp-python library")
 
@@ -181,8 +181,7 @@ def probe_lane(
 
 
 # Fields of a probe that depend on whether the build is there right now (not on WHICH build it is).
-_STATE_FIELDS = ("present", "problem", "libraries", "api_generation", "api_features", "system_info",
-                 "harness_path")
+_STATE_FIELDS = ("present", "problem", "libraries", "api_generation", "api_features", "system_info", "harness_path")
 
 
 def stable_probe(probe: Mapping[str, Any]) -> dict[str, Any]:
@@ -202,8 +201,10 @@ def stamp_text(probe: Mapping[str, Any]) -> str:
     """The probe stamp's content: the stable identity of the expected backend plus whether it is
     present now (deterministic JSON). Identical before and after a successful repair except for
     ``present``; a change of version/revision/flags changes it and reruns the backend rule."""
-    return json.dumps({"expected": stable_probe(probe), "present": bool(probe.get("present"))},
-                      sort_keys=True, indent=1) + "\n"
+    return (
+        json.dumps({"expected": stable_probe(probe), "present": bool(probe.get("present"))}, sort_keys=True, indent=1)
+        + "\n"
+    )
 
 
 def probe_lane_text(lane: str, config: Mapping[str, Any] | None = None) -> str:

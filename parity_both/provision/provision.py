@@ -81,8 +81,10 @@ def resolve_repair_mode(
 
 def repair_command(spec: BackendSpec, cache_dir: Path) -> str:
     if spec.kind == "command":
-        return (f"build {spec.binary or spec.command[0]} (or give backend '{spec.name}' `build:` steps) and run "
-                f"`parity-both lane-check --backend {spec.name}`")
+        return (
+            f"build {spec.binary or spec.command[0]} (or give backend '{spec.name}' `build:` steps) and run "
+            f"`parity-both lane-check --backend {spec.name}`"
+        )
     cmd = (
         f"{ENV_REPAIR}=auto {shlex.quote(sys.executable)} -m parity_both.provision.backends provision "
         f"{shlex.quote(spec.name)} --cache-dir {shlex.quote(str(Path(cache_dir).resolve()))} --repair auto"
@@ -160,7 +162,9 @@ def ensure_backend(
             probe = _repair_locked(spec, cache, log_path, opts)
             if not probe.get("present"):
                 raise BackendFailure(
-                    EXIT_BUILD, "verify", f"provisioned, but still not usable: {probe.get('problem')}",
+                    EXIT_BUILD,
+                    "verify",
+                    f"provisioned, but still not usable: {probe.get('problem')}",
                     log_path=log_path,
                 )
         else:
@@ -294,7 +298,9 @@ def _build_command(spec: BackendSpec, log_path: Path, progress: Progress) -> Non
     if not spec.build:
         problem = probes.command_probe(spec).get("problem")
         raise BackendFailure(
-            EXIT_MISSING, "probe", f"backend '{spec.name}' is not usable ({problem}) and has no `build:` steps",
+            EXIT_MISSING,
+            "probe",
+            f"backend '{spec.name}' is not usable ({problem}) and has no `build:` steps",
             log_path=log_path,
             hint="build the program, fix `command:`/`binary:`, or add `build:` steps to the backend",
         )
@@ -304,11 +310,21 @@ def _build_command(spec: BackendSpec, log_path: Path, progress: Progress) -> Non
         try:
             proc = run_to_log(list(step), log_path, cwd=cwd)
         except FileNotFoundError as exc:
-            raise BackendFailure(EXIT_BUILD, "build", f"build step {list(step)}: {exc.strerror}: {exc.filename}",
-                                 log_path=log_path, details={"errno": exc.errno, "command": list(step)}) from exc
+            raise BackendFailure(
+                EXIT_BUILD,
+                "build",
+                f"build step {list(step)}: {exc.strerror}: {exc.filename}",
+                log_path=log_path,
+                details={"errno": exc.errno, "command": list(step)},
+            ) from exc
         if proc.returncode != 0:
-            raise BackendFailure(EXIT_BUILD, "build", f"build step {list(step)} failed (exit status {proc.returncode})",
-                                 log_path=log_path, details={"returncode": proc.returncode, "command": list(step)})
+            raise BackendFailure(
+                EXIT_BUILD,
+                "build",
+                f"build step {list(step)} failed (exit status {proc.returncode})",
+                log_path=log_path,
+                details={"returncode": proc.returncode, "command": list(step)},
+            )
 
 
 def _install_package(
@@ -321,8 +337,13 @@ def _install_package(
         return py
     extra = ["--force-reinstall", "--no-deps"] if force and py.get("present") else []
     run_pip(
-        ["install", *extra, req], f"pip install {req}", log_path,
-        retries=retries, backoff=backoff, progress=progress, phase="install",
+        ["install", *extra, req],
+        f"pip install {req}",
+        log_path,
+        retries=retries,
+        backoff=backoff,
+        progress=progress,
+        phase="install",
     )
     py = probes.python_probe(req)
     if not py.get("present"):
@@ -346,16 +367,25 @@ def _link_harness(
     """The harness linked to the installed package's libraries, with the same version's sdist headers."""
     s = spec.source
     src = ensure_source(
-        replace(spec, source=replace(s, type="sdist")), cache_dir, log_path,
-        retries=retries, backoff=backoff, progress=progress,
+        replace(spec, source=replace(s, type="sdist")),
+        cache_dir,
+        log_path,
+        retries=retries,
+        backoff=backoff,
+        progress=progress,
     )
     tree = find_llama_tree(src)
     root, hdir = probes.harness_dirs(spec, cache_dir, py)
     if force:
         shutil.rmtree(hdir, ignore_errors=True)
     build_harness(
-        root, log_path, lib_dir=Path(py["lib_dir"]), include_dirs=[tree / "include", tree / "ggml" / "include"],
-        cxx=spec.cxx, jobs=jobs, progress=progress,
+        root,
+        log_path,
+        lib_dir=Path(py["lib_dir"]),
+        include_dirs=[tree / "include", tree / "ggml" / "include"],
+        cxx=spec.cxx,
+        jobs=jobs,
+        progress=progress,
     )
     linked = {"requirement": s.requirement, "version": py.get("version"), "lib_dir": py.get("lib_dir")}
     _merge_engine_record(root, {"linked_package": linked})
@@ -373,16 +403,19 @@ def _harness_on_existing_build(
     tree = find_llama_tree(src)
     progress("existing build", str(lib_dir))
     build_harness(
-        root, log_path, lib_dir=lib_dir, include_dirs=[tree / "include", tree / "ggml" / "include"],
-        cxx=spec.cxx, jobs=jobs, progress=progress,
+        root,
+        log_path,
+        lib_dir=lib_dir,
+        include_dirs=[tree / "include", tree / "ggml" / "include"],
+        cxx=spec.cxx,
+        jobs=jobs,
+        progress=progress,
     )
     _merge_engine_record(root, {"existing_build": str(lib_dir)})
     return True
 
 
-def _build_from_source(
-    spec: BackendSpec, src: Path, root: Path, log_path: Path, jobs: int, progress: Progress
-) -> None:
+def _build_from_source(spec: BackendSpec, src: Path, root: Path, log_path: Path, jobs: int, progress: Progress) -> None:
     """Build the engine from the source tree (the recipe's compilers and flags), then the harness."""
     for tool in (spec.cc, spec.cxx):
         if tool and not shutil.which(tool):
@@ -399,8 +432,14 @@ def _build_from_source(
     project = src / s.subdir if s.subdir and s.type == "local" else src
     lut_note = prepare_bitnet_tree(project, log_path) if spec.recipe == "bitnet" else None
     build_harness(
-        root, log_path, engine_src=project, cc=spec.cc, cxx=spec.cxx, extra_cmake_args=spec.cmake_args,
-        jobs=jobs, progress=progress,
+        root,
+        log_path,
+        engine_src=project,
+        cc=spec.cc,
+        cxx=spec.cxx,
+        extra_cmake_args=spec.cmake_args,
+        jobs=jobs,
+        progress=progress,
     )
     extra: dict[str, Any] = {}
     if lut_note:
@@ -490,9 +529,14 @@ def _identity(spec: BackendSpec, probe: dict[str, Any], cache_dir: Path) -> dict
     }
     if spec.kind == "command":
         info = probe.get("info") or {}
-        ident.update(command=list(spec.command), binary=probe.get("binary"),
-                     binary_sha256=probe.get("binary_sha256"), info=info, protocol=info.get("protocol"),
-                     revision=info.get("engine_version") or f"sha256:{probe.get('binary_sha256')}")
+        ident.update(
+            command=list(spec.command),
+            binary=probe.get("binary"),
+            binary_sha256=probe.get("binary_sha256"),
+            info=info,
+            protocol=info.get("protocol"),
+            revision=info.get("engine_version") or f"sha256:{probe.get('binary_sha256')}",
+        )
         return ident
     if spec.kind == "python":
         ident.update(

@@ -102,8 +102,7 @@ def spec_from_config(name: str, cfg: Mapping[str, Any] | None = None) -> Backend
             raise BackendFailure(
                 EXIT_SOURCE,
                 "spec",
-                f"unknown backend '{name}' (built-in: "
-                f"{', '.join(sorted(BUILTIN_SPECS))}) and no config for it",
+                f"unknown backend '{name}' (built-in: {', '.join(sorted(BUILTIN_SPECS))}) and no config for it",
             )
         return base
     src_cfg = dict(cfg.get("source") or {})
@@ -140,8 +139,12 @@ def spec_from_config(name: str, cfg: Mapping[str, Any] | None = None) -> Backend
 
 def _argv(value: Any, what: str, name: str) -> tuple[str, ...]:
     if not (isinstance(value, (list, tuple)) and value and all(isinstance(a, (str, int, float)) for a in value)):
-        raise BackendFailure(EXIT_SOURCE, "spec", f"backend '{name}': {what} must be a non-empty list of "
-                             f"arguments (an argv, never a shell string), not {value!r}")
+        raise BackendFailure(
+            EXIT_SOURCE,
+            "spec",
+            f"backend '{name}': {what} must be a non-empty list of "
+            f"arguments (an argv, never a shell string), not {value!r}",
+        )
     return tuple(str(a) for a in value)
 
 
@@ -149,12 +152,24 @@ def command_spec(name: str, cfg: Mapping[str, Any]) -> BackendSpec:
     """``{kind: command, command: [program, args...], build: [[argv], ...], binary: path, build_cwd: dir}``."""
     unknown = sorted(set(cfg) - {"kind", "command", "build", "binary", "build_cwd"})
     if unknown:
-        raise BackendFailure(EXIT_SOURCE, "spec", f"backend '{name}': unknown key(s) {', '.join(unknown)} for "
-                             "kind command (command, build, binary, build_cwd)")
+        raise BackendFailure(
+            EXIT_SOURCE,
+            "spec",
+            f"backend '{name}': unknown key(s) {', '.join(unknown)} for "
+            "kind command (command, build, binary, build_cwd)",
+        )
     command = _argv(cfg.get("command"), "command", name)
     build = tuple(_argv(step, "each build step", name) for step in (cfg.get("build") or ()))
-    return BackendSpec(name=name, kind="command", source=SourceSpec(type="command"), recipe="command",
-                       command=command, build=build, binary=cfg.get("binary"), build_cwd=cfg.get("build_cwd"))
+    return BackendSpec(
+        name=name,
+        kind="command",
+        source=SourceSpec(type="command"),
+        recipe="command",
+        command=command,
+        build=build,
+        binary=cfg.get("binary"),
+        build_cwd=cfg.get("build_cwd"),
+    )
 
 
 def effective_spec(spec: BackendSpec, env: Mapping[str, str] | None = None) -> BackendSpec:
@@ -183,7 +198,6 @@ def engine_name(spec: BackendSpec) -> str:
     return "bitnet.cpp" if spec.recipe == "bitnet" else "llama.cpp"
 
 
-
 # ============================================================================================ keys
 
 
@@ -195,9 +209,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60]
 
 
-def run_git(
-    args: Sequence[str], cwd: Path | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
+def run_git(args: Sequence[str], cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}
     return subprocess.run(
         ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -252,9 +264,7 @@ def local_revision(path: Path) -> str:
         if head.returncode == 0 and dirty.returncode == 0 and not dirty.stdout.strip():
             subs = run_git(["submodule", "status", "--recursive"], cwd=path)
             sub = ";".join(sorted(ln.strip().lstrip("+-U ") for ln in subs.stdout.splitlines()))
-            return f"git:{head.stdout.strip()}" + (
-                f"+{hashlib.sha256(sub.encode()).hexdigest()[:12]}" if sub else ""
-            )
+            return f"git:{head.stdout.strip()}" + (f"+{hashlib.sha256(sub.encode()).hexdigest()[:12]}" if sub else "")
     return f"tree:{tree_digest(path)}"
 
 
@@ -269,8 +279,12 @@ def source_identity(spec: BackendSpec) -> dict[str, Any]:
     """What the build is keyed by, computed WITHOUT fetching anything."""
     s = spec.source
     if s.type == "command":
-        return {"type": "command", "command": list(spec.command), "binary": spec.binary,
-                "build": [list(b) for b in spec.build]}
+        return {
+            "type": "command",
+            "command": list(spec.command),
+            "binary": spec.binary,
+            "build": [list(b) for b in spec.build],
+        }
     if s.type == "git":
         return {
             "type": "git",

@@ -33,8 +33,9 @@ from parity_both.reference.ops import F32, Emit, Trace
 from parity_both.reference.weights import WeightStore
 
 
-def _scaled(w: WeightStore, t: Trace, il: int, tensor: str, x: np.ndarray, node: str,
-            scale_node: str | None = None) -> np.ndarray:
+def _scaled(
+    w: WeightStore, t: Trace, il: int, tensor: str, x: np.ndarray, node: str, scale_node: str | None = None
+) -> np.ndarray:
     """(W x) * s, s the optional {1} scale tensor. The result is `node`; the matmul before the scale
     is unnamed, or `node` too when the scale is named `scale_node` (llm_build_ffn's ffn_*_s)."""
     y = w.linear(tensor, x)
@@ -56,8 +57,9 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
     """Logits [len(ids), n_vocab] for ids at positions kv.n ..; their K/V are added to the cache."""
     t, rp, eps = Trace(trace), hp.rope, hp.rms_eps
     T, n_past, H, Hkv, hd = len(ids), kv.n, hp.n_head, hp.n_head_kv, hp.head_dim
-    cos, sin = ops.rope_cos_sin(np.arange(n_past, n_past + T), rp.n_rot, rp.freq_base, rp.freq_scale, None,
-                                rp.attn_factor)
+    cos, sin = ops.rope_cos_sin(
+        np.arange(n_past, n_past + T), rp.n_rot, rp.freq_base, rp.freq_scale, None, rp.attn_factor
+    )
 
     x = t("inp_embd", -1, "GET_ROWS", w.rows_of("token_embd.weight", ids))
     w.release("token_embd.weight")

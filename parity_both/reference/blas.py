@@ -12,15 +12,15 @@ import numpy as np
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-_OPENBLAS_NAMES = (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", ""),
-                   ("openblas_", "64_"))
+_OPENBLAS_NAMES = (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", ""), ("openblas_", "64_"))
 
 
 def _openblas() -> tuple[Any, str] | None:
     """numpy's OpenBLAS via ctypes (pip wheels bundle scipy-openblas in numpy.libs; conda links a
     shared libopenblas, found in /proc/self/maps) and its symbol prefix/suffix, or None."""
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
-                                          "libscipy_openblas*.so*")))
+    paths = sorted(
+        glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas*.so*"))
+    )
     try:
         with open("/proc/self/maps") as fh:
             paths += sorted({line.split()[-1] for line in fh if "openblas" in line.lower() and "/" in line})

@@ -20,8 +20,16 @@ from parity_both.reference.weights import WeightStore
 F32 = np.float32
 
 
-def linear(w: WeightStore, t: Trace, il: int, tensor: str, x: np.ndarray, node: str,
-           bias_node: str | None = None, node_with_bias: str | None = None) -> np.ndarray:
+def linear(
+    w: WeightStore,
+    t: Trace,
+    il: int,
+    tensor: str,
+    x: np.ndarray,
+    node: str,
+    bias_node: str | None = None,
+    node_with_bias: str | None = None,
+) -> np.ndarray:
     """W x (+ bias if the model has one). Traced as llama.cpp names them: the matmul is `node`
     (`node_with_bias` when a bias follows), the bias add `bias_node` (default: `node`)."""
     has_bias = w.has(tensor + ".bias")
@@ -43,7 +51,7 @@ def qkv(hp: HParams, w: WeightStore, t: Trace, il: int, h: np.ndarray) -> tuple[
             y = t("wqkv_b", il, "ADD", y + w.vector(p + "attn_qkv.bias"))
         elif all(w.has(p + f"attn_{n}.bias") for n in "qkv"):
             y = t("wqkv_b", il, "ADD", y + np.concatenate([w.vector(p + f"attn_{n}.bias") for n in "qkv"]))
-        q, k, v = y[:, :nq], y[:, nq:nq + nk], y[:, nq + nk:]
+        q, k, v = y[:, :nq], y[:, nq : nq + nk], y[:, nq + nk :]
         heads = ((q, hp.n_head), (k, hp.n_head_kv), (v, hp.n_head_kv))
         q, k, v = (t(f"{n}cur", il, "VIEW", a.reshape(T, nh, hd)) for n, (a, nh) in zip("QKV", heads, strict=True))
     else:
@@ -60,8 +68,9 @@ def head_norm(hp: HParams, w: WeightStore, t: Trace, il: int, x: np.ndarray, whi
 
 def rope_tables(rope: Rope, w: WeightStore, n_past: int, T: int) -> tuple[np.ndarray, np.ndarray]:
     factors = w.vector("rope_freqs.weight") if rope.freq_factors else None
-    return ops.rope_cos_sin(np.arange(n_past, n_past + T), rope.n_rot, rope.freq_base, rope.freq_scale,
-                            factors, rope.attn_factor)
+    return ops.rope_cos_sin(
+        np.arange(n_past, n_past + T), rope.n_rot, rope.freq_base, rope.freq_scale, factors, rope.attn_factor
+    )
 
 
 class LayerRope:
@@ -91,10 +100,10 @@ def _expert_linear(w: WeightStore, name: str, e: int, x: np.ndarray) -> np.ndarr
 
 def moe_ffn(hp: HParams, w: WeightStore, t: Trace, il: int, h: np.ndarray) -> np.ndarray:
     """llama.cpp's build_moe_ffn for llama-arch experts (Mixtral), h [T, d] -> [T, d]:
-        probs = softmax(W_router h)                      over all n_expert
-        sel   = the n_used largest probs (descending)    ggml_argsort_top_k
-        wts   = probs[sel] / max(sum(probs[sel]), 6.1e-5)  renormalised (norm_w)
-        y_j   = W_down[e_j] (silu(W_gate[e_j] h) * W_up[e_j] h) * wts_j, summed over j in order."""
+    probs = softmax(W_router h)                      over all n_expert
+    sel   = the n_used largest probs (descending)    ggml_argsort_top_k
+    wts   = probs[sel] / max(sum(probs[sel]), 6.1e-5)  renormalised (norm_w)
+    y_j   = W_down[e_j] (silu(W_gate[e_j] h) * W_up[e_j] h) * wts_j, summed over j in order."""
     m = hp.moe
     assert m is not None
     p = f"blk.{il}."

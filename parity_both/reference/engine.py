@@ -44,9 +44,15 @@ from parity_both.reference.weights import (
 Forward = Callable[[HParams, WeightStore, np.ndarray, KVCache, Emit | None], np.ndarray]
 
 # general.architecture -> its forward graph
-GRAPHS: dict[str, Forward] = {"llama": llama.forward, **dict.fromkeys(BITNET_ARCHS, bitnet.forward),
-                              "qwen2": qwen.forward, "qwen3": qwen.forward, "phi3": phi3.forward,
-                              "gemma2": gemma.forward, "gemma3": gemma.forward}
+GRAPHS: dict[str, Forward] = {
+    "llama": llama.forward,
+    **dict.fromkeys(BITNET_ARCHS, bitnet.forward),
+    "qwen2": qwen.forward,
+    "qwen3": qwen.forward,
+    "phi3": phi3.forward,
+    "gemma2": gemma.forward,
+    "gemma3": gemma.forward,
+}
 
 
 def graph_for(arch: str) -> Forward:
@@ -88,8 +94,14 @@ class ReferenceResult:
     timings: dict[str, float] = field(default_factory=dict)  # never hashed
 
 
-def load_model(model_path: str | os.PathLike[str], *, activation: str | None = None, mode: str = "exact",
-               gguf: GGUFFile | None = None, cache: PreparedCache | None = None) -> LoadedModel:
+def load_model(
+    model_path: str | os.PathLike[str],
+    *,
+    activation: str | None = None,
+    mode: str = "exact",
+    gguf: GGUFFile | None = None,
+    cache: PreparedCache | None = None,
+) -> LoadedModel:
     """Parse (or take) the GGUF header, validate its hyper-parameters, open its weights."""
     g = gguf if gguf is not None else read_gguf(model_path)
     hp = HParams.from_gguf(g, activation)
@@ -97,8 +109,9 @@ def load_model(model_path: str | os.PathLike[str], *, activation: str | None = N
     return LoadedModel(Path(model_path), g, hp, WeightStore(g, cache, mode))
 
 
-def _open_weights(model_path: str, prepared_dir: str | None, use_cache: bool
-                  ) -> tuple[GGUFFile, PreparedCache | None, dict[str, Any]]:
+def _open_weights(
+    model_path: str, prepared_dir: str | None, use_cache: bool
+) -> tuple[GGUFFile, PreparedCache | None, dict[str, Any]]:
     """The GGUF header and the weights' source: a persistent cache in prepared_dir (its manifest
     also spares re-parsing the header), an ephemeral one (anonymous in-memory file) when the run
     has several steps, or the GGUF itself."""
@@ -109,9 +122,16 @@ def _open_weights(model_path: str, prepared_dir: str | None, use_cache: bool
         else:
             g = read_gguf(model_path)
             manifest = prepare_weights(model_path, prepared_dir, gguf=g)
-        return g, PreparedCache(manifest, prepared_dir), {
-            "used": True, "kind": "persistent", "format": PREPARED_FORMAT,
-            "model_sha256": manifest["model"]["sha256"]}
+        return (
+            g,
+            PreparedCache(manifest, prepared_dir),
+            {
+                "used": True,
+                "kind": "persistent",
+                "format": PREPARED_FORMAT,
+                "model_sha256": manifest["model"]["sha256"],
+            },
+        )
     g = read_gguf(model_path)
     if not use_cache or not cached_tensor_names(g):  # e.g. an all-F32 model: nothing to prepare
         return g, None, {"used": False, "kind": None}
@@ -127,8 +147,9 @@ def _check_args(mode: str, prompt_ids: list[int], max_tokens: int) -> None:
         raise ValueError("max_tokens must be >= 0")
 
 
-def greedy(model: LoadedModel, prompt_ids: list[int], max_tokens: int, stop: Collection[int],
-           trace: Emit | None = None) -> tuple[list[int], np.ndarray, dict[str, float]]:
+def greedy(
+    model: LoadedModel, prompt_ids: list[int], max_tokens: int, stop: Collection[int], trace: Emit | None = None
+) -> tuple[list[int], np.ndarray, dict[str, float]]:
     """Evaluate the prompt in one batch, then generate one token at a time (argmax, lowest id on
     ties) up to max_tokens or after a stop id. Returns (ids, logits [len(ids), n_vocab], timings)."""
     t0 = time.perf_counter()
@@ -147,8 +168,15 @@ def greedy(model: LoadedModel, prompt_ids: list[int], max_tokens: int, stop: Col
     return ids, logits, {"prefill_s": t1 - t0, "decode_s": t2 - t1}
 
 
-def _settings(model: LoadedModel, mode: str, n_ctx: int, max_tokens: int, stop: set[int],
-              prepared: dict[str, Any], blas: dict[str, Any]) -> dict[str, Any]:
+def _settings(
+    model: LoadedModel,
+    mode: str,
+    n_ctx: int,
+    max_tokens: int,
+    stop: set[int],
+    prepared: dict[str, Any],
+    blas: dict[str, Any],
+) -> dict[str, Any]:
     """What the receipt records as reference_settings (deterministic, JSON-serializable)."""
     hp = model.hp
     return {
@@ -169,9 +197,16 @@ def _settings(model: LoadedModel, mode: str, n_ctx: int, max_tokens: int, stop: 
     }
 
 
-def run_reference(model_path: str, prompt_ids: list[int], max_tokens: int, *, mode: str = "exact",
-                  activation: str | None = None, stop_ids: Collection[int] = (),
-                  prepared_dir: str | None = None) -> ReferenceResult:
+def run_reference(
+    model_path: str,
+    prompt_ids: list[int],
+    max_tokens: int,
+    *,
+    mode: str = "exact",
+    activation: str | None = None,
+    stop_ids: Collection[int] = (),
+    prepared_dir: str | None = None,
+) -> ReferenceResult:
     """Evaluate the prompt, then greedily generate up to max_tokens (stopping after a stop id).
 
     Every token, generated ones included, is evaluated, so logits has one row per id. Weights

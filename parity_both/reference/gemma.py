@@ -58,8 +58,9 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
             k = head_norm(hp, w, t, il, k, "k")
         k = t("Kcur", il, "ROPE", rope(il, k))
         ks, vs = kv.append(il, k, v)
-        a = ops.attention(q * F32(hp.kq_scale), ks, vs, n_past, 1.0, t, il,
-                          softcap_c=hp.attn_softcap, window=rope.window(il))
+        a = ops.attention(
+            q * F32(hp.kq_scale), ks, vs, n_past, 1.0, t, il, softcap_c=hp.attn_softcap, window=rope.window(il)
+        )
         a = w.linear(p + "attn_output", a)  # unnamed in llama.cpp's gemma graphs
         a = ops.norm(t, il, "attn_post_norm", a, w.vector(p + "post_attention_norm.weight"), eps)
         x = t("sa_out", il, "ADD", a + x)

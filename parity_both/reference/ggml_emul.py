@@ -45,8 +45,23 @@ from parity_both.gguf.quants import QuantError, dequantize, unpack_i2s
 
 _Q8_0_PARTNERS = {"Q4_0", "Q5_0", "Q8_0", "Q1_0", "IQ4_NL", "MXFP4", "NVFP4"}
 _Q8_1_PARTNERS = {"Q4_1", "Q5_1"}
-_Q8_K_PARTNERS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
-                  "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0"}
+_Q8_K_PARTNERS = {
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+    "IQ2_XXS",
+    "IQ2_XS",
+    "IQ2_S",
+    "IQ3_XXS",
+    "IQ3_S",
+    "IQ1_S",
+    "IQ1_M",
+    "IQ4_XS",
+    "TQ1_0",
+    "TQ2_0",
+}
 
 
 def vec_dot_type(type_name: str) -> str:
@@ -177,8 +192,9 @@ def _q_1_parts(raw_rows: np.ndarray, type_name: str, n_rows: int, cols: int) -> 
     return (d * q).reshape(n_rows, cols), m
 
 
-def ggml_linear(x: np.ndarray, raw: np.ndarray, type_name: str, rows: int, cols: int,
-                *, chunk_rows: int = 4096) -> np.ndarray:
+def ggml_linear(
+    x: np.ndarray, raw: np.ndarray, type_name: str, rows: int, cols: int, *, chunk_rows: int = 4096
+) -> np.ndarray:
     """y = W x as ggml computes it: x [T, cols] float32, W [rows, cols] in ``raw`` bytes -> [T, rows]."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
@@ -196,8 +212,8 @@ def ggml_linear(x: np.ndarray, raw: np.ndarray, type_name: str, rows: int, cols:
         t = t.reshape(rows, cols)
         qa = q8.astype(np.float64)
         for r0 in range(0, rows, chunk_rows):
-            isum = (qa @ t[r0:r0 + chunk_rows].astype(np.float64).T).astype(np.float32)
-            out[:, r0:r0 + chunk_rows] = (isum / s[:, None]) * scale
+            isum = (qa @ t[r0 : r0 + chunk_rows].astype(np.float64).T).astype(np.float32)
+            out[:, r0 : r0 + chunk_rows] = (isum / s[:, None]) * scale
         return out
 
     a = activation_operand(x, type_name)
@@ -207,7 +223,7 @@ def ggml_linear(x: np.ndarray, raw: np.ndarray, type_name: str, rows: int, cols:
     s_q8_1 = quantize_q8_1(x)[2].astype(np.float64) if type_name in _Q8_1_PARTNERS else None
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
-        part = raw[r0 * rb:(r0 + n) * rb]
+        part = raw[r0 * rb : (r0 + n) * rb]
         if s_q8_1 is not None:
             w, m = _q_1_parts(part, type_name, n, cols)
             # ggml: sum_b d_x d_y sum(q_x q_y) + m_x * s_y, with s_y the fp16-rounded d_y * sum q_y
@@ -215,7 +231,7 @@ def ggml_linear(x: np.ndarray, raw: np.ndarray, type_name: str, rows: int, cols:
         else:
             w = dequantize(part, type_name, n * cols).reshape(n, cols).astype(np.float64)
             y = a @ w.T
-        out[:, r0:r0 + n] = y
+        out[:, r0 : r0 + n] = y
     return out
 
 

@@ -183,12 +183,19 @@ def _common(key: _Meta) -> dict[str, Any]:
         raise NotImplementedError("different key and value head sizes are not implemented")
     if n_head % n_head_kv:
         raise ValueError(f"head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
-    return {"arch": key.arch, "n_layer": int(key("block_count")), "n_embd": n_embd, "n_head": n_head,
-            "n_head_kv": n_head_kv, "head_dim": head_dim, "n_ff": int(key("feed_forward_length")),
-            "n_vocab": key.g.tensors["token_embd.weight"].rows_cols[0],
-            "n_ctx_train": int(key("context_length", 0)),
-            "rms_eps": float(key("attention.layer_norm_rms_epsilon")),
-            "kq_scale": float(F32(1.0) / np.sqrt(F32(head_dim)))}
+    return {
+        "arch": key.arch,
+        "n_layer": int(key("block_count")),
+        "n_embd": n_embd,
+        "n_head": n_head,
+        "n_head_kv": n_head_kv,
+        "head_dim": head_dim,
+        "n_ff": int(key("feed_forward_length")),
+        "n_vocab": key.g.tensors["token_embd.weight"].rows_cols[0],
+        "n_ctx_train": int(key("context_length", 0)),
+        "rms_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "kq_scale": float(F32(1.0) / np.sqrt(F32(head_dim))),
+    }
 
 
 def _rope(key: _Meta, rope_type: str, n_rot: int, freq_factors: bool) -> Rope:
@@ -196,11 +203,20 @@ def _rope(key: _Meta, rope_type: str, n_rot: int, freq_factors: bool) -> Rope:
     scaling = str(key("rope.scaling.type", "linear"))
     factor = float(key("rope.scaling.factor", key("rope.scale_linear", 0.0)) or 0.0)
     if scaling not in ("none", "linear"):
-        raise NotImplementedError(f"{key.arch}.rope.scaling.type={scaling!r} (YaRN/LongRoPE) is not implemented "
-                                  "by the reference; use a model without RoPE scaling")
+        raise NotImplementedError(
+            f"{key.arch}.rope.scaling.type={scaling!r} (YaRN/LongRoPE) is not implemented "
+            "by the reference; use a model without RoPE scaling"
+        )
     freq_scale = 1.0 if scaling == "none" or factor == 0.0 else 1.0 / factor
-    return Rope(rope_type, n_rot, float(key("rope.freq_base", 10000.0)), float(F32(freq_scale)), scaling,
-                float(key("rope.scaling.attn_factor", 1.0)), freq_factors)
+    return Rope(
+        rope_type,
+        n_rot,
+        float(key("rope.freq_base", 10000.0)),
+        float(F32(freq_scale)),
+        scaling,
+        float(key("rope.scaling.attn_factor", 1.0)),
+        freq_factors,
+    )
 
 
 def _llama(g: GGUFFile, activation: str | None) -> HParams:
@@ -218,9 +234,14 @@ def _llama(g: GGUFFile, activation: str | None) -> HParams:
     ignored = key.opt("attention.scale")
     from parity_both.reference.hparams_families import moe_params  # noqa: PLC0415 - it imports this module
 
-    return HParams(**c, moe=moe_params(key), rope=_rope(key, "normal", n_rot, "rope_freqs.weight" in g.tensors),
-                   lm_head="output.weight" if "output.weight" in g.tensors else "token_embd.weight (tied)",
-                   activation="silu", attention_scale_key_ignored=None if ignored is None else float(ignored))
+    return HParams(
+        **c,
+        moe=moe_params(key),
+        rope=_rope(key, "normal", n_rot, "rope_freqs.weight" in g.tensors),
+        lm_head="output.weight" if "output.weight" in g.tensors else "token_embd.weight (tied)",
+        activation="silu",
+        attention_scale_key_ignored=None if ignored is None else float(ignored),
+    )
 
 
 def bitnet_activation(g: GGUFFile, requested: str | None) -> tuple[str, str]:
@@ -233,8 +254,10 @@ def bitnet_activation(g: GGUFFile, requested: str | None) -> tuple[str, str]:
     declared = g.metadata.get(f"{arch}.hidden_activation")
     if declared is not None:
         if str(declared) not in _HIDDEN_ACT:
-            raise NotImplementedError(f"{arch}.hidden_activation={declared!r} is not implemented "
-                                      f"(known: {sorted(_HIDDEN_ACT)}); pass activation= explicitly")
+            raise NotImplementedError(
+                f"{arch}.hidden_activation={declared!r} is not implemented "
+                f"(known: {sorted(_HIDDEN_ACT)}); pass activation= explicitly"
+            )
         return _HIDDEN_ACT[str(declared)], f"metadata {arch}.hidden_activation={declared!r}"
     return DEFAULT_ACTIVATION[arch], f"architecture default for {arch!r}"
 
@@ -243,15 +266,19 @@ def _bitnet(g: GGUFFile, activation: str | None) -> HParams:
     key = _Meta(g)
     c = _common(key)  # bitnet, like llama, asserts equal key and value head sizes
     if c["n_head"] * c["head_dim"] != c["n_embd"]:  # mainline creates wq and wo as n_embd x n_embd
-        raise ValueError(f"bitnet needs head_count * head size == embedding_length "
-                         f"({c['n_head']} * {c['head_dim']} != {c['n_embd']})")
+        raise ValueError(
+            f"bitnet needs head_count * head size == embedding_length "
+            f"({c['n_head']} * {c['head_dim']} != {c['n_embd']})"
+        )
     n_rot = int(key("rope.dimension_count", c["head_dim"]))
     if n_rot > c["head_dim"] or n_rot % 2:
         raise ValueError(f"{key.arch}.rope.dimension_count={n_rot} does not fit head size {c['head_dim']}")
     for name in _BITNET_ABSENT:
         if name in g.tensors:
-            raise NotImplementedError(f"tensor {name!r}: llama.cpp's bitnet graph has no such tensor "
-                                      "(the LM head is token_embd, RoPE has no frequency factors)")
+            raise NotImplementedError(
+                f"tensor {name!r}: llama.cpp's bitnet graph has no such tensor "
+                "(the LM head is token_embd, RoPE has no frequency factors)"
+            )
     biases = sorted(n for n in g.tensors if n.startswith("blk.") and n.endswith(".bias"))
     if biases:
         raise NotImplementedError(f"tensor {biases[0]!r}: llama.cpp's bitnet graph has no biases")
@@ -260,5 +287,11 @@ def _bitnet(g: GGUFFile, activation: str | None) -> HParams:
     unknown = set(scales) - set(BITNET_MATRICES)
     if unknown:
         raise NotImplementedError(f"scale tensors for {sorted(unknown)} are not part of the bitnet graph")
-    return HParams(**c, rope=_rope(key, "neox", n_rot, False), lm_head="token_embd.weight (always, bitnet)",
-                   activation=act, activation_source=source, scale_tensors=tuple(scales))
+    return HParams(
+        **c,
+        rope=_rope(key, "neox", n_rot, False),
+        lm_head="token_embd.weight (always, bitnet)",
+        activation=act,
+        activation_source=source,
+        scale_tensors=tuple(scales),
+    )

@@ -53,8 +53,9 @@ def _rope_neox(key: _Meta, c: dict[str, Any], *, full: bool = True) -> Rope:
     if n_rot > c["head_dim"] or n_rot % 2:
         raise ValueError(f"{key.arch}.rope.dimension_count={n_rot} does not fit head size {c['head_dim']}")
     if key.g.tensors.keys() & set(_LONGROPE):
-        raise NotImplementedError("LongRoPE factor tensors (rope_factors_long/short) are not implemented "
-                                  "by the reference")
+        raise NotImplementedError(
+            "LongRoPE factor tensors (rope_factors_long/short) are not implemented by the reference"
+        )
     return _rope(key, "neox", n_rot, "rope_freqs.weight" in key.g.tensors)
 
 
@@ -65,24 +66,34 @@ def _lm_head(g: GGUFFile) -> str:
 def _qwen2(g: GGUFFile, activation: str | None) -> HParams:
     key = _Meta(g)
     c = _common(key)
-    return HParams(**c, rope=_rope_neox(key, c), lm_head=_lm_head(g),
-                   activation=_activation("qwen2", activation, "silu"))
+    return HParams(
+        **c, rope=_rope_neox(key, c), lm_head=_lm_head(g), activation=_activation("qwen2", activation, "silu")
+    )
 
 
 def _qwen3(g: GGUFFile, activation: str | None) -> HParams:
     key = _Meta(g)
     c = _common(key)
-    return HParams(**c, rope=_rope_neox(key, c), lm_head=_lm_head(g),
-                   activation=_activation("qwen3", activation, "silu"),
-                   qk_norm=True)
+    return HParams(
+        **c,
+        rope=_rope_neox(key, c),
+        lm_head=_lm_head(g),
+        activation=_activation("qwen3", activation, "silu"),
+        qk_norm=True,
+    )
 
 
 def _phi3(g: GGUFFile, activation: str | None) -> HParams:
     key = _Meta(g)
     c = _common(key)
     # attention.sliding_window is ignored like llama.cpp ignores it (to_dict records the fact)
-    return HParams(**c, rope=_rope_neox(key, c, full=False), lm_head=_lm_head(g),
-                   activation=_activation("phi3", activation, "silu"), q_scale=True)
+    return HParams(
+        **c,
+        rope=_rope_neox(key, c, full=False),
+        lm_head=_lm_head(g),
+        activation=_activation("phi3", activation, "silu"),
+        q_scale=True,
+    )
 
 
 def swa_layers(key: _Meta, n_layer: int, default_pattern: int) -> tuple[tuple[bool, ...], str]:
@@ -101,8 +112,11 @@ def swa_layers(key: _Meta, n_layer: int, default_pattern: int) -> tuple[tuple[bo
 def _gemma_common(key: _Meta, c: dict[str, Any]) -> dict[str, Any]:
     big = c["n_layer"] == (46 if key.arch == "gemma2" else 62)  # llama.cpp's LLM_TYPE_27B
     q_scale = c["n_embd"] // c["n_head"] if big else c["head_dim"]
-    return {"kq_scale": float(F32(1.0) / np.sqrt(F32(q_scale))), "q_scale": True,
-            "embd_scale": float(np.sqrt(F32(c["n_embd"]), dtype=F32))}
+    return {
+        "kq_scale": float(F32(1.0) / np.sqrt(F32(q_scale))),
+        "q_scale": True,
+        "embd_scale": float(np.sqrt(F32(c["n_embd"]), dtype=F32)),
+    }
 
 
 def _gemma2(g: GGUFFile, activation: str | None) -> HParams:
@@ -110,13 +124,22 @@ def _gemma2(g: GGUFFile, activation: str | None) -> HParams:
     c = _common(key)
     rope = _rope_neox(key, c, full=False)
     layers, src = swa_layers(key, c["n_layer"], 2)
-    swa = Swa(int(key("attention.sliding_window", 4096)), layers, src,
-              replace(rope, freq_base=float(key("rope.freq_base_swa", rope.freq_base))))
+    swa = Swa(
+        int(key("attention.sliding_window", 4096)),
+        layers,
+        src,
+        replace(rope, freq_base=float(key("rope.freq_base_swa", rope.freq_base))),
+    )
     c.update(_gemma_common(key, c))
-    return HParams(**c, rope=rope, lm_head="token_embd.weight (always, gemma2)",
-                   activation=_activation("gemma2", activation, "gelu"), swa=swa,
-                   attn_softcap=float(key("attn_logit_softcapping", 50.0)),
-                   final_softcap=float(key("final_logit_softcapping", 30.0)))
+    return HParams(
+        **c,
+        rope=rope,
+        lm_head="token_embd.weight (always, gemma2)",
+        activation=_activation("gemma2", activation, "gelu"),
+        swa=swa,
+        attn_softcap=float(key("attn_logit_softcapping", 50.0)),
+        final_softcap=float(key("final_logit_softcapping", 30.0)),
+    )
 
 
 def _gemma3(g: GGUFFile, activation: str | None) -> HParams:
@@ -127,11 +150,19 @@ def _gemma3(g: GGUFFile, activation: str | None) -> HParams:
     swa = None
     if window > 0:
         layers, src = swa_layers(key, c["n_layer"], 6)
-        swa = Swa(window, layers, src, replace(rope, freq_base=float(key("rope.freq_base_swa", 10000.0)),
-                                               freq_scale=1.0))
+        swa = Swa(
+            window, layers, src, replace(rope, freq_base=float(key("rope.freq_base_swa", 10000.0)), freq_scale=1.0)
+        )
     c.update(_gemma_common(key, c))
-    return HParams(**c, rope=rope, lm_head=_lm_head(g), activation=_activation("gemma3", activation, "gelu"),
-                   qk_norm=True, swa=swa, final_softcap=float(key("final_logit_softcapping", 0.0)))
+    return HParams(
+        **c,
+        rope=rope,
+        lm_head=_lm_head(g),
+        activation=_activation("gemma3", activation, "gelu"),
+        qk_norm=True,
+        swa=swa,
+        final_softcap=float(key("final_logit_softcapping", 0.0)),
+    )
 
 
 def moe_params(key: _Meta) -> Moe | None:
@@ -150,4 +181,9 @@ def moe_params(key: _Meta) -> Moe | None:
 
 
 READERS: dict[str, Callable[[GGUFFile, str | None], HParams]] = {
-    "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3, "gemma2": _gemma2, "gemma3": _gemma3}
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "phi3": _phi3,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+}

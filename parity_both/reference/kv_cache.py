@@ -29,8 +29,8 @@ class KVCache:
         end = self.n + k.shape[0]
         if end > self.n_ctx:
             raise ValueError(f"KV cache full: {end} positions > n_ctx {self.n_ctx}")
-        self.k[layer][self.n:end] = k
-        self.v[layer][self.n:end] = v
+        self.k[layer][self.n : end] = k
+        self.v[layer][self.n : end] = v
         return self.k[layer][:end], self.v[layer][:end]
 
     def advance(self, t: int) -> None:

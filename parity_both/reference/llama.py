@@ -35,10 +35,12 @@ def _fused_qkv(hp: HParams, w: WeightStore, p: str, h: np.ndarray) -> tuple[np.n
     y = w.linear(p + "attn_qkv", h)
     if w.has(p + "attn_qkv.bias"):
         y = y + w.vector(p + "attn_qkv.bias")
-    q, k, v = y[:, :nq], y[:, nq:nq + nk], y[:, nq + nk:]
+    q, k, v = y[:, :nq], y[:, nq : nq + nk], y[:, nq + nk :]
     if not w.has(p + "attn_qkv.bias"):  # fused weight with separate biases (legacy GGUFs)
-        q, k, v = (a + w.vector(p + f"attn_{n}.bias") if w.has(p + f"attn_{n}.bias") else a
-                   for a, n in ((q, "q"), (k, "k"), (v, "v")))
+        q, k, v = (
+            a + w.vector(p + f"attn_{n}.bias") if w.has(p + f"attn_{n}.bias") else a
+            for a, n in ((q, "q"), (k, "k"), (v, "v"))
+        )
     return q, k, v
 
 
@@ -47,8 +49,9 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
     t, rp, eps = Trace(trace), hp.rope, hp.rms_eps
     T, n_past, H, Hkv, hd = len(ids), kv.n, hp.n_head, hp.n_head_kv, hp.head_dim
     factors = w.vector("rope_freqs.weight") if rp.freq_factors else None
-    cos, sin = ops.rope_cos_sin(np.arange(n_past, n_past + T), rp.n_rot, rp.freq_base, rp.freq_scale,
-                                factors, rp.attn_factor)
+    cos, sin = ops.rope_cos_sin(
+        np.arange(n_past, n_past + T), rp.n_rot, rp.freq_base, rp.freq_scale, factors, rp.attn_factor
+    )
 
     x = t("inp_embd", -1, "GET_ROWS", w.rows_of("token_embd.weight", ids))
     w.release("token_embd.weight")

@@ -22,9 +22,14 @@ def rms(x: np.ndarray, eps: float) -> np.ndarray:
     return x * scale[:, None]
 
 
-def rope_cos_sin(pos: np.ndarray, n_rot: int, freq_base: float, freq_scale: float = 1.0,
-                 freq_factors: np.ndarray | None = None, attn_factor: float = 1.0
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def rope_cos_sin(
+    pos: np.ndarray,
+    n_rot: int,
+    freq_base: float,
+    freq_scale: float = 1.0,
+    freq_factors: np.ndarray | None = None,
+    attn_factor: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin tables [T, n_rot/2] exactly as ggml_rope_cache_init builds them (no YaRN ramp):
     theta_0 = pos, theta_{i+1} = theta_i * base^(-2/n_rot) in float32; angle = freq_scale *
     theta_i / freq_factors[i]; values scaled by attn_factor (mscale)."""
@@ -125,9 +130,19 @@ class Trace:
 NO_TRACE = Trace()
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int, kq_scale: float,
-              t: Trace = NO_TRACE, il: int = -1, cont_name: str = "kqv_merged_cont", *,
-              softcap_c: float = 0.0, window: int = 0) -> np.ndarray:
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    n_past: int,
+    kq_scale: float,
+    t: Trace = NO_TRACE,
+    il: int = -1,
+    cont_name: str = "kqv_merged_cont",
+    *,
+    softcap_c: float = 0.0,
+    window: int = 0,
+) -> np.ndarray:
     """Causal GQA attention (llama.cpp's llm_build_kqv without flash attention).
 
     q [T, H, hd] at positions n_past.., k/v [S, Hkv, hd] (S = n_past + T); query head h reads kv

@@ -73,8 +73,7 @@ def capture_nodes(records: list[Record]) -> tuple[list[dict[str, Any]], dict[str
     for i, (name, op, data) in enumerate(records):
         key = f"n{i:04d}"
         ne = [int(n) for n in reversed(data.shape)] + [1] * (4 - data.ndim)
-        nodes.append({"i": i, "key": key, "name": name, "op": op, "ne": ne, "type": "f32", "op_params": [],
-                      "src": []})
+        nodes.append({"i": i, "key": key, "name": name, "op": op, "ne": ne, "type": "f32", "op_params": [], "src": []})
         arrays[key] = data
     return nodes, arrays
 
@@ -111,8 +110,7 @@ def _qkv_current(block: list[Record], heads: dict[str, tuple[int, ...]], k_first
         shape = heads.get(b)
         viewed = pre and pre[-1][1] == "VIEW"  # fused attn_qkv: already viewed as heads
         reshaped = [(pre[-1][0], "RESHAPE", pre[-1][2].reshape(shape))] if pre and shape and not viewed else []
-        out += (pre + reshaped + normed[b] + [r for r in by[b] if r[1] == "ROPE"]
-                + [r for r in by[b] if r[1] == "SCALE"])
+        out += pre + reshaped + normed[b] + [r for r in by[b] if r[1] == "ROPE"] + [r for r in by[b] if r[1] == "SCALE"]
     return out
 
 
@@ -172,9 +170,13 @@ def to_current(records: list[Record], arch: str | None = None) -> list[Record]:
     return out
 
 
-def reference_capture(gguf_path: str | os.PathLike[str], ids: list[int], mode: str = "exact",
-                      activation: str | None = None, generation: str = "2024-10"
-                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def reference_capture(
+    gguf_path: str | os.PathLike[str],
+    ids: list[int],
+    mode: str = "exact",
+    activation: str | None = None,
+    generation: str = "2024-10",
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluate `ids` in one batch (positions 0..n-1, as a lane's capture does) and return the
     capture index (the JSON document of the lanes' format; the reference records no sources or
     op_params) and the node arrays by key. generation: whose node names, "2024-10" (the October-2024
@@ -190,6 +192,14 @@ def reference_capture(gguf_path: str | os.PathLike[str], ids: list[int], mode: s
         model.close()
     hp = model.hp
     nodes, arrays = capture_nodes(rec.records if generation == "2024-10" else to_current(rec.records, hp.arch))
-    index = {"schema": SCHEMA, "engine": ENGINE, "n_tokens": len(ids), "arch": hp.arch, "mode": mode,
-             "activation": hp.activation, "names": generation, "nodes": nodes}
+    index = {
+        "schema": SCHEMA,
+        "engine": ENGINE,
+        "n_tokens": len(ids),
+        "arch": hp.arch,
+        "mode": mode,
+        "activation": hp.activation,
+        "names": generation,
+        "nodes": nodes,
+    }
     return index, arrays

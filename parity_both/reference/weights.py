@@ -61,7 +61,7 @@ _IN_PLACE = ("F32",)
 # --------------------------------------------------------------------------------------------
 def _f16_col(blocks: np.ndarray, start: int) -> np.ndarray:
     """An fp16 field of every block as a float32 column [n_blocks, 1]."""
-    return np.ascontiguousarray(blocks[:, start:start + 2]).view(np.float16).astype(np.float32)
+    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16).astype(np.float32)
 
 
 def _deq_q8_0(raw: np.ndarray) -> np.ndarray:
@@ -129,7 +129,7 @@ def _deq_tq2_0(raw: np.ndarray) -> np.ndarray:
 
 def _deq_i2_s(raw: np.ndarray, n_elements: int) -> np.ndarray:
     packed = raw[: n_elements // 4].reshape(-1, 32)
-    scale = np.frombuffer(raw[n_elements // 4:n_elements // 4 + 4].tobytes(), dtype="<f4")[0]
+    scale = np.frombuffer(raw[n_elements // 4 : n_elements // 4 + 4].tobytes(), dtype="<f4")[0]
     vals = _I2S_LUT[packed]  # [n_blocks, byte, field]
     out = np.ascontiguousarray(vals.transpose(0, 2, 1)).reshape(-1)
     out *= scale  # t * scale in float32, as parity_both.gguf.quants
@@ -137,8 +137,13 @@ def _deq_i2_s(raw: np.ndarray, n_elements: int) -> np.ndarray:
 
 
 FAST_DEQUANT: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "F32": _deq_f32, "F16": _deq_f16, "BF16": _deq_bf16,
-    "Q4_0": _deq_q4_0, "Q4_1": _deq_q4_1, "Q8_0": _deq_q8_0, "TQ2_0": _deq_tq2_0,
+    "F32": _deq_f32,
+    "F16": _deq_f16,
+    "BF16": _deq_bf16,
+    "Q4_0": _deq_q4_0,
+    "Q4_1": _deq_q4_1,
+    "Q8_0": _deq_q8_0,
+    "TQ2_0": _deq_tq2_0,
 }
 # (block elements, block bytes) of the fast types, to cut row ranges out of raw data.
 
@@ -185,20 +190,31 @@ def _header_record(g: GGUFFile) -> dict[str, Any]:
     tokenizer arrays make that ~0.1-0.2 s): scalar metadata (arrays become {"array_len": n}) and
     the tensor table."""
     meta = {k: ({"array_len": len(v)} if isinstance(v, list) else v) for k, v in g.metadata.items()}
-    return {"version": g.version, "alignment": g.alignment, "data_offset": g.data_offset,
-            "type_numbering": g.type_numbering, "type_numbering_reason": g.type_numbering_reason,
-            "metadata": meta,
-            "tensors": [[t.name, list(t.shape), t.type_id, t.type_name, t.offset, t.nbytes]
-                        for t in g.tensors.values()]}
+    return {
+        "version": g.version,
+        "alignment": g.alignment,
+        "data_offset": g.data_offset,
+        "type_numbering": g.type_numbering,
+        "type_numbering_reason": g.type_numbering_reason,
+        "metadata": meta,
+        "tensors": [[t.name, list(t.shape), t.type_id, t.type_name, t.offset, t.nbytes] for t in g.tensors.values()],
+    }
 
 
 def gguf_from_manifest(model_path: str | Path, manifest: dict[str, Any]) -> GGUFFile:
     """A GGUFFile (metadata without arrays) rebuilt from a validated manifest's header record."""
     h = manifest["gguf"]
     tensors = {r[0]: TensorInfo(r[0], tuple(r[1]), r[2], r[3], r[4], r[5]) for r in h["tensors"]}
-    return GGUFFile(path=Path(model_path), version=h["version"], metadata=dict(h["metadata"]),
-                    tensors=tensors, alignment=h["alignment"], data_offset=h["data_offset"],
-                    type_numbering=h["type_numbering"], type_numbering_reason=h["type_numbering_reason"])
+    return GGUFFile(
+        path=Path(model_path),
+        version=h["version"],
+        metadata=dict(h["metadata"]),
+        tensors=tensors,
+        alignment=h["alignment"],
+        data_offset=h["data_offset"],
+        type_numbering=h["type_numbering"],
+        type_numbering_reason=h["type_numbering_reason"],
+    )
 
 
 def cached_tensor_names(g: GGUFFile) -> list[str]:
@@ -227,8 +243,7 @@ def _write_blob(g: GGUFFile, out: BinaryIO) -> tuple[dict[str, dict[str, Any]], 
         pad = (-offset) % _ALIGN
         out.write(b"\0" * pad)
         offset += pad
-        entries[name] = {"offset": offset, "dtype": dtype, "rows": rows, "cols": cols,
-                         "source_type": t.type_name}
+        entries[name] = {"offset": offset, "dtype": dtype, "rows": rows, "cols": cols, "source_type": t.type_name}
         for r0, r1 in chunks:
             b = np.ascontiguousarray(dequantize_rows(g, t, r0, r1), dtype=dtype)
             out.write(b.data)
@@ -239,20 +254,26 @@ def _write_blob(g: GGUFFile, out: BinaryIO) -> tuple[dict[str, dict[str, Any]], 
     return entries, offset
 
 
-def _manifest(model_path: Path, g: GGUFFile, entries: dict[str, Any], nbytes: int,
-              sha256: str | None) -> dict[str, Any]:
+def _manifest(
+    model_path: Path, g: GGUFFile, entries: dict[str, Any], nbytes: int, sha256: str | None
+) -> dict[str, Any]:
     return {
         "format": PREPARED_FORMAT,
-        "model": {"file": model_path.name, "size": model_path.stat().st_size, "sha256": sha256,
-                  "quick_fingerprint": quick_fingerprint(model_path, g.data_offset)},
+        "model": {
+            "file": model_path.name,
+            "size": model_path.stat().st_size,
+            "sha256": sha256,
+            "quick_fingerprint": quick_fingerprint(model_path, g.data_offset),
+        },
         "gguf": _header_record(g),
         "bytes": nbytes,
         "tensors": entries,
     }
 
 
-def prepare_weights(model_path: str | Path, prepared_dir: str | Path, *,
-                    gguf: GGUFFile | None = None) -> dict[str, Any]:
+def prepare_weights(
+    model_path: str | Path, prepared_dir: str | Path, *, gguf: GGUFFile | None = None
+) -> dict[str, Any]:
     """Dequantize every quantized matrix of a model once into `prepared_dir` and return the manifest.
 
     Deterministic (same model -> same bytes and manifest), atomic (written under temporary names,
@@ -316,8 +337,11 @@ def load_manifest(model_path: str | Path, prepared_dir: str | Path) -> dict[str,
         return None
     m = manifest.get("model", {})
     try:
-        if (manifest.get("format") != PREPARED_FORMAT or m.get("size") != Path(model_path).stat().st_size
-                or blob_size != manifest.get("bytes")):
+        if (
+            manifest.get("format") != PREPARED_FORMAT
+            or m.get("size") != Path(model_path).stat().st_size
+            or blob_size != manifest.get("bytes")
+        ):
             return None
         if m.get("quick_fingerprint") != quick_fingerprint(model_path, manifest["gguf"]["data_offset"]):
             return None
@@ -333,8 +357,14 @@ class PreparedCache:
     `resident_bytes`: the LM head first (used at every step), then tensors in file order.
     Re-faulting pages costs ~25-40% of a decode step, so a bounded resident set is kept."""
 
-    def __init__(self, manifest: dict[str, Any], prepared_dir: str | Path | None = None, *,
-                 fd: int | None = None, resident_bytes: int | None = None):
+    def __init__(
+        self,
+        manifest: dict[str, Any],
+        prepared_dir: str | Path | None = None,
+        *,
+        fd: int | None = None,
+        resident_bytes: int | None = None,
+    ):
         self.manifest = manifest
         self.ephemeral = fd is not None
         self.entries: dict[str, dict[str, Any]] = manifest["tensors"]
@@ -362,8 +392,12 @@ class PreparedCache:
         e = self.entries[name]
         dt = np.dtype(e["dtype"])
         cols = e["cols"]
-        a = np.frombuffer(self._mm, dtype=dt, count=(r1 - r0) * cols,  # type: ignore[arg-type]
-                          offset=e["offset"] + r0 * cols * dt.itemsize).reshape(r1 - r0, cols)
+        a = np.frombuffer(
+            self._mm,
+            dtype=dt,
+            count=(r1 - r0) * cols,  # type: ignore[arg-type]
+            offset=e["offset"] + r0 * cols * dt.itemsize,
+        ).reshape(r1 - r0, cols)
         return a if dt == np.float32 else a.astype(np.float32)
 
     def release(self, name: str, r0: int | None = None, r1: int | None = None) -> None:
@@ -401,7 +435,7 @@ def dequantize_rows(g: GGUFFile, t: TensorInfo, r0: int, r1: int) -> np.ndarray:
         full = dequantize(raw, t.type_name, rows * cols).reshape(rows, cols)
         return full if (r0, r1) == (0, rows) else full[r0:r1]
     row_bytes = t.nbytes // rows
-    part = raw[r0 * row_bytes:r1 * row_bytes]
+    part = raw[r0 * row_bytes : r1 * row_bytes]
     return dequantize(part, t.type_name, (r1 - r0) * cols).reshape(r1 - r0, cols)
 
 
@@ -477,7 +511,7 @@ class WeightStore:
         t = self.info(name)
         if t.type_name == "F32":
             cols = t.rows_cols[1]
-            return self.gguf.raw(name)[r0 * cols * 4:r1 * cols * 4].view(np.float32).reshape(r1 - r0, cols)
+            return self.gguf.raw(name)[r0 * cols * 4 : r1 * cols * 4].view(np.float32).reshape(r1 - r0, cols)
         return dequantize_rows(self.gguf, t, r0, r1)
 
     def rows_of(self, name: str, ids: np.ndarray) -> np.ndarray:
@@ -509,8 +543,10 @@ class WeightStore:
         if self.mode == "ggml" and w.type_name != "F32":
             from parity_both.reference.ggml_emul import ggml_linear  # noqa: PLC0415 - imports gguf
 
-            y = np.asarray(ggml_linear(np.ascontiguousarray(x, dtype=np.float32), w.raw(), w.type_name,
-                                       w.rows, w.cols), dtype=np.float32)
+            y = np.asarray(
+                ggml_linear(np.ascontiguousarray(x, dtype=np.float32), w.raw(), w.type_name, w.rows, w.cols),
+                dtype=np.float32,
+            )
         else:
             step = max(1, CHUNK_BYTES // (4 * w.cols)) if w.name in _LM_HEADS else w.rows
             if step >= w.rows:
@@ -534,9 +570,11 @@ class WeightStore:
             from parity_both.reference.ggml_emul import ggml_linear  # noqa: PLC0415 - imports gguf
 
             row_bytes = self.info(w.name).nbytes // w.rows
-            raw = w.raw()[r0 * row_bytes:r1 * row_bytes]
-            y = np.asarray(ggml_linear(np.ascontiguousarray(x, dtype=np.float32), raw, w.type_name, r1 - r0, w.cols),
-                           dtype=np.float32)
+            raw = w.raw()[r0 * row_bytes : r1 * row_bytes]
+            y = np.asarray(
+                ggml_linear(np.ascontiguousarray(x, dtype=np.float32), raw, w.type_name, r1 - r0, w.cols),
+                dtype=np.float32,
+            )
         else:
             y = x @ w.dense_rows(r0, r1).T
         self.release(w.name, r0, r1)
@@ -546,4 +584,3 @@ class WeightStore:
         if self.cache is not None:
             self.cache.close()
         self.gguf.close()
-

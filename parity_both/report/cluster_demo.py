@@ -51,20 +51,42 @@ def memory_mb() -> int:
 
 def slurm_conf(state: Path, host: str, cpus: int, mem_mb: int) -> str:
     """A slurm.conf for one node (this host), every file under `state`."""
-    return "\n".join([
-        MARKER, "ClusterName=parity-both", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
-        f"StateSaveLocation={state}/ctld", f"SlurmdSpoolDir={state}/d",
-        f"SlurmctldPidFile={state}/slurmctld.pid", f"SlurmdPidFile={state}/slurmd.pid",
-        f"SlurmctldLogFile={state}/slurmctld.log", f"SlurmdLogFile={state}/slurmd.log",
-        "SlurmctldPort=6817", "SlurmdPort=6818", "AuthType=auth/munge", "CryptoType=crypto/munge",
-        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
-        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory",
-        "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-        "ReturnToService=2", "MinJobAge=600", "SchedulerType=sched/backfill",
-        "SlurmctldTimeout=60", "SlurmdTimeout=60", "InactiveLimit=0", "KillWait=10",
-        f"NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN",
-        f"PartitionName=main Nodes={host} Default=YES MaxTime=INFINITE State=UP", "",
-    ])
+    return "\n".join(
+        [
+            MARKER,
+            "ClusterName=parity-both",
+            f"SlurmctldHost={host}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            f"StateSaveLocation={state}/ctld",
+            f"SlurmdSpoolDir={state}/d",
+            f"SlurmctldPidFile={state}/slurmctld.pid",
+            f"SlurmdPidFile={state}/slurmd.pid",
+            f"SlurmctldLogFile={state}/slurmctld.log",
+            f"SlurmdLogFile={state}/slurmd.log",
+            "SlurmctldPort=6817",
+            "SlurmdPort=6818",
+            "AuthType=auth/munge",
+            "CryptoType=crypto/munge",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "ReturnToService=2",
+            "MinJobAge=600",
+            "SchedulerType=sched/backfill",
+            "SlurmctldTimeout=60",
+            "SlurmdTimeout=60",
+            "InactiveLimit=0",
+            "KillWait=10",
+            f"NodeName={host} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN",
+            f"PartitionName=main Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ]
+    )
 
 
 class Cluster:
@@ -146,8 +168,21 @@ def _alive(pid: int) -> bool:
 
 
 def snakemake_cmd(out_dir: str, configfile: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(REPO),
-            "results_target", "--configfile", configfile, "--config", f"out_dir={out_dir}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(REPO),
+        "results_target",
+        "--configfile",
+        configfile,
+        "--config",
+        f"out_dir={out_dir}",
+        *extra,
+    ]
 
 
 def verdicts(summary_path: Path) -> dict[str, str]:
@@ -157,8 +192,9 @@ def verdicts(summary_path: Path) -> dict[str, str]:
     for model, m in s["models"].items():
         for lane, e in m["lanes"].items():
             for prompt, p in e["prompts"].items():
-                out[f"{model}/{lane}/{prompt}"] = (f"{p['status']} quantized={p['quantized']['status']} "
-                                                   f"graph={p['graph']['status']}")
+                out[f"{model}/{lane}/{prompt}"] = (
+                    f"{p['status']} quantized={p['quantized']['status']} graph={p['graph']['status']}"
+                )
     return out
 
 
@@ -179,25 +215,36 @@ def cluster_demo(out: str, local_out: str, configfile: str, state: Path) -> dict
     local_wall = None
     local_summary = REPO / local_out / "summary.json"
     if not local_summary.is_file():
-        cmd = [a if a != "results_target" else f"{local_out}/summary.json"
-               for a in snakemake_cmd(local_out, configfile, "--cores", "2")]
+        cmd = [
+            a if a != "results_target" else f"{local_out}/summary.json"
+            for a in snakemake_cmd(local_out, configfile, "--cores", "2")
+        ]
         local_wall = run_snakemake(cmd, os.environ.copy(), logs / "local-run.log")
     cluster = Cluster(state)
     try:
         startup = cluster.start()
-        cmd = [a if a != "results_target" else f"{out}/summary.json"
-               for a in snakemake_cmd(out, configfile, "--profile", str(REPO / "profiles" / "slurm"))]
+        cmd = [
+            a if a != "results_target" else f"{out}/summary.json"
+            for a in snakemake_cmd(out, configfile, "--profile", str(REPO / "profiles" / "slurm"))
+        ]
         slurm_wall = run_snakemake(cmd, cluster.env, logs / "slurm-run.log")
-        jobs = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True,
-                              env=cluster.env).stdout.split()
+        jobs = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True, env=cluster.env
+        ).stdout.split()
     finally:
         cluster.stop()
     local_v, slurm_v = verdicts(local_summary), verdicts(REPO / out / "summary.json")
-    result = {"same_verdicts": local_v == slurm_v, "verdicts": slurm_v, "local_verdicts": local_v,
-              "slurm_wall_s": round(slurm_wall, 1),
-              "local_wall_s": None if local_wall is None else round(local_wall, 1),
-              "cluster_startup_s": round(startup, 1), "slurm_jobs_seen_by_squeue": len(jobs),
-              "daemon_pids": cluster.pids, "daemons_still_running": [n for n, p in cluster.pids.items() if _alive(p)]}
+    result = {
+        "same_verdicts": local_v == slurm_v,
+        "verdicts": slurm_v,
+        "local_verdicts": local_v,
+        "slurm_wall_s": round(slurm_wall, 1),
+        "local_wall_s": None if local_wall is None else round(local_wall, 1),
+        "cluster_startup_s": round(startup, 1),
+        "slurm_jobs_seen_by_squeue": len(jobs),
+        "daemon_pids": cluster.pids,
+        "daemons_still_running": [n for n, p in cluster.pids.items() if _alive(p)],
+    }
     (REPO / out / "cluster-demo.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 
@@ -212,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     result = cluster_demo(a.out, a.local_out, a.configfile, Path(a.state))
     for k, v in sorted(result["verdicts"].items()):
         print(f"{k:50s} {v}" + ("" if result["local_verdicts"].get(k) == v else "   (local: differs)"))
-    print(f"SLURM run {result['slurm_wall_s']} s (cluster start {result['cluster_startup_s']} s); "
-          f"local run {result['local_wall_s'] if result['local_wall_s'] is not None else 'reused'} s; "
-          f"verdicts {'equal' if result['same_verdicts'] else 'DIFFER'}")
+    print(
+        f"SLURM run {result['slurm_wall_s']} s (cluster start {result['cluster_startup_s']} s); "
+        f"local run {result['local_wall_s'] if result['local_wall_s'] is not None else 'reused'} s; "
+        f"verdicts {'equal' if result['same_verdicts'] else 'DIFFER'}"
+    )
     return 0 if result["same_verdicts"] else 1
 
 

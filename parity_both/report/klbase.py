@@ -49,7 +49,7 @@ def quantize_row(logits: np.ndarray) -> np.ndarray:
     if scale:
         inv = np.float32(1) / scale
         v = np.rint((inv * (x - min_logit)).astype(np.float32))  # nearest_int: round half to even
-        out[4:4 + n_vocab] = np.where(x > min_logit, v, 0).astype(np.uint16)
+        out[4 : 4 + n_vocab] = np.where(x > min_logit, v, 0).astype(np.uint16)
     return out
 
 
@@ -97,7 +97,7 @@ def read_kl_base(path: Path | str) -> KLBase:
     rows = np.frombuffer(data, dtype="<u2", count=n_chunk * n_scored * nv, offset=off).reshape(n_chunk, n_scored, nv)
     head = np.ascontiguousarray(rows[..., :4]).view("<f4")  # (n_chunk, n_scored, 2)
     scale, min_lp = head[..., 0:1], head[..., 1:2]
-    log_probs = (scale * rows[..., 4:4 + n_vocab].astype(np.float32) + min_lp).astype(np.float32)
+    log_probs = (scale * rows[..., 4 : 4 + n_vocab].astype(np.float32) + min_lp).astype(np.float32)
     return KLBase(int(n_ctx), int(n_vocab), tokens.astype(np.int32), log_probs)
 
 

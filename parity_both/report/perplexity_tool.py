@@ -58,16 +58,23 @@ def ensure_perplexity(cache: Path | None = None, jobs: int = 2, log=None) -> Pat
         log_path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         with open(log_path, "w") as logf:
-            for cmd in (["cmake", "-S", str(src), "-B", str(build), *args],
-                        ["cmake", "--build", str(build), "--target", TOOL, "-j", str(jobs)]):
+            for cmd in (
+                ["cmake", "-S", str(src), "-B", str(build), *args],
+                ["cmake", "--build", str(build), "--target", TOOL, "-j", str(jobs)],
+            ):
                 subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, check=True)
         built = next(p for p in build.rglob(TOOL) if p.is_file() and os.access(p, os.X_OK))
         tmp = cache / "tools" / f".tmp-{TOOL}-{key}"
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "bin").mkdir(parents=True)
         shutil.copy2(built, tmp / "bin" / TOOL)
-        record = {"source_dir": str(src), "sdist_sha256": engine.get("sdist_sha256"), "cmake_args": args,
-                  "target": TOOL, "seconds": round(time.monotonic() - t0, 1)}
+        record = {
+            "source_dir": str(src),
+            "sdist_sha256": engine.get("sdist_sha256"),
+            "cmake_args": args,
+            "target": TOOL,
+            "seconds": round(time.monotonic() - t0, 1),
+        }
         (tmp / "tool.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         os.rename(tmp, final)
         shutil.rmtree(build, ignore_errors=True)
@@ -78,12 +85,27 @@ _MEAN_KLD = re.compile(r"Mean\s+KLD:\s+([-+0-9.eE]+)\s+±\s+([-+0-9.eE]+)")
 _SAME_TOP = re.compile(r"Same top p:\s+([-+0-9.eE]+)\s+±\s+([-+0-9.eE]+)\s+%")
 
 
-def run_kl_divergence(binary: Path, model: Path, base: Path, n_ctx: int, threads: int = 2,
-                      cache_type_k: str = "f32") -> dict:
+def run_kl_divergence(
+    binary: Path, model: Path, base: Path, n_ctx: int, threads: int = 2, cache_type_k: str = "f32"
+) -> dict:
     """Run `llama-perplexity --kl-divergence` of model against base; return its mean KLD and same-top rate.
     cache_type_k: f32 as the harness lanes evaluate (llama-perplexity's default f16 K cache rounds keys)."""
-    cmd = [str(binary), "-m", str(model), "--kl-divergence-base", str(base), "--kl-divergence",
-           "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads), "-ctk", cache_type_k]
+    cmd = [
+        str(binary),
+        "-m",
+        str(model),
+        "--kl-divergence-base",
+        str(base),
+        "--kl-divergence",
+        "-c",
+        str(n_ctx),
+        "-b",
+        str(n_ctx),
+        "-t",
+        str(threads),
+        "-ctk",
+        cache_type_k,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -92,5 +114,10 @@ def run_kl_divergence(binary: Path, model: Path, base: Path, n_ctx: int, threads
     if not m:
         raise RuntimeError(f"no 'Mean KLD' in llama-perplexity's output:\n{out[-3000:]}")
     s = _SAME_TOP.search(out)
-    return {"mean_kld": float(m.group(1)), "mean_kld_uncertainty": float(m.group(2)),
-            "same_top": float(s.group(1)) / 100 if s else None, "command": cmd, "output": out}
+    return {
+        "mean_kld": float(m.group(1)),
+        "mean_kld_uncertainty": float(m.group(2)),
+        "same_top": float(s.group(1)) / 100 if s else None,
+        "command": cmd,
+        "output": out,
+    }

@@ -57,14 +57,23 @@ def plot_positions(receipt: Mapping[str, Any], out: Path | str) -> Path:
     fig, axes = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 3, 1.2]})
     start = n_prompt(receipt)
     last = max([r["pos"] for v in VERDICTS for r in _rows(receipt.get(v))] or [0])
-    for ax, key, title in ((axes[0], "kl", "KL(P_ref || Q_lane) per position"),
-                           (axes[1], "max_abs", "max |logit_ref - logit_lane| per position")):
+    for ax, key, title in (
+        (axes[0], "kl", "KL(P_ref || Q_lane) per position"),
+        (axes[1], "max_abs", "max |logit_ref - logit_lane| per position"),
+    ):
         _mark_generated(ax, start, last)
         for v in VERDICTS:
             pos, val = _series(_rows(receipt.get(v)), key)
             if pos.size:
-                ax.plot(pos, np.maximum(val, FLOOR), marker=".", ms=3, lw=1, color=COLORS[v],
-                        label=_label(receipt.get(v), v))
+                ax.plot(
+                    pos,
+                    np.maximum(val, FLOOR),
+                    marker=".",
+                    ms=3,
+                    lw=1,
+                    color=COLORS[v],
+                    label=_label(receipt.get(v), v),
+                )
             thr = ((receipt.get(v) or {}).get("thresholds") or {}).get("kl_max") if key == "kl" else None
             if thr is not None and pos.size:
                 ax.axhline(thr, color=COLORS[v], ls="--", lw=0.8, label=f"{v} kl_max {thr:g}")
@@ -79,15 +88,24 @@ def plot_positions(receipt: Mapping[str, Any], out: Path | str) -> Path:
                 strip[i, r["pos"]] = 1.0 if r["same_top1"] else 0.0
     cmap = matplotlib.colors.ListedColormap(["tab:red", "tab:green"])
     cmap.set_bad("0.85")
-    axes[2].imshow(np.ma.masked_invalid(strip), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest",
-                   extent=(-0.5, last + 0.5, len(VERDICTS) - 0.5, -0.5))
+    axes[2].imshow(
+        np.ma.masked_invalid(strip),
+        aspect="auto",
+        cmap=cmap,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+        extent=(-0.5, last + 0.5, len(VERDICTS) - 0.5, -0.5),
+    )
     axes[2].set_yticks(range(len(VERDICTS)), VERDICTS, fontsize=8)
     axes[2].set_title("top-1 agreement (green: same argmax, red: differs, grey: not evaluated)", fontsize=10)
     if start is not None:
         axes[2].axvline(start - 0.5, color="k", lw=1)
     axes[2].set_xlabel("position" + (f" (generated from {start})" if start is not None else ""))
-    name = f"{receipt.get('model_name') or receipt.get('model')} / {receipt.get('backend')} / " \
-           f"{receipt.get('prompt_name') or receipt.get('prompt')}"
+    name = (
+        f"{receipt.get('model_name') or receipt.get('model')} / {receipt.get('backend')} / "
+        f"{receipt.get('prompt_name') or receipt.get('prompt')}"
+    )
     fig.suptitle(f"{name}: {receipt.get('status')}", fontsize=11)
     return _save(fig, out)
 
@@ -95,8 +113,12 @@ def plot_positions(receipt: Mapping[str, Any], out: Path | str) -> Path:
 def _layer_panel(ax, loc: Mapping[str, Any]) -> None:
     layers = loc.get("layers") or []
     x = [e["layer"] for e in layers]
-    for key, color in (("l_out_nmse", "k"), ("kqv_out_nmse", "tab:purple"), ("ffn_out_nmse", "tab:green"),
-                       ("worst_nmse", "tab:red")):
+    for key, color in (
+        ("l_out_nmse", "k"),
+        ("kqv_out_nmse", "tab:purple"),
+        ("ffn_out_nmse", "tab:green"),
+        ("worst_nmse", "tab:red"),
+    ):
         y = [max(e.get(key) or 0.0, FLOOR) for e in layers]
         ax.plot(x, y, marker="o", ms=3, lw=1, color=color, label=key.removesuffix("_nmse"))
     if loc.get("floor_nmse") is not None:
@@ -106,8 +128,9 @@ def _layer_panel(ax, loc: Mapping[str, Any]) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     first = (loc.get("first_node") or {}).get("name")
-    ax.set_title(f"per-layer NMSE ({loc.get('status', '?')}" + (f", departs at {first}" if first else "") + ")",
-                 fontsize=10)
+    ax.set_title(
+        f"per-layer NMSE ({loc.get('status', '?')}" + (f", departs at {first}" if first else "") + ")", fontsize=10
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
@@ -133,24 +156,42 @@ def plot_layers(receipt: Mapping[str, Any], out: Path | str) -> Path:
     if not panels:
         fig, ax = plt.subplots(figsize=(8, 1.6))
         ax.axis("off")
-        ax.text(0.5, 0.5, "this receipt has no localization or kernel checks\n(the run did not capture graphs)",
-                ha="center", va="center", fontsize=11)
+        ax.text(
+            0.5,
+            0.5,
+            "this receipt has no localization or kernel checks\n(the run did not capture graphs)",
+            ha="center",
+            va="center",
+            fontsize=11,
+        )
         return _save(fig, out)
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.6 * len(panels)), squeeze=False)
     for ax, (kind, data) in zip(axes[:, 0], panels, strict=True):
         if kind == "loc":
             _layer_panel(ax, data)
         elif kind == "worst":
-            items = [(f"{w['name']}#{w.get('occurrence', 0)} ({w.get('op')})", w["nmse"], None)
-                     for w in data.get("worst_nodes") or [] if w.get("nmse") is not None]
+            items = [
+                (f"{w['name']}#{w.get('occurrence', 0)} ({w.get('op')})", w["nmse"], None)
+                for w in data.get("worst_nodes") or []
+                if w.get("nmse") is not None
+            ]
             _worst_panel(ax, items, "worst nodes by NMSE (localization)")
         else:
             per_op = data.get("per_op") or {}
-            items = sorted(((f"{k}: {v['worst'].get('name')}", v["worst"].get("nmse") or 0.0, v.get("floor"))
-                            for k, v in per_op.items() if v.get("worst")), key=lambda t: -(t[1] / (t[2] or 1.0)))
+            items = sorted(
+                (
+                    (f"{k}: {v['worst'].get('name')}", v["worst"].get("nmse") or 0.0, v.get("floor"))
+                    for k, v in per_op.items()
+                    if v.get("worst")
+                ),
+                key=lambda t: -(t[1] / (t[2] or 1.0)),
+            )
             _worst_panel(ax, items, f"kernel checks: worst node per op vs floor (black) - {data.get('status')}")
-    fig.suptitle(f"{receipt.get('model_name') or receipt.get('model')} / {receipt.get('backend')} / "
-                 f"{receipt.get('prompt_name') or receipt.get('prompt')}", fontsize=11)
+    fig.suptitle(
+        f"{receipt.get('model_name') or receipt.get('model')} / {receipt.get('backend')} / "
+        f"{receipt.get('prompt_name') or receipt.get('prompt')}",
+        fontsize=11,
+    )
     return _save(fig, out)
 
 
@@ -175,13 +216,31 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         for lane, e in sorted(m["lanes"].items()):
             for prompt, p in sorted(e["prompts"].items()):
                 q, g = p.get("quantized") or {}, p.get("graph") or {}
-                cells = (model, lane, prompt, p["status"], q.get("status"), q.get("mean_kl"), q.get("same_top1_rate"),
-                         g.get("status"), g.get("mean_kl"), g.get("same_top1_rate"))
-                tds = "".join(f'<td class="{_fmt(c) if i in (3, 4, 7) else ""}">{_fmt(c)}</td>'
-                              for i, c in enumerate(cells))
+                cells = (
+                    model,
+                    lane,
+                    prompt,
+                    p["status"],
+                    q.get("status"),
+                    q.get("mean_kl"),
+                    q.get("same_top1_rate"),
+                    g.get("status"),
+                    g.get("mean_kl"),
+                    g.get("same_top1_rate"),
+                )
+                tds = "".join(
+                    f'<td class="{_fmt(c) if i in (3, 4, 7) else ""}">{_fmt(c)}</td>' for i, c in enumerate(cells)
+                )
                 rows.append(f"<tr>{tds}</tr>")
-    style = ("table{border-collapse:collapse;font:13px sans-serif}td,th{border:1px solid #ccc;padding:3px 8px}"
-             ".pass{background:#d4f7d4}.fail,.error,.token_mismatch{background:#f7d4d4}.skipped{background:#eee}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>"
-            f"<p>run status: <b>{_fmt(summary.get('status'))}</b></p><table><tr>"
-            + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table></body></html>\n")
+    style = (
+        "table{border-collapse:collapse;font:13px sans-serif}td,th{border:1px solid #ccc;padding:3px 8px}"
+        ".pass{background:#d4f7d4}.fail,.error,.token_mismatch{background:#f7d4d4}.skipped{background:#eee}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>"
+        f"<p>run status: <b>{_fmt(summary.get('status'))}</b></p><table><tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr>"
+        + "".join(rows)
+        + "</table></body></html>\n"
+    )

@@ -57,11 +57,17 @@ def figures(log_text: str, wall: float, cores: int) -> dict[str, Any]:
         "cores": cores,
         "busy_job_s": round(busy, 1),
         "scheduler_overhead_per_job_s": round((wall * cores - busy) / max(len(real), 1), 2),
-        "slowest_rule_by_total": {"rule": slowest[0], "total_s": round(sum(slowest[1]), 1), "jobs": len(slowest[1]),
-                                  "mean_s": round(sum(slowest[1]) / max(len(slowest[1]), 1), 1)},
+        "slowest_rule_by_total": {
+            "rule": slowest[0],
+            "total_s": round(sum(slowest[1]), 1),
+            "jobs": len(slowest[1]),
+            "mean_s": round(sum(slowest[1]) / max(len(slowest[1]), 1), 1),
+        },
         "longest_job": None if longest is None else {"rule": longest["rule"], "seconds": longest["seconds"]},
-        "per_rule": {r: {"jobs": len(v), "total_s": round(sum(v), 1), "max_s": max(v)}
-                     for r, v in sorted(per_rule.items(), key=lambda kv: -sum(kv[1]))},
+        "per_rule": {
+            r: {"jobs": len(v), "total_s": round(sum(v), 1), "max_s": max(v)}
+            for r, v in sorted(per_rule.items(), key=lambda kv: -sum(kv[1]))
+        },
     }
 
 
@@ -75,15 +81,42 @@ def main(argv: list[str] | None = None) -> int:
 
     out = a.out or yaml.safe_load(Path(a.configfile).read_text()).get("out_dir", "results")
     Path(out).mkdir(parents=True, exist_ok=True)
-    plan = subprocess.run([sys.executable, "-m", "snakemake", f"{out}/summary.json", "-n", "--quiet", "rules",
-                           "--configfile", a.configfile, "--config", f"out_dir={out}"],
-                          capture_output=True, text=True)
+    plan = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            f"{out}/summary.json",
+            "-n",
+            "--quiet",
+            "rules",
+            "--configfile",
+            a.configfile,
+            "--config",
+            f"out_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     log_path = Path(out) / "sweep-run.log"
     t0 = time.monotonic()
     with open(log_path, "w") as fh:
-        proc = subprocess.run([sys.executable, "-m", "snakemake", f"{out}/summary.json", "--cores", str(a.cores),
-                               "--configfile", a.configfile, "--config", f"out_dir={out}"],
-                              stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                f"{out}/summary.json",
+                "--cores",
+                str(a.cores),
+                "--configfile",
+                a.configfile,
+                "--config",
+                f"out_dir={out}",
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     wall = time.monotonic() - t0
     stats = figures(log_path.read_text(), wall, a.cores)
     stats.update(returncode=proc.returncode, planned=plan.stdout.strip()[-2000:], configfile=a.configfile)

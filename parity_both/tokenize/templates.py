@@ -118,8 +118,10 @@ def _render_gguf(prompt: str, system_prompt: str | None, metadata: Mapping[str, 
 
     tpl = metadata.get("tokenizer.chat_template")
     if not isinstance(tpl, str) or not tpl.strip():
-        raise TemplateError("template 'gguf' needs tokenizer.chat_template in the GGUF; this model has none "
-                            "(use --prompt-template auto, chatml, llama3-chat, instruct or raw)")
+        raise TemplateError(
+            "template 'gguf' needs tokenizer.chat_template in the GGUF; this model has none "
+            "(use --prompt-template auto, chatml, llama3-chat, instruct or raw)"
+        )
     tokens = _token_texts(metadata)
 
     def tok(key: str) -> str:
@@ -136,15 +138,18 @@ def _render_gguf(prompt: str, system_prompt: str | None, metadata: Mapping[str, 
     ]
     try:
         return env.from_string(tpl).render(
-            messages=messages, add_generation_prompt=True,
-            bos_token=tok("tokenizer.ggml.bos_token_id"), eos_token=tok("tokenizer.ggml.eos_token_id"),
+            messages=messages,
+            add_generation_prompt=True,
+            bos_token=tok("tokenizer.ggml.bos_token_id"),
+            eos_token=tok("tokenizer.ggml.eos_token_id"),
         )
     except JinjaError as e:
         raise TemplateError(f"cannot render the GGUF chat template: {e}") from e
 
 
-def contract_for(template: str, text: str, *, vocab_add_bos: bool, vocab_add_eos: bool,
-                 bos_text: str | None) -> tuple[TokenizationContract, tuple[str, ...]]:
+def contract_for(
+    template: str, text: str, *, vocab_add_bos: bool, vocab_add_eos: bool, bos_text: str | None
+) -> tuple[TokenizationContract, tuple[str, ...]]:
     """The explicit (add_bos, add_eos, parse_special) for a formatted prompt, and why."""
     notes: list[str] = []
     parse_special = template in ("llama3-chat", "chatml", "gemma", "gguf")
@@ -155,16 +160,26 @@ def contract_for(template: str, text: str, *, vocab_add_bos: bool, vocab_add_eos
     elif add_bos and parse_special and bos_text and text.startswith(bos_text):
         add_bos = False
         notes.append(f"formatted text already begins with BOS {bos_text!r}: add_bos=false to avoid a duplicate")
-    notes.append(f"parse_special={'true' if parse_special else 'false'}: "
-                 + ("template control tokens must map to special ids" if parse_special
-                    else "prompt text is plain text"))
+    notes.append(
+        f"parse_special={'true' if parse_special else 'false'}: "
+        + ("template control tokens must map to special ids" if parse_special else "prompt text is plain text")
+    )
     notes.append(f"add_bos={'true' if add_bos else 'false'} (vocab add_bos={str(vocab_add_bos).lower()})")
     return TokenizationContract(add_bos=add_bos, add_eos=vocab_add_eos, parse_special=parse_special), tuple(notes)
 
 
-def format_prompt(template: str, prompt: str, system_prompt: str | None, metadata: Mapping[str, Any], *,
-                  vocab_add_bos: bool, vocab_add_eos: bool, bos_text: str | None) -> FormattedPrompt:
+def format_prompt(
+    template: str,
+    prompt: str,
+    system_prompt: str | None,
+    metadata: Mapping[str, Any],
+    *,
+    vocab_add_bos: bool,
+    vocab_add_eos: bool,
+    bos_text: str | None,
+) -> FormattedPrompt:
     text = render(template, prompt, system_prompt, metadata)
-    contract, notes = contract_for(template, text, vocab_add_bos=vocab_add_bos, vocab_add_eos=vocab_add_eos,
-                                   bos_text=bos_text)
+    contract, notes = contract_for(
+        template, text, vocab_add_bos=vocab_add_bos, vocab_add_eos=vocab_add_eos, bos_text=bos_text
+    )
     return FormattedPrompt(template, text, contract, notes)

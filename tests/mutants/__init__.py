@@ -41,8 +41,18 @@ __all__ = [
 
 # Top-level entries of the llama.cpp tree the `llama` target's configure + build never reads
 # (LLAMA_BUILD_TESTS/EXAMPLES are off in ENGINE_BASE_CMAKE_ARGS); left out of the copies.
-_NOT_NEEDED = {"models", "docs", "media", "examples", "tests", "gguf-py", "pocs", ".github", "ci",
-               ".parity-both-source.json"}
+_NOT_NEEDED = {
+    "models",
+    "docs",
+    "media",
+    "examples",
+    "tests",
+    "gguf-py",
+    "pocs",
+    ".github",
+    "ci",
+    ".parity-both-source.json",
+}
 _SOURCE_NOTE = ".parity-both-source.json"  # merged into the engine record by the backend build
 
 
@@ -106,8 +116,15 @@ def mutant_tree(name: str) -> Path:
         (tmp / "tree" / _SOURCE_NOTE).write_text(
             json.dumps({"mutant": name, "mutant_patch_sha256": m.digest()}, sort_keys=True) + "\n"
         )
-        record = {"name": name, "file": m.file, "kind": m.kind, "patch_sha256": m.digest(),
-                  "honest_tree": str(src), "old": m.old, "new": m.new}
+        record = {
+            "name": name,
+            "file": m.file,
+            "kind": m.kind,
+            "patch_sha256": m.digest(),
+            "honest_tree": str(src),
+            "old": m.old,
+            "new": m.new,
+        }
         (tmp / "mutant.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         try:
             os.rename(tmp, final)
@@ -126,8 +143,9 @@ def lane_name(name: str) -> str:
 def mutant_spec(name: str) -> B.BackendSpec:
     """The local-source harness lane spec of mutant ``name`` (the same as the config mapping
     ``backends: {mut-NAME: {kind: harness, source: {type: local, path: TREE}}}``)."""
-    return B.BackendSpec(name=lane_name(name), kind="harness",
-                         source=B.SourceSpec(type="local", path=str(mutant_tree(name))))
+    return B.BackendSpec(
+        name=lane_name(name), kind="harness", source=B.SourceSpec(type="local", path=str(mutant_tree(name)))
+    )
 
 
 def backend_config(name: str) -> dict[str, object]:

@@ -28,18 +28,27 @@ from . import MUTANTS, backend_config, cache_root, lane_name, mutant_spec, mutan
 from .twin import f32_twin
 
 REPO = Path(__file__).resolve().parents[2]
-PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-          "combined movable metal type, oil-based ink and a wooden press adapted from")
+PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press adapted from"
+)
 MODELS = ("smollm2", "smollm2-f32", "bitnet-tq2")
 
 
 def config(twin: Path, mutants: list[str]) -> dict[str, Any]:
     return {
-        "standalone": True, "out_dir": "results", "threads": 1, "max_tokens": 8,
-        "models": {"smollm2": {"gguf": "embedded", "tokenizer": None},
-                   "smollm2-f32": {"gguf": str(twin), "tokenizer": None},
-                   "bitnet-tq2": {"fixture": {"arch": "bitnet", "weight_type": "TQ2_0", "size": "tiny", "seed": 0},
-                                  "activation": "silu"}},
+        "standalone": True,
+        "out_dir": "results",
+        "threads": 1,
+        "max_tokens": 8,
+        "models": {
+            "smollm2": {"gguf": "embedded", "tokenizer": None},
+            "smollm2-f32": {"gguf": str(twin), "tokenizer": None},
+            "bitnet-tq2": {
+                "fixture": {"arch": "bitnet", "weight_type": "TQ2_0", "size": "tiny", "seed": 0},
+                "activation": "silu",
+            },
+        },
         "prompts": {"press": {"text": PROMPT, "template": "raw"}},
         "lanes": ["llama-2024", "llama"] + [lane_name(n) for n in mutants],
         "backends": {lane_name(n): backend_config(n) for n in mutants},
@@ -48,8 +57,13 @@ def config(twin: Path, mutants: list[str]) -> dict[str, Any]:
 
 def _metrics(base: Any, lane: Any, ids: list[int]) -> dict[str, float]:
     agg = aggregate(compare_positions(base, lane, ids), base, lane)
-    return {"mean_kl": agg["mean_kl"], "max_kl": agg["kl_percentiles"]["max"], "nmse": agg["nmse"],
-            "same_top1": agg["same_top1"]["rate"], "max_abs": agg["max_abs"]}
+    return {
+        "mean_kl": agg["mean_kl"],
+        "max_kl": agg["kl_percentiles"]["max"],
+        "nmse": agg["nmse"],
+        "same_top1": agg["same_top1"]["rate"],
+        "max_abs": agg["max_abs"],
+    }
 
 
 def compare(res: Path, lanes: list[str]) -> dict[str, Any]:
@@ -61,9 +75,11 @@ def compare(res: Path, lanes: list[str]) -> dict[str, Any]:
         for lane in lanes:
             lg = load_lane(str(res / model / "lanes" / lane / "press.npz"))["logits"]
             receipt = json.loads((res / model / "receipts" / lane / "press.json").read_text())
-            out[f"{model}/{lane}"] = {"vs_honest": _metrics(honest, lg, ref["ids"]),
-                                      "vs_reference": _metrics(ref["logits"], lg, ref["ids"]),
-                                      "receipt_verdict": receipt.get("status")}
+            out[f"{model}/{lane}"] = {
+                "vs_honest": _metrics(honest, lg, ref["ids"]),
+                "vs_reference": _metrics(ref["logits"], lg, ref["ids"]),
+                "receipt_verdict": receipt.get("status"),
+            }
     return out
 
 
@@ -75,15 +91,22 @@ def table(d: dict[str, Any]) -> str:
         m = r[key]
         return f"{m['mean_kl']:.2e} / {m['max_kl']:.2e} / {m['nmse']:.2e} / {m['same_top1']:.3f}"
 
-    rows = ["| lane | kind | SmolLM2 Q4_1 | F32 twin | bitnet-tq2 (TQ2_0) | pipeline verdict (Q4_1 / F32 / TQ2_0) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| lane | kind | SmolLM2 Q4_1 | F32 twin | bitnet-tq2 (TQ2_0) | pipeline verdict (Q4_1 / F32 / TQ2_0) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     lanes = [("llama-2024", "honest"), ("llama", "honest, 0.3.36")]
     lanes += [(lane_name(n), m.kind) for n, m in MUTANTS.items()]
     for lane, kind in lanes:
         v = " / ".join((d.get(f"{m}/{lane}") or {}).get("receipt_verdict") or "-" for m in MODELS)
         rows.append(f"| `{lane}` | {kind} | {' | '.join(cell(m, lane) for m in MODELS)} | {v} |")
-    rows += ["", "Honest lanes against the exact NumPy reference (same columns):", "",
-             "| lane | SmolLM2 Q4_1 | F32 twin | bitnet-tq2 (TQ2_0) |", "| --- | --- | --- | --- |"]
+    rows += [
+        "",
+        "Honest lanes against the exact NumPy reference (same columns):",
+        "",
+        "| lane | SmolLM2 Q4_1 | F32 twin | bitnet-tq2 (TQ2_0) |",
+        "| --- | --- | --- | --- |",
+    ]
     for lane in ("llama-2024", "llama"):
         rows.append(f"| `{lane}` | {' | '.join(cell(m, lane, 'vs_reference') for m in MODELS)} |")
     return "\n".join(rows)
@@ -103,9 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     a.workdir.mkdir(parents=True, exist_ok=True)
     (a.workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
     if not a.no_run:
-        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(a.workdir), "--configfile", str(a.workdir / "config.yaml"), "--profile",
-               str(REPO / "profiles" / "default"), "--cores", "2", "results/summary.json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(a.workdir),
+            "--configfile",
+            str(a.workdir / "config.yaml"),
+            "--profile",
+            str(REPO / "profiles" / "default"),
+            "--cores",
+            "2",
+            "results/summary.json",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         (a.workdir / "snakemake.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode not in (0, 1):  # 1: a lane failed its thresholds (expected for mutants)

@@ -102,8 +102,8 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="silu-gelu",
         file=LLAMA_CPP,
-        old="                cur = ggml_silu(ctx, cur);\n                cb(cur, \"ffn_silu\", il);\n",
-        new="                cur = ggml_gelu(ctx, cur);\n                cb(cur, \"ffn_silu\", il);\n",
+        old='                cur = ggml_silu(ctx, cur);\n                cb(cur, "ffn_silu", il);\n',
+        new='                cur = ggml_gelu(ctx, cur);\n                cb(cur, "ffn_silu", il);\n',
         kind="graph",
         breaks="FFN activation GELU instead of SiLU (llm_build_ffn, LLM_FFN_SILU)",
         caught_at="ffn_silu-0 (op GELU where the llama architecture defines SILU)",
@@ -122,8 +122,8 @@ _MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="ffn-no-residual",
         file=LLAMA_CPP,
-        old=_GRANITE_RES + "            cur = ggml_add(ctx0, cur, ffn_inp);\n            cb(cur, \"ffn_out\", il);\n",
-        new=_GRANITE_RES + "            cur = ggml_add(ctx0, cur, inpSA);\n            cb(cur, \"ffn_out\", il);\n",
+        old=_GRANITE_RES + '            cur = ggml_add(ctx0, cur, ffn_inp);\n            cb(cur, "ffn_out", il);\n',
+        new=_GRANITE_RES + '            cur = ggml_add(ctx0, cur, inpSA);\n            cb(cur, "ffn_out", il);\n',
         kind="graph",
         breaks="residual wiring: the FFN output is added to the layer input (inpSA) instead of ffn_inp, "
         "so the attention block's output is dropped from the residual stream (build_llama)",
@@ -176,8 +176,7 @@ _MUTANTS: tuple[Mutant, ...] = (
         new="        sumi0 = _mm256_add_epi16(sumi0, sumi1);\n        sumi0 = _mm256_sub_epi16(ysum, sumi0);\n"
         "        sumi0 = _mm256_madd_epi16(sumi0, _mm256_set1_epi16(1));\n",
         kind="kernel",
-        breaks="TQ2_0 ternary decode sign flipped ((1 - q) instead of (q - 1)) in "
-        "ggml_vec_dot_tq2_0_q8_K, AVX2 branch",
+        breaks="TQ2_0 ternary decode sign flipped ((1 - q) instead of (q - 1)) in ggml_vec_dot_tq2_0_q8_K, AVX2 branch",
         caught_at="MUL_MAT with a tq2_0 weight: first at Qcur-0 (blk.0.attn_q.weight) of a TQ2_0 model "
         "(the bitnet-tq2 fixture); SmolLM2 never runs it",
         models=("tq2_0",),

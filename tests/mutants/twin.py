@@ -38,8 +38,7 @@ def write_f32_twin(src: Path | str, dst: Path | str) -> None:
         w.add_key_value(name, _field_value(f), f.types[0], sub_type=sub)
     for t in r.tensors:
         a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        w.add_tensor(t.name, a.reshape([int(x) for x in reversed(t.shape)]),
-                     raw_dtype=gguf.GGMLQuantizationType.F32)
+        w.add_tensor(t.name, a.reshape([int(x) for x in reversed(t.shape)]), raw_dtype=gguf.GGMLQuantizationType.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -41,10 +41,19 @@ class ToyProgram(ReferenceProgram):
         elif self.defect == "nan":
             logits[-1, 7] = np.nan
         elif self.defect == "nondet":
-            logits += np.random.default_rng(int.from_bytes(os.urandom(8), "little")).standard_normal(
-                logits.shape, dtype=np.float32) * 1e-3
-        used = {"threads": settings.threads, "n_ctx": settings.n_ctx, "n_batch": settings.n_batch,
-                "type_k": settings.type_k, "type_v": settings.type_v}
+            logits += (
+                np.random.default_rng(int.from_bytes(os.urandom(8), "little")).standard_normal(
+                    logits.shape, dtype=np.float32
+                )
+                * 1e-3
+            )
+        used = {
+            "threads": settings.threads,
+            "n_ctx": settings.n_ctx,
+            "n_batch": settings.n_batch,
+            "type_k": settings.type_k,
+            "type_v": settings.type_v,
+        }
         return logits, used
 
 

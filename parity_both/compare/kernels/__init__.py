@@ -9,5 +9,19 @@ from .check import SCHEMA, check_kernels, check_node, diagnosis, difference, nod
 from .floors import DEFAULT_FLOOR, FLOORS, HONEST_WORST, MARGIN, floor_for, floor_key
 from .model import KernelModel
 
-__all__ = ["DEFAULT_FLOOR", "FLOORS", "HONEST_WORST", "MARGIN", "SCHEMA", "KernelModel", "check_kernels",
-           "check_node", "diagnosis", "difference", "floor_for", "floor_key", "node_rows", "summarize"]
+__all__ = [
+    "DEFAULT_FLOOR",
+    "FLOORS",
+    "HONEST_WORST",
+    "MARGIN",
+    "SCHEMA",
+    "KernelModel",
+    "check_kernels",
+    "check_node",
+    "diagnosis",
+    "difference",
+    "floor_for",
+    "floor_key",
+    "node_rows",
+    "summarize",
+]

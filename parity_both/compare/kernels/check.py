@@ -52,9 +52,17 @@ def difference(expected: np.ndarray, lane: np.ndarray) -> dict[str, Any]:
 
 def _row(node: Node, exp: Expect, floors: Mapping[str, float]) -> dict[str, Any]:
     key = floor_key(node.op, exp.weight_type if node.op in ("MUL_MAT", "GET_ROWS") else None)
-    row: dict[str, Any] = {"i": node.i, "name": node.name, "op": node.op, "layer": node.layer, "key": key,
-                           "weight": exp.weight, "weight_type": exp.weight_type, "params": exp.params,
-                           "note": exp.note}
+    row: dict[str, Any] = {
+        "i": node.i,
+        "name": node.name,
+        "op": node.op,
+        "layer": node.layer,
+        "key": key,
+        "weight": exp.weight,
+        "weight_type": exp.weight_type,
+        "params": exp.params,
+        "note": exp.note,
+    }
     if exp.skip is not None:
         return {**row, "verdict": "skip", "skip": exp.skip}
     floor = floor_for(key, floors)
@@ -115,17 +123,23 @@ def diagnosis(first: Mapping[str, Any] | None, worst: Mapping[str, Any] | None) 
     if first is None:
         if worst is None:
             return "nothing checked"
-        return (f"rounding compounded: every op within floor (closest: {worst['key']} at {worst['name']}, "
-                f"NMSE {worst['nmse']:.2g} vs floor {worst['floor']:.0e})")
+        return (
+            f"rounding compounded: every op within floor (closest: {worst['key']} at {worst['name']}, "
+            f"NMSE {worst['nmse']:.2g} vs floor {worst['floor']:.0e})"
+        )
     if not np.isfinite(first.get("nmse", 0.0)):
         return f"{first['op']} at {first['name']} holds non-finite values where the model's are finite"
     if first.get("params"):
         p = first["params"][0]
         if p["param"] == "wiring":
-            return (f"{first['op']} wiring differs from the model at {first['name']}: the engine reads "
-                    f"{p['engine']}, the model {p['model']}")
-        return (f"{first['op']} {p['param']} differs from the model at {first['name']}: engine {p['engine']}, "
-                f"model {p['model']} (NMSE {first.get('nmse', float('nan')):.2g})")
+            return (
+                f"{first['op']} wiring differs from the model at {first['name']}: the engine reads "
+                f"{p['engine']}, the model {p['model']}"
+            )
+        return (
+            f"{first['op']} {p['param']} differs from the model at {first['name']}: engine {p['engine']}, "
+            f"model {p['model']} (NMSE {first.get('nmse', float('nan')):.2g})"
+        )
     where = first["weight"][: -len(".weight")] if str(first.get("weight") or "").endswith(".weight") else None
     nm = f"NMSE {first['nmse']:.2g} at {where or first['name']} (floor {first['floor']:.0e})"
     if first["op"] == "MUL_MAT" and where:
@@ -135,8 +149,9 @@ def diagnosis(first: Mapping[str, Any] | None, worst: Mapping[str, Any] | None) 
     return f"{first['op']} disagrees: {nm}"
 
 
-def summarize(rows: list[dict[str, Any]], model: KernelModel, engine: str, floors: Mapping[str, float]
-              ) -> dict[str, Any]:
+def summarize(
+    rows: list[dict[str, Any]], model: KernelModel, engine: str, floors: Mapping[str, float]
+) -> dict[str, Any]:
     checked = [r for r in rows if r["verdict"] != "skip"]
     per_key: dict[str, dict[str, Any]] = {}
     for r in checked:
@@ -162,17 +177,34 @@ def summarize(rows: list[dict[str, Any]], model: KernelModel, engine: str, floor
         "diagnosis": diagnosis(first, closest),
         "first_failure": None if first is None else _summary_row(first),
         "failures": [_summary_row(r) for r in failures[:20]],
-        "counts": {"nodes": len(rows), "checked": len(checked), "failed": len(failures),
-                   "skipped": len(rows) - len(checked), "skipped_by_reason": dict(sorted(skipped.items()))},
-        "per_op": {k: {"nodes": v["nodes"], "failed": v["failed"], "floor": v["worst"]["floor"],
-                       "worst": _summary_row(v["worst"]), "least_failing_nmse": _g(v["least_failing"])}
-                   for k, v in sorted(per_key.items())},
+        "counts": {
+            "nodes": len(rows),
+            "checked": len(checked),
+            "failed": len(failures),
+            "skipped": len(rows) - len(checked),
+            "skipped_by_reason": dict(sorted(skipped.items())),
+        },
+        "per_op": {
+            k: {
+                "nodes": v["nodes"],
+                "failed": v["failed"],
+                "floor": v["worst"]["floor"],
+                "worst": _summary_row(v["worst"]),
+                "least_failing_nmse": _g(v["least_failing"]),
+            }
+            for k, v in sorted(per_key.items())
+        },
         "floors": {k: floors[k] for k in sorted({r["key"] for r in checked} & set(floors))},
     }
 
 
-def check_kernels(capture: Capture | str | Path, model: KernelModel | GGUFFile | str | Path, *,
-                  floors: Mapping[str, float] | None = None, activation: str | None = None) -> dict[str, Any]:
+def check_kernels(
+    capture: Capture | str | Path,
+    model: KernelModel | GGUFFile | str | Path,
+    *,
+    floors: Mapping[str, float] | None = None,
+    activation: str | None = None,
+) -> dict[str, Any]:
     """The receipt's ``kernels`` section for one lane capture (made on the original, quantized model)."""
     cap = capture if isinstance(capture, Capture) else load_capture(capture)
     km = model if isinstance(model, KernelModel) else KernelModel.open(model, activation)

@@ -27,21 +27,32 @@ DEFAULT_FLOOR = 1e-8
 # Oct-2024 harness on SmolLM2 Q4_1, 32 positions, 2 threads; bitnet TQ2_0/TQ1_0 and llama Q4_0 "small"
 # fixtures through llama-cpp-python, the TQ2_0 fixture through the Oct-2024 harness). 0.0 = bit-exact.
 HONEST_WORST: dict[str, float] = {
-    "MUL_MAT:Q4_1": 5.0e-13,     # float32 accumulation order of the Q8_1 x Q4_1 dot products (K <= 1536)
+    "MUL_MAT:Q4_1": 5.0e-13,  # float32 accumulation order of the Q8_1 x Q4_1 dot products (K <= 1536)
     "MUL_MAT:Q4_0": 8.8e-15,
-    "MUL_MAT:Q8_0": 2.2e-14,     # the LM head (tied token_embd)
+    "MUL_MAT:Q8_0": 2.2e-14,  # the LM head (tied token_embd)
     "MUL_MAT:TQ1_0": 3.0e-14,
-    "MUL_MAT:TQ2_0": 3.7e-14,     # Oct-2024 tree: with its FMA-contracted Q8_K rounding (see recompute)
-    "MUL_MAT:F16": 2.1e-14,      # F16 LM head of the bitnet fixtures
+    "MUL_MAT:TQ2_0": 3.7e-14,  # Oct-2024 tree: with its FMA-contracted Q8_K rounding (see recompute)
+    "MUL_MAT:F16": 2.1e-14,  # F16 LM head of the bitnet fixtures
     "MUL_MAT:act-f32": 1.4e-14,  # kq / kqv with an F32 cache
     "MUL_MAT:act-f16": 3.7e-15,  # kqv with the Oct-2024 tree's F16 V cache (tinyBLAS path)
-    "ROPE": 1.8e-15,             # cosf/sinf and powf vs the reference's correctly rounded tables
+    "ROPE": 1.8e-15,  # cosf/sinf and powf vs the reference's correctly rounded tables
     "SOFT_MAX": 5.4e-15,
     "SILU": 3.7e-15,
     "SWIGLU": 4.3e-15,
-    "ADD": 0.0, "MUL": 0.0, "RMS_NORM": 0.0, "GET_ROWS": 0.0, "GET_ROWS:Q8_0": 0.0, "GET_ROWS:Q4_0": 0.0,
-    "GET_ROWS:F16": 0.0, "CPY": 0.0, "SET_ROWS": 0.0, "VIEW": 0.0, "RESHAPE": 0.0, "PERMUTE": 0.0,
-    "TRANSPOSE": 0.0, "CONT": 0.0,
+    "ADD": 0.0,
+    "MUL": 0.0,
+    "RMS_NORM": 0.0,
+    "GET_ROWS": 0.0,
+    "GET_ROWS:Q8_0": 0.0,
+    "GET_ROWS:Q4_0": 0.0,
+    "GET_ROWS:F16": 0.0,
+    "CPY": 0.0,
+    "SET_ROWS": 0.0,
+    "VIEW": 0.0,
+    "RESHAPE": 0.0,
+    "PERMUTE": 0.0,
+    "TRANSPOSE": 0.0,
+    "CONT": 0.0,
 }
 
 

@@ -36,8 +36,9 @@ def _operand(ctx: Context, attn: Node, operand: Node, kind: str, layer: int, cty
         _, hkv, hd, n_kv = shape
     x = ctx.data(src.i)
     if x.size != t * hkv * hd or n_kv < t:
-        raise SkipNode(f"{kind.upper()} cache view {list(operand.ne)} does not hold {src.name} "
-                       f"({list(src.ne)}) for {t} positions")
+        raise SkipNode(
+            f"{kind.upper()} cache view {list(operand.ne)} does not hold {src.name} ({list(src.ne)}) for {t} positions"
+        )
     x = round_to(x.reshape(t, hkv, hd), ctype)
     e = np.full(shape, NAN, dtype=np.float32)
     if kind == "k":

@@ -46,8 +46,10 @@ class KernelModel:
         hp = HParams.from_gguf(g, activation)
         unsupported = [k for k in UNSUPPORTED_FEATURES if getattr(hp, k)]
         if unsupported:
-            raise NotImplementedError(f"the kernel check does not model {', '.join(unsupported)} "
-                                      f"({g.architecture}): only plain llama-family attention and FFN")
+            raise NotImplementedError(
+                f"the kernel check does not model {', '.join(unsupported)} "
+                f"({g.architecture}): only plain llama-family attention and FFN"
+            )
         return cls(Path(g.path), g, g.architecture, hp)
 
     # -- declared parameters ----------------------------------------------------------------------
@@ -74,9 +76,19 @@ class KernelModel:
     def declared(self) -> dict[str, Any]:
         """The parameters the check uses, for the receipt."""
         r = self.rope
-        return {"architecture": self.arch, "rms_eps": self.eps, "kq_scale": self.kq_scale,
-                "activation": self.activation, "rope": {"type": r.rope_type, "n_rot": r.n_rot,
-                "freq_base": r.freq_base, "freq_scale": r.freq_scale, "attn_factor": r.attn_factor}}
+        return {
+            "architecture": self.arch,
+            "rms_eps": self.eps,
+            "kq_scale": self.kq_scale,
+            "activation": self.activation,
+            "rope": {
+                "type": r.rope_type,
+                "n_rot": r.n_rot,
+                "freq_base": r.freq_base,
+                "freq_scale": r.freq_scale,
+                "attn_factor": r.attn_factor,
+            },
+        }
 
     # -- weights -----------------------------------------------------------------------------------
     def has(self, name: str) -> bool:

@@ -68,8 +68,10 @@ def mismatch(param: str, engine: float, model: float, rel: float = 1e-6) -> list
     """One record when the engine's value is not the model's (relative tolerance for float parameters)."""
     if engine == model or abs(engine - model) <= rel * max(abs(model), abs(engine)):
         return []
+
     def g(v: float) -> float:
         return v if isinstance(v, int) else float(f"{v:.7g}")
+
     return [{"param": param, "engine": g(engine), "model": g(model)}]
 
 
@@ -98,10 +100,16 @@ def relu(x: np.ndarray) -> np.ndarray:
 
 
 UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "SILU": ops.silu, "RELU": relu, "SQR": lambda x: x * x, "GELU": ops.gelu,
+    "SILU": ops.silu,
+    "RELU": relu,
+    "SQR": lambda x: x * x,
+    "GELU": ops.gelu,
 }
 ACTIVATION: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "silu": ops.silu, "relu2": lambda x: relu(x) * relu(x), "gelu": ops.gelu}
+    "silu": ops.silu,
+    "relu2": lambda x: relu(x) * relu(x),
+    "gelu": ops.gelu,
+}
 
 
 # --- the context: lane data, model, positions ----------------------------------------------------------
@@ -168,14 +176,18 @@ def op_mul_mat(ctx: Context, node: Node) -> Expect:
     def product(bb: np.ndarray) -> np.ndarray:
         y = np.matmul(bb.astype(np.float64), a).astype(F32)
         if kv_k:
-            y[..., ctx.n_tokens:] = NAN  # empty KV cells
+            y[..., ctx.n_tokens :] = NAN  # empty KV cells
         return y
 
     t0 = str(s0.get("type", "f32")).lower()
     if t0 in ("f16", "bf16"):
         # vec_dot converts src1 to src0's type; llamafile's tinyBLAS (F16 x F32 on AVX/F16C) reads it as f32
-        return Expect(product(round_to(b, t0)), weight_type=t0, note="activation x activation",
-                      alternatives=[("tinyBLAS: src1 kept f32", product(b))])
+        return Expect(
+            product(round_to(b, t0)),
+            weight_type=t0,
+            note="activation x activation",
+            alternatives=[("tinyBLAS: src1 kept f32", product(b))],
+        )
     return Expect(product(b), weight_type=t0, note="activation x activation")
 
 
@@ -189,16 +201,25 @@ def _weight_matmul(ctx: Context, node: Node, name: str) -> Expect:
     y = ggml_linear(x2, ctx.model.raw(name), t.type_name, rows, cols)
     alt = []
     if vec_dot_type(t.type_name) == "Q8_K":
-        alt = [("Q8_K rounding of the unrounded product (nearest_int contracted to an FMA)",
-                _q8_k_fused_linear(x2, ctx.model.raw(name), t.type_name, rows, cols).reshape(x.shape[:-1] + (rows,)))]
+        alt = [
+            (
+                "Q8_K rounding of the unrounded product (nearest_int contracted to an FMA)",
+                _q8_k_fused_linear(x2, ctx.model.raw(name), t.type_name, rows, cols).reshape(x.shape[:-1] + (rows,)),
+            )
+        ]
     if t.type_name in ("F16", "BF16"):  # tinyBLAS multiplies F16 weights by f32 activations (no rounding)
-        alt = [("tinyBLAS: activations kept f32",
-                exact_linear(x2, ctx.model.raw(name), t.type_name, rows, cols).reshape(x.shape[:-1] + (rows,)))]
+        alt = [
+            (
+                "tinyBLAS: activations kept f32",
+                exact_linear(x2, ctx.model.raw(name), t.type_name, rows, cols).reshape(x.shape[:-1] + (rows,)),
+            )
+        ]
     return Expect(y.reshape(x.shape[:-1] + (rows,)), weight_type=t.type_name, weight=name, alternatives=alt)
 
 
-def _q8_k_fused_linear(x: np.ndarray, raw: np.ndarray, type_name: str, rows: int, cols: int,
-                       chunk_rows: int = 4096) -> np.ndarray:
+def _q8_k_fused_linear(
+    x: np.ndarray, raw: np.ndarray, type_name: str, rows: int, cols: int, chunk_rows: int = 4096
+) -> np.ndarray:
     """W x with Q8_K activations quantized as a build that contracts ``nearest_int(iscale*x)`` (a multiply
     then the 1.5*2^23 rounding add) into one FMA rounds them: the product is not rounded to float32 first
     (GCC's default -ffp-contract=fast with -mfma; measured on the October-2024 tree: a rare code differs)."""
@@ -215,8 +236,8 @@ def _q8_k_fused_linear(x: np.ndarray, raw: np.ndarray, type_name: str, rows: int
     out = np.empty((x.shape[0], rows), dtype=F32)
     for r0 in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - r0)
-        w = dequantize(raw[r0 * rb:(r0 + n) * rb], type_name, n * cols).reshape(n, cols).astype(np.float64)
-        out[:, r0:r0 + n] = a @ w.T
+        w = dequantize(raw[r0 * rb : (r0 + n) * rb], type_name, n * cols).reshape(n, cols).astype(np.float64)
+        out[:, r0 : r0 + n] = a @ w.T
     return out
 
 
@@ -265,6 +286,7 @@ def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[[Con
         b = _tile(ctx.src_data(node, 1), a.shape)
         w = next((str(ctx.src(node, k)["name"]) for k in (0, 1) if ctx.is_weight(ctx.src(node, k))), None)
         return Expect(fn(a, b).astype(F32), weight=w)
+
     return handler
 
 
@@ -275,11 +297,13 @@ def op_rope(ctx: Context, node: Node) -> Expect:
     ff = ctx.model.tensor("rope_freqs.weight").reshape(-1) if r.freq_factors else None
     cos, sin = ops.rope_cos_sin(pos, int(r.n_rot), float(r.freq_base), float(r.freq_scale), ff, float(r.attn_factor))
     y = ops.rope(x[0], cos, sin, neox=r.rope_type == "neox")[None]
-    params = (mismatch("n_dims", param_i32(node, 1), int(r.n_rot))
-              + mismatch("mode", param_i32(node, 2), ctx.model.rope_mode)
-              + mismatch("freq_base", param_f32(node, 5), float(F32(r.freq_base)))
-              + mismatch("freq_scale", param_f32(node, 6), float(F32(r.freq_scale)))
-              + mismatch("ext_factor", param_f32(node, 7), 0.0))
+    params = (
+        mismatch("n_dims", param_i32(node, 1), int(r.n_rot))
+        + mismatch("mode", param_i32(node, 2), ctx.model.rope_mode)
+        + mismatch("freq_base", param_f32(node, 5), float(F32(r.freq_base)))
+        + mismatch("freq_scale", param_f32(node, 6), float(F32(r.freq_scale)))
+        + mismatch("ext_factor", param_f32(node, 7), 0.0)
+    )
     af = param_f32(node, 8)
     if af != 0.0 or param_i32(node, 9) != 0:  # attn_factor is recorded by every generation that sets it
         params += mismatch("attn_factor", af, float(F32(r.attn_factor)))
@@ -291,7 +315,7 @@ def causal_mask(ctx: Context, n_kv: int, n_rows: int) -> np.ndarray:
     pos = ctx.positions[:n_rows]
     cells = np.arange(n_kv)
     m = np.where(cells[None, :] <= pos[:, None], F32(0), F32(-np.inf)).astype(F32)
-    m[:, ctx.n_tokens:] = -np.inf
+    m[:, ctx.n_tokens :] = -np.inf
     return m
 
 
@@ -303,7 +327,7 @@ def op_soft_max(ctx: Context, node: Node) -> Expect:
         raise SkipNode(f"{n_rows} rows but {len(ctx.positions)} positions")
     with np.errstate(invalid="ignore", over="ignore"):
         y = ops.softmax(x * F32(scale) + causal_mask(ctx, n_kv, n_rows))
-    y[..., ctx.n_tokens:] = NAN  # padded cells: not compared
+    y[..., ctx.n_tokens :] = NAN  # padded cells: not compared
     params = mismatch("scale", param_f32(node, 0), scale) + mismatch("max_bias", param_f32(node, 1), 0.0)
     return Expect(y, params=params, note="model causal mask from positions (captured mask not used)")
 
@@ -335,8 +359,17 @@ def op_glu(ctx: Context, node: Node) -> Expect:
     y = ACTIVATION[act](a) * b
     want = GLU_OP.get(act)
     engine = param_i32(node, 0)
-    params = [] if want == engine else [{"param": "glu_op", "engine": GLU_NAMES.get(engine, engine),
-                                          "model": GLU_NAMES.get(want, f"{act} (no fused GLU)")}]
+    params = (
+        []
+        if want == engine
+        else [
+            {
+                "param": "glu_op",
+                "engine": GLU_NAMES.get(engine, engine),
+                "model": GLU_NAMES.get(want, f"{act} (no fused GLU)"),
+            }
+        ]
+    )
     return Expect(y.astype(F32), params=params)
 
 
@@ -380,15 +413,27 @@ def op_view_like(ctx: Context, node: Node) -> Expect:
         return Expect(x.swapaxes(-1, -2))
     offset = param_i32(node, 0) | (param_i32(node, 1) << 32) if node.op == "VIEW" else 0
     if x.size != int(np.prod(shape)) or offset:
-        raise SkipNode(f"{node.op} of {x.size} -> {int(np.prod(shape))} elements at offset {offset}: "
-                       "strides are not in the capture")
+        raise SkipNode(
+            f"{node.op} of {x.size} -> {int(np.prod(shape))} elements at offset {offset}: "
+            "strides are not in the capture"
+        )
     return Expect(x.reshape(shape))
 
 
 HANDLERS: dict[str, Callable[[Context, Node], Expect]] = {
-    "MUL_MAT": op_mul_mat, "RMS_NORM": op_rms_norm, "ROPE": op_rope, "SOFT_MAX": op_soft_max,
-    "ADD": _binary(np.add), "MUL": _binary(np.multiply), "SUB": _binary(np.subtract),
-    "GET_ROWS": op_get_rows, "CPY": op_copy, "DUP": op_copy, "SET_ROWS": op_set_rows,
-    **dict.fromkeys(VIEW_OPS, op_view_like), **dict.fromkeys(ACT_OPS, op_activation),
-    **dict.fromkeys(GLU_NAMES.values(), op_glu), "GLU": op_glu,
+    "MUL_MAT": op_mul_mat,
+    "RMS_NORM": op_rms_norm,
+    "ROPE": op_rope,
+    "SOFT_MAX": op_soft_max,
+    "ADD": _binary(np.add),
+    "MUL": _binary(np.multiply),
+    "SUB": _binary(np.subtract),
+    "GET_ROWS": op_get_rows,
+    "CPY": op_copy,
+    "DUP": op_copy,
+    "SET_ROWS": op_set_rows,
+    **dict.fromkeys(VIEW_OPS, op_view_like),
+    **dict.fromkeys(ACT_OPS, op_activation),
+    **dict.fromkeys(GLU_NAMES.values(), op_glu),
+    "GLU": op_glu,
 }

@@ -23,9 +23,12 @@ def origin(ctx: Context, s: dict[str, Any] | None) -> Node | None:
     """The node that produced a source's data, skipping pass-through ops."""
     while s is not None and s.get("node") is not None:
         n = ctx.by_i[int(s["node"])]
-        passthrough = n.op in VIEW_OPS or n.op in ("CPY", "DUP") or (
-            n.op == "GET_ROWS" and not ctx.is_weight(ctx.src(n, 0))) or (
-            n.op == "MUL" and ctx.is_weight(ctx.src(n, 1)) and str(ctx.src(n, 1)["name"]).endswith(".scale"))
+        passthrough = (
+            n.op in VIEW_OPS
+            or n.op in ("CPY", "DUP")
+            or (n.op == "GET_ROWS" and not ctx.is_weight(ctx.src(n, 0)))
+            or (n.op == "MUL" and ctx.is_weight(ctx.src(n, 1)) and str(ctx.src(n, 1)["name"]).endswith(".scale"))
+        )
         if not passthrough:
             return n
         s = ctx.src(n, 0)
@@ -66,8 +69,9 @@ def _check(ctx: Context, got: Node | None, want: Node | str | None) -> list[dict
     ok = (weight_of(ctx, got) == want) if isinstance(want, str) else (got is not None and got.i == want.i)
     if ok:
         return []
-    return [{"param": "wiring", "engine": _label(ctx, got),
-             "model": want if isinstance(want, str) else _label(ctx, want)}]
+    return [
+        {"param": "wiring", "engine": _label(ctx, got), "model": want if isinstance(want, str) else _label(ctx, want)}
+    ]
 
 
 def _residual(ctx: Context, node: Node) -> list[dict[str, Any]]:
