@@ -27,6 +27,7 @@ EXPECT: dict[str, tuple[str, str, str, str | None]] = {
     "causal-mask": ("graph", "kq_soft_max_ext-0", "SOFT_MAX", None),
     "silu-gelu": ("graph", "ffn_silu-0", "GELU", None),
     "q4_1-min-scaled": ("kernel", "Qcur-0", "MUL_MAT", "Q4_1"),
+    "q4_1-min-subtle": ("kernel", "Qcur-0", "MUL_MAT", "Q4_1"),
     "q4_1-scale-wrong-block": ("kernel", "Qcur-0", "MUL_MAT", "Q4_1"),
     "q8_0-dequant-wrong-block": ("kernel", "inp_embd", "GET_ROWS", "Q8_0"),
 }
