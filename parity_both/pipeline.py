@@ -457,6 +457,7 @@ def localization(
     activation: str | None,
     threads: int,
     capture_dir: str,
+    max_tokens: int = 64,
 ) -> dict[str, Any]:
     """The receipt's `localization` section. When the graph verdict fails (or diagnose is on), capture every
     node the lane evaluates on the twin and every node the reference computes, keep both captures beside the
@@ -468,7 +469,7 @@ def localization(
     from parity_both.compare.localize import localize
     from parity_both.reference import reference_capture
 
-    ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0]  # the first window of a corpus
+    ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0][:max_tokens]  # a corpus: its first window
     lane_prefix, ref_prefix = Path(capture_dir) / "lane", Path(capture_dir) / "reference"
     from parity_both.lanes.command import CaptureUnsupported
 
@@ -508,6 +509,7 @@ def kernel_check(
     threads: int,
     capture_prefix: str,
     keep_capture: bool,
+    max_tokens: int = 64,
 ) -> dict[str, Any]:
     """The receipt's `kernels` section: capture every node the lane evaluates on the file it evaluates (the
     quantized model, or its transcoded copy) and recompute each from the lane's own captured sources with the
@@ -515,7 +517,7 @@ def kernel_check(
     from parity_both.capture import capture_paths
     from parity_both.compare.kernels import check_kernels
 
-    ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0]  # the first window of a corpus
+    ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0][:max_tokens]  # a corpus: its first window
     engine = open_lane(backend, lane_gguf, n_ctx=len(ids) + 8, threads=threads)
     try:
         engine.eval_capture(ids, capture_prefix)

@@ -89,6 +89,7 @@ rule localize:
         activation=model_activation,
         threads=config["threads"],
         capture_dir=lambda wc: f"{OUT}/{wc.model}/twin/{wc.dtype}/capture/{wc.lane}/{wc.prompt}",
+        max_tokens=config["capture_max_tokens"],
     conda:
         "../envs/parity-both.yaml"
     log:
@@ -115,6 +116,7 @@ rule kernels:
         threads=config["threads"],
         diagnose=config["diagnose"],
         capture_prefix=lambda wc: f"{OUT}/{wc.model}/lanes/{wc.lane}/capture/{wc.prompt}",
+        max_tokens=config["capture_max_tokens"],
     conda:
         "../envs/parity-both.yaml"
     log:

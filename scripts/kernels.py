@@ -13,6 +13,7 @@ def main() -> None:
         threads=sm.params.threads,
         capture_prefix=sm.params.capture_prefix,
         keep_capture=sm.params.diagnose,
+        max_tokens=sm.params.max_tokens,
     )
     pipeline.write_json(sm.output[0], section)
 

@@ -17,6 +17,7 @@ def main() -> None:
         activation=sm.params.activation,
         threads=sm.params.threads,
         capture_dir=sm.params.capture_dir,
+        max_tokens=sm.params.max_tokens,
     )
     pipeline.write_json(sm.output[0], section)
 
