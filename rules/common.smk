@@ -17,6 +17,7 @@ OUT = config["out_dir"]
 RUN_STARTED = time.time()  # failure records written after this belong to this run
 MODELS = sorted(config["models"])
 PROMPTS = sorted(config["prompts"])
+KERNEL_PROMPT = PROMPTS[0]  # the kernel check's sequence: the first prompt's leading tokens
 LANES = list(config["lanes"])
 REF = pbconfig.reference_settings(config)
 
@@ -118,11 +119,15 @@ def twin_receipt_inputs(wildcards):
     }
 
 
+def kernel_prompt_record(wildcards):
+    return checkpoints.format_prompt.get(model=wildcards.model, prompt=KERNEL_PROMPT).output.record
+
+
 def kernel_inputs(wildcards):
     """The op-by-op kernel check's record for a receipt, unless `kernels: false`."""
     if not config["kernels"] or not probes.stamp_can_capture(probe_stamp(wildcards.lane)):
         return {}  # also for a command lane whose program has no capture extension
-    return {"kernels": f"{OUT}/{wildcards.model}/kernels/{wildcards.lane}/{wildcards.prompt}.json"}
+    return {"kernels": f"{OUT}/{wildcards.model}/kernels/{wildcards.lane}.json"}
 
 
 def fixture_spec(wildcards):

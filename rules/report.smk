@@ -102,27 +102,29 @@ rule localize:
 
 
 rule kernels:
-    """The op-by-op kernel check: every node the lane evaluates on the file it evaluates, recomputed from the
-    lane's own captured sources with the model's parameters (ggml's activation quantization emulated)."""
+    """The op-by-op kernel check, once per model and lane (kernels are a property of the engine and the file,
+    not of the prompt): every node the lane evaluates on the file it evaluates, for the first prompt's leading
+    tokens, recomputed from the lane's own captured sources with the model's parameters (ggml's activation
+    quantization emulated)."""
     input:
         backend=f"{OUT}/backends/{{lane}}.json",
         gguf=lane_gguf,
-        prompt=prompt_record,
-        reference=f"{OUT}/{{model}}/reference/{{prompt}}.npz",
+        prompt=kernel_prompt_record,
+        reference=f"{OUT}/{{model}}/reference/{KERNEL_PROMPT}.npz",
     output:
-        f"{OUT}/{{model}}/kernels/{{lane}}/{{prompt}}.json",
+        f"{OUT}/{{model}}/kernels/{{lane}}.json",
     params:
         activation=model_activation,
         threads=config["threads"],
         diagnose=config["diagnose"],
-        capture_prefix=lambda wc: f"{OUT}/{wc.model}/lanes/{wc.lane}/capture/{wc.prompt}",
+        capture_prefix=lambda wc: f"{OUT}/{wc.model}/lanes/{wc.lane}/capture/kernels-{KERNEL_PROMPT}",
         max_tokens=config["capture_max_tokens"],
     conda:
         "../envs/parity-both.yaml"
     log:
-        f"{OUT}/logs/{{model}}/kernels/{{lane}}/{{prompt}}.log",
+        f"{OUT}/logs/{{model}}/kernels/{{lane}}.log",
     benchmark:
-        f"{OUT}/benchmarks/{{model}}/kernels/{{lane}}/{{prompt}}.tsv"
+        f"{OUT}/benchmarks/{{model}}/kernels/{{lane}}.tsv"
     threads: 1
     resources:
         **RES["kernels"],
