@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from parity_both.corpus import corpus_windows, windows_of
 from parity_both.gguf.reader import read_gguf
 from parity_both.receipt import write_json
 
@@ -99,6 +100,8 @@ def prompt_record(
     from parity_both.tokenize.reference import stop_ids as eog_stop_ids
 
     if settings.get("corpus"):
+        from parity_both.corpus import corpus_record
+
         return corpus_record(gguf_path, authority, tokenizer_json, name, settings)
     md = read_gguf(gguf_path).metadata
     requested = settings.get("template") or "auto"
@@ -137,85 +140,6 @@ def prompt_record(
         "n_tokens": len(ids),
         "stop_ids": stop_ids,
     }
-
-
-def corpus_windows(body: list[int], window: int, windows: int, bos_id: int | None) -> list[list[int]]:
-    """`windows` consecutive windows of `window` tokens from a tokenized text, each starting with BOS when the
-    vocabulary adds one (llama-perplexity's chunking); the text must be long enough for all of them."""
-    step = window - (1 if bos_id is not None else 0)
-    if len(body) < step * windows:
-        raise InputError(
-            f"the corpus has {len(body)} tokens, fewer than {windows} window(s) of {window} need "
-            f"({step * windows}); use a longer text or fewer/smaller windows"
-        )
-    head = [bos_id] if bos_id is not None else []
-    return [head + body[k * step : (k + 1) * step] for k in range(windows)]
-
-
-def corpus_record(
-    gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str, settings: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The prompt record of a corpus prompt: the windows' ids back to back and where each window starts."""
-    from parity_both.tokenize.reference import ReferenceTokenizer
-
-    path = Path(settings["corpus"])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(
-            f"corpus {path} of prompt {name!r} cannot be read as UTF-8 text ({e}); point `corpus:` at a UTF-8 text file"
-        ) from e
-    tok = ReferenceTokenizer.from_files(tokenizer_json, authority)
-    ctx = int(read_gguf(gguf_path).arch_key("context_length", 0) or 0)
-    window, n = int(settings["window"]), int(settings["windows"])
-    if ctx and window > ctx:
-        raise InputError(
-            f"prompt {name!r}: window {window} is longer than the model's context ({ctx} tokens); "
-            f"set a smaller `window`"
-        )
-    wins = corpus_windows(tok.encode(text, parse_special=False), window, n, tok.bos_id if tok.add_bos else None)
-    ids = [i for w in wins for i in w]
-    return {
-        "prompt": {
-            "name": name,
-            "corpus": str(path),
-            "corpus_sha256": sha256_text(text),
-            "window": window,
-            "windows": n,
-            "text": None,
-            "system_prompt": None,
-        },
-        "template": {
-            "requested": "raw",
-            "used": "raw",
-            "evidence": {"rule": "corpus prompts are raw text"},
-            "notes": [],
-        },
-        "formatted": None,
-        "contract": {
-            "add_bos": bool(tok.add_bos and tok.bos_id is not None),
-            "add_eos": False,
-            "parse_special": False,
-        },  # per window
-        "ids": ids,
-        "pieces": [tok.piece(i) for i in ids],
-        "n_tokens": len(ids),
-        "window_starts": [k * window for k in range(n)],
-        "stop_ids": [],
-    }
-
-
-def windows_of(prompt: Mapping[str, Any], ids: list[int]) -> list[list[int]]:
-    """The sequences evaluated from an empty cache: one per corpus window, else the whole sequence."""
-    starts = list(prompt.get("window_starts") or [0])
-    ends = starts[1:] + [len(ids)]
-    return [ids[s:e] for s, e in zip(starts, ends, strict=True)]
-
-
-def sha256_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # -- reference --------------------------------------------------------------------------------
@@ -427,111 +351,6 @@ def load_lane(path: str) -> dict[str, Any]:
             "timings": json.loads(str(z["timings"])),
             "timestamp": str(z["timestamp"]),
         }
-
-
-# -- localization -----------------------------------------------------------------------------
-def node_names_generation(backend: Mapping[str, Any]) -> str:
-    """Whose graph node names the lane's engine uses: the October-2024 tree's, or current llama.cpp's."""
-    identity = backend.get("identity") or {}
-    return "2024-10" if identity.get("api_generation") == "2024-10" else "current"
-
-
-def graph_status(reference_npz: str, lane_npz: str, thresholds: Mapping[str, Any]) -> str:
-    """The graph verdict's status, judged exactly as the receipt judges it."""
-    from parity_both.receipt import Evaluation, verdict
-
-    return verdict(Evaluation(load_reference(reference_npz), load_lane(lane_npz), {}), thresholds)["status"]
-
-
-def localization(
-    *,
-    backend: Mapping[str, Any],
-    twin_gguf: str,
-    twin_record: Mapping[str, Any],
-    prompt: Mapping[str, Any],
-    reference_npz: str,
-    lane_npz: str,
-    thresholds: Mapping[str, Any],
-    floor: float,
-    diagnose: bool,
-    activation: str | None,
-    threads: int,
-    capture_dir: str,
-    max_tokens: int = 64,
-) -> dict[str, Any]:
-    """The receipt's `localization` section. When the graph verdict fails (or diagnose is on), capture every
-    node the lane evaluates on the twin and every node the reference computes, keep both captures beside the
-    record, and name the first layer and node where the lane departs."""
-    status = graph_status(reference_npz, lane_npz, thresholds)
-    if status != "fail" and not diagnose:
-        return {"status": "not_run", "reason": f"graph verdict {status} and diagnose is off", "graph_status": status}
-    from parity_both.capture import load_capture, save_capture
-    from parity_both.compare.localize import localize
-    from parity_both.reference import reference_capture
-
-    ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0][:max_tokens]  # a corpus: its first window
-    lane_prefix, ref_prefix = Path(capture_dir) / "lane", Path(capture_dir) / "reference"
-    from parity_both.lanes.command import CaptureUnsupported
-
-    engine = open_lane(backend, twin_gguf, n_ctx=len(ids) + 8, threads=threads)
-    try:
-        engine.eval_capture(ids, lane_prefix)
-    except CaptureUnsupported as e:  # a command lane without the capture extension
-        return {"status": "not_run", "reason": str(e), "graph_status": status}
-    finally:
-        engine.close()
-    index, arrays = reference_capture(
-        twin_gguf,
-        ids,
-        "exact",
-        effective_activation(activation, twin_record),
-        generation=node_names_generation(backend),
-    )
-    save_capture(ref_prefix, index, arrays)
-    section = localize(load_capture(ref_prefix), load_capture(lane_prefix), floor)
-    section.update(
-        graph_status=status,
-        n_tokens=len(ids),
-        names=node_names_generation(backend),
-        captures={"lane": str(lane_prefix), "reference": str(ref_prefix)},
-    )
-    return section
-
-
-# -- op-by-op kernel check ----------------------------------------------------------------------
-def kernel_check(
-    *,
-    backend: Mapping[str, Any],
-    lane_gguf: str,
-    prompt: Mapping[str, Any],
-    reference_npz: str,
-    activation: str | None,
-    threads: int,
-    capture_prefix: str,
-    keep_capture: bool,
-    max_tokens: int = 64,
-) -> dict[str, Any]:
-    """The receipt's `kernels` section: capture every node the lane evaluates on the file it evaluates (the
-    quantized model, or its transcoded copy) and recompute each from the lane's own captured sources with the
-    model's parameters. The capture is kept beside the section only when diagnosing (it is large)."""
-    from parity_both.capture import capture_paths
-    from parity_both.compare.kernels import check_kernels
-
-    ids = windows_of(prompt, load_reference(reference_npz)["ids"])[0][:max_tokens]  # a corpus: its first window
-    engine = open_lane(backend, lane_gguf, n_ctx=len(ids) + 8, threads=threads)
-    try:
-        engine.eval_capture(ids, capture_prefix)
-    finally:
-        engine.close()
-    try:
-        section = check_kernels(capture_prefix, lane_gguf, activation=activation)
-    finally:
-        if not keep_capture:
-            for path in capture_paths(capture_prefix):
-                path.unlink(missing_ok=True)
-    section["n_tokens"] = len(ids)
-    section["capture"] = capture_prefix if keep_capture else None
-    return section
 
 
 # -- receipts and summary ---------------------------------------------------------------------

@@ -1,10 +1,11 @@
 from parity_both import pipeline
+from parity_both.compare import diagnostics
 from parity_both.jobs import run_job
 
 
 def main() -> None:
     sm = snakemake  # noqa: F821
-    section = pipeline.kernel_check(
+    section = diagnostics.kernel_check(
         backend=pipeline.read_json(sm.input.backend),
         lane_gguf=sm.input.gguf,
         prompt=pipeline.read_json(sm.input.prompt),

@@ -1,10 +1,11 @@
 from parity_both import pipeline
+from parity_both.compare import diagnostics
 from parity_both.jobs import run_job
 
 
 def main() -> None:
     sm = snakemake  # noqa: F821
-    section = pipeline.localization(
+    section = diagnostics.localization(
         backend=pipeline.read_json(sm.input.backend),
         twin_gguf=sm.input.gguf,
         twin_record=pipeline.read_json(sm.input.record),

@@ -8,7 +8,8 @@ import pytest
 
 from parity_both.capture import Capture, load_capture, save_capture
 from parity_both.compare.localize import localize, node_difference
-from parity_both.pipeline import InputError, corpus_windows, windows_of
+from parity_both.corpus import corpus_windows, windows_of
+from parity_both.pipeline import InputError
 
 
 def _capture(names: list[str], arrays: list[np.ndarray]) -> Capture:
