@@ -17,9 +17,15 @@ Prepared cache layout (directory `prepared_dir`, written by `prepare_weights`, d
     manifest.json   model identity (size, sha256, quick fingerprint), the GGUF header without its
                     arrays (so a warm run need not parse the tokenizer), per-tensor offset/dtype
     weights.bin     concatenated little-endian arrays, each 4096-byte aligned
-Every matrix that is not already F32 in the GGUF is stored (F32 ones are read in place), as
-float32. (Storing fp16-exact ternary values as float16 halves the file but was measured 6x slower
-per decode step: NumPy's float16 -> float32 conversion costs more than reading twice the bytes.)
+Every matrix that is not already F32 in the GGUF is stored (F32 ones are read in place): ternary
+ones (TQ1_0, TQ2_0, I2_S) as int8 codes plus float32 scales (1 byte per weight: the cache scales
+with the file, not with float32), turned back into float32 per matrix (or LM-head chunk) at matmul
+time by the same single float32 multiply `q * d` the dequantizers do, so values are bit-identical;
+every other type as float32, within a disk budget (`budget_bytes`, default BUDGET_FACTOR x the
+model file): matrices beyond it are dequantized from the GGUF at each use instead.
+(Storing fp16-exact ternary values as float16 halves the float32 file but was measured 6x slower
+per decode step: NumPy's float16 -> float32 conversion costs more than reading twice the bytes;
+int8 -> float32 with a scale costs ~25 ms for a 6912 x 2560 matrix, dequantizing TQ2_0 ~550 ms.)
 """
 
 from __future__ import annotations
@@ -37,10 +43,16 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from parity_both.gguf.reader import GGUFFile, TensorInfo, read_gguf, sha256_file
+from parity_both.progress import Progress
 
 MODES = ("exact", "ggml")
 
-PREPARED_FORMAT = "parity-both-prepared-weights/1"
+PREPARED_FORMAT = "parity-both-prepared-weights/2"
+# Default disk budget of a prepared cache, as a multiple of the model file's size.
+BUDGET_FACTOR = 4.0
+# Ternary types cached as int8 codes + float32 scales: type -> (block elements, block bytes, offset
+# of the fp16 block scale) or None for I2_S (one float32 scale after the packed codes).
+TERNARY_BLOCKS: dict[str, tuple[int, int, int] | None] = {"TQ1_0": (256, 54, 52), "TQ2_0": (256, 66, 64), "I2_S": None}
 _ALIGN = 4096
 # Upper bound for one dense block of a matrix (bytes of float32): the LM head is processed in
 # row chunks of at most this size so it never sits in memory whole.
@@ -218,8 +230,27 @@ def gguf_from_manifest(model_path: str | Path, manifest: dict[str, Any]) -> GGUF
 
 
 def cached_tensor_names(g: GGUFFile) -> list[str]:
-    """The tensors a prepared cache holds: every matrix not stored as F32 in the GGUF."""
+    """The tensors a prepared cache may hold: every matrix not stored as F32 in the GGUF."""
     return [n for n, t in g.tensors.items() if len(t.shape) >= 2 and t.type_name not in _IN_PLACE]
+
+
+def _cached_bytes(t: TensorInfo) -> int:
+    rows, cols = t.rows_cols
+    return rows * cols * (1 if t.type_name in TERNARY_BLOCKS else 4)
+
+
+def plan_cache(g: GGUFFile, budget_bytes: int | None) -> list[str]:
+    """The matrices to cache, in file order: every ternary one (1 byte per weight), then float32
+    ones (LM head first, then file order) while they fit in what the budget leaves; None: no limit."""
+    names = cached_tensor_names(g)
+    chosen = {n for n in names if g.tensors[n].type_name in TERNARY_BLOCKS}
+    left = None if budget_bytes is None else budget_bytes - sum(_cached_bytes(g.tensors[n]) for n in chosen)
+    for n in sorted((n for n in names if n not in chosen), key=lambda n: n not in _LM_HEADS):
+        size = _cached_bytes(g.tensors[n])
+        if left is None or size <= left:
+            chosen.add(n)
+            left = None if left is None else left - size
+    return [n for n in names if n in chosen]
 
 
 def _iter_row_chunks(t: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
@@ -231,26 +262,96 @@ def _iter_row_chunks(t: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> Iterator[
         yield r0, min(rows, r0 + step)
 
 
-def _write_blob(g: GGUFFile, out: BinaryIO) -> tuple[dict[str, dict[str, Any]], int]:
-    """Dequantize every cached tensor of `g` into `out`, chunk by chunk; (entries, total bytes)."""
+def ternary_expand(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """int8 codes [n, cols] and their scales ([n, cols / 256] per block, or [1] per tensor) ->
+    float32 q * d: the one float32 rounding the dequantizers make, hence the same bits."""
+    out = codes.astype(np.float32)
+    if scales.size == 1 and scales.ndim == 1:
+        out *= scales[0]
+    else:
+        out.reshape(out.shape[0], scales.shape[1], -1)[...] *= scales[:, :, None]
+    return out
+
+
+def _ternary_scales(g: GGUFFile, t: TensorInfo, r0: int, r1: int) -> np.ndarray:
+    rows, cols = t.rows_cols
+    raw = g.raw(t.name)
+    spec = TERNARY_BLOCKS[t.type_name]
+    if spec is None:  # I2_S: one float32 scale after the packed codes
+        n4 = rows * cols // 4
+        return np.frombuffer(raw[n4 : n4 + 4].tobytes(), dtype="<f4").astype(np.float32)
+    be, bb, off = spec
+    row_bytes = t.nbytes // rows
+    blocks = raw[r0 * row_bytes : r1 * row_bytes].reshape(-1, bb)
+    return _f16_col(blocks, off).reshape(r1 - r0, cols // be)
+
+
+def ternary_codes(g: GGUFFile, t: TensorInfo, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rows [r0, r1) of a ternary matrix as (int8 codes, scales) whose `ternary_expand` equals
+    `dequantize_rows` bit for bit, or None when it would not (e.g. a zero or non-finite scale)."""
+    f = dequantize_rows(g, t, r0, r1)
+    scales = _ternary_scales(g, t, r0, r1)
+    d = scales if scales.ndim == 1 else np.repeat(scales, f.shape[1] // scales.shape[1], axis=1)
+    with np.errstate(all="ignore"):
+        q = np.rint(f / d)
+    if not np.all(np.isfinite(q)) or np.abs(q).max(initial=0) > 2:
+        return None
+    codes = q.astype(np.int8)
+    if not np.array_equal(ternary_expand(codes, scales).view(np.uint32), f.view(np.uint32)):
+        return None
+    return codes, scales
+
+
+def _write_ternary(g: GGUFFile, t: TensorInfo, out: BinaryIO, offset: int) -> tuple[dict[str, Any], int] | None:
+    """Codes (int8, chunk by chunk) then scales (float32, aligned) of one ternary matrix at `offset`;
+    (entry, new offset), or None (nothing kept written) if some chunk is not exactly representable."""
+    rows, cols = t.rows_cols
+    start = offset
+    scale_parts = []
+    for r0, r1 in _iter_row_chunks(t):
+        got = ternary_codes(g, t, r0, r1)
+        if got is None:
+            out.seek(start)
+            out.truncate(start)
+            return None
+        out.write(got[0].data)
+        offset += got[0].nbytes
+        scale_parts.append(got[1])
+    scales = scale_parts[0] if t.type_name == "I2_S" else np.concatenate(scale_parts)
+    pad = (-offset) % _ALIGN
+    out.write(b"\0" * pad)
+    offset += pad
+    entry = {"offset": start, "dtype": "|i1", "rows": rows, "cols": cols, "source_type": t.type_name}
+    entry.update(scales_offset=offset, scales_shape=list(scales.shape))
+    out.write(np.ascontiguousarray(scales, dtype="<f4").data)
+    return entry, offset + scales.nbytes
+
+
+def _write_blob(g: GGUFFile, out: BinaryIO, budget_bytes: int | None = None) -> tuple[dict[str, dict[str, Any]], int]:
+    """Write every planned tensor of `g` into `out`, chunk by chunk; (entries, total bytes)."""
     entries: dict[str, dict[str, Any]] = {}
     offset = 0
-    for name in cached_tensor_names(g):
+    progress = Progress("prepare", sum(_cached_bytes(g.tensors[n]) for n in plan_cache(g, budget_bytes)))
+    for name in plan_cache(g, budget_bytes):
         t = g.tensors[name]
         rows, cols = t.rows_cols
-        chunks = list(_iter_row_chunks(t))
-        dtype = "<f4"
         pad = (-offset) % _ALIGN
         out.write(b"\0" * pad)
         offset += pad
-        entries[name] = {"offset": offset, "dtype": dtype, "rows": rows, "cols": cols, "source_type": t.type_name}
-        for r0, r1 in chunks:
-            b = np.ascontiguousarray(dequantize_rows(g, t, r0, r1), dtype=dtype)
-            out.write(b.data)
-            offset += b.nbytes
-            del b
+        got = _write_ternary(g, t, out, offset) if t.type_name in TERNARY_BLOCKS else None
+        if got is not None:
+            entries[name], offset = got
+        else:
+            entries[name] = {"offset": offset, "dtype": "<f4", "rows": rows, "cols": cols, "source_type": t.type_name}
+            for r0, r1 in _iter_row_chunks(t):
+                b = np.ascontiguousarray(dequantize_rows(g, t, r0, r1), dtype="<f4")
+                out.write(b.data)
+                offset += b.nbytes
+                del b
         g.release(name)
+        progress.advance(_cached_bytes(t), name)
     out.flush()
+    progress.done()
     return entries, offset
 
 
@@ -271,14 +372,24 @@ def _manifest(
     }
 
 
+def default_budget(model_path: str | Path, factor: float | None = None) -> int:
+    """The prepared cache's disk budget: `factor` (default BUDGET_FACTOR) x the model file's size."""
+    return int(Path(model_path).stat().st_size * (BUDGET_FACTOR if factor is None else factor))
+
+
 def prepare_weights(
-    model_path: str | Path, prepared_dir: str | Path, *, gguf: GGUFFile | None = None
+    model_path: str | Path,
+    prepared_dir: str | Path,
+    *,
+    gguf: GGUFFile | None = None,
+    budget_factor: float | None = None,
 ) -> dict[str, Any]:
     """Dequantize every quantized matrix of a model once into `prepared_dir` and return the manifest.
 
     Deterministic (same model -> same bytes and manifest), atomic (written under temporary names,
     fsync'ed, manifest last), streaming (one chunk of one tensor in memory at a time). Reuses a
-    valid existing cache (same file size, GGUF header and last MiB) without rewriting it.
+    valid existing cache (same file size, GGUF header and last MiB) without rewriting it. Float32
+    matrices beyond `budget_factor` x the model file (default BUDGET_FACTOR) are left out.
     """
     model_path = Path(model_path)
     prepared_dir = Path(prepared_dir)
@@ -290,7 +401,7 @@ def prepare_weights(
     fd, tmp_bin = tempfile.mkstemp(prefix=".weights.", suffix=".tmp", dir=prepared_dir)
     try:
         with os.fdopen(fd, "wb") as out:
-            entries, nbytes = _write_blob(g, out)
+            entries, nbytes = _write_blob(g, out, default_budget(model_path, budget_factor))
             os.fsync(out.fileno())
         os.chmod(tmp_bin, 0o644)
         os.replace(tmp_bin, prepared_dir / "weights.bin")
@@ -308,7 +419,7 @@ def prepare_weights(
     return manifest
 
 
-def prepare_ephemeral(model_path: str | Path, g: GGUFFile) -> PreparedCache:
+def prepare_ephemeral(model_path: str | Path, g: GGUFFile, budget_factor: float | None = None) -> PreparedCache:
     """A throw-away cache for one run, in an anonymous in-memory file (memfd: no disk, freed when
     the process ends, even on a crash; its pages count in RSS only while mapped).
 
@@ -320,7 +431,7 @@ def prepare_ephemeral(model_path: str | Path, g: GGUFFile) -> PreparedCache:
     fd = os.memfd_create("parity-ref-weights", getattr(os, "MFD_CLOEXEC", 0))
     try:
         with os.fdopen(os.dup(fd), "wb") as out:
-            entries, nbytes = _write_blob(g, out)
+            entries, nbytes = _write_blob(g, out, default_budget(model_path, budget_factor))
         manifest = _manifest(Path(model_path), g, entries, nbytes, None)
         return PreparedCache(manifest, fd=fd)
     finally:
@@ -398,7 +509,16 @@ class PreparedCache:
             count=(r1 - r0) * cols,  # type: ignore[arg-type]
             offset=e["offset"] + r0 * cols * dt.itemsize,
         ).reshape(r1 - r0, cols)
-        return a if dt == np.float32 else a.astype(np.float32)
+        if dt == np.float32:
+            return a
+        shape = e["scales_shape"]
+        scales = np.frombuffer(
+            self._mm,
+            dtype="<f4",
+            count=int(np.prod(shape)),  # type: ignore[arg-type]
+            offset=e["scales_offset"],
+        ).reshape(shape)
+        return ternary_expand(a, scales if len(shape) == 1 else scales[r0:r1])
 
     def release(self, name: str, r0: int | None = None, r1: int | None = None) -> None:
         if self._mm is None or name in self.resident:
