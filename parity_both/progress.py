@@ -15,11 +15,11 @@ INTERVAL_S = 5.0
 class Progress:
     """`advance(n_bytes, what)` after each unit of work; `done()` at the end."""
 
-    def __init__(self, task: str, total_bytes: int, *, unit: str = "MB", interval_s: float = INTERVAL_S):
+    def __init__(self, task: str, total_bytes: int, *, unit: str = "MB", interval_s: float | None = None):
         self.task = task
         self.total = total_bytes
         self.unit = unit
-        self.interval_s = interval_s
+        self.interval_s = INTERVAL_S if interval_s is None else interval_s
         self.done_bytes = 0
         self.items = 0
         self.t0 = time.monotonic()
@@ -34,9 +34,10 @@ class Progress:
             f"{mb / dt:.1f} {self.unit}/s, {dt:.1f} s"
         )
 
-    def advance(self, n_bytes: int, what: str = "") -> None:
+    def advance(self, n_bytes: int, what: str = "", *, item: bool = True) -> None:
+        """`n_bytes` more done; `item=False` for a part of an item (a chunk of a big tensor)."""
         self.done_bytes += n_bytes
-        self.items += 1
+        self.items += int(item)
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             self._last = now

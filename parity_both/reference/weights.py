@@ -34,7 +34,9 @@ import hashlib
 import json
 import mmap
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,7 @@ CHUNK_BYTES = 32 << 20
 # -> decode 1.6 / 1.44 / 1.17 s, peak RSS 96 / 215 / 582 MiB.
 RESIDENT_BYTES = 224 << 20
 _LM_HEADS = ("output.weight", "token_embd.weight")
+PROGRESS_S = 5.0  # at most one progress line per this many seconds
 # Types read in place from the GGUF (no cache entry needed). F16 is cached as float32 too:
 # converting it at every use costs more than reading twice the bytes.
 _IN_PLACE = ("F32",)
@@ -600,6 +603,10 @@ class WeightStore:
         self.cache = cache
         self.mode = mode
         self._vectors: dict[str, np.ndarray] = {}
+        # progress: `step` is set by the caller (e.g. "decode 3/8"); a line on stderr at most every
+        # PROGRESS_S seconds names the layer being computed
+        self.step = ""
+        self._t0 = self._last = time.monotonic()
 
     def has(self, name: str) -> bool:
         return name in self.gguf.tensors
@@ -660,6 +667,7 @@ class WeightStore:
         w = self.matrix(name + ".weight")
         if x.shape[-1] != w.cols:
             raise ValueError(f"{w.name}: input has {x.shape[-1]} features, weight has {w.cols} columns")
+        self._tick(name)
         if self.mode == "ggml" and w.type_name != "F32":
             from parity_both.reference.ggml_emul import ggml_linear  # noqa: PLC0415 - imports gguf
 
@@ -679,6 +687,14 @@ class WeightStore:
                     w.release()
         w.release()
         return y
+
+    def _tick(self, name: str) -> None:
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_S:
+            self._last = now
+            n_layer = 1 + max((int(n.split(".")[1]) for n in self.gguf.tensors if n.startswith("blk.")), default=-1)
+            where = f"layer {name.split('.')[1]}/{n_layer}" if name.startswith("blk.") else name
+            print(f"[reference] {self.step}: {where}, {now - self._t0:.1f} s", file=sys.stderr, flush=True)
 
     def linear_rows(self, name: str, r0: int, r1: int, x: np.ndarray) -> np.ndarray:
         """y = x @ W[r0:r1]^T for rows [r0, r1) of `name`.weight's matrix view (one expert of a stacked
