@@ -265,14 +265,17 @@ def _iter_row_chunks(t: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> Iterator[
         yield r0, min(rows, r0 + step)
 
 
-def ternary_expand(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def ternary_expand(codes: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """int8 codes [n, cols] and their scales ([n, cols / 256] per block, or [1] per tensor) ->
-    float32 q * d: the one float32 rounding the dequantizers make, hence the same bits."""
-    out = codes.astype(np.float32)
+    float32 q * d: the one float32 rounding the dequantizers make, hence the same bits. `out`: a
+    float32 [n, cols] buffer to fill (reusing one spares faulting in fresh pages for every matrix)."""
+    if out is None:
+        out = np.empty(codes.shape, dtype=np.float32)
     if scales.size == 1 and scales.ndim == 1:
-        out *= scales[0]
+        np.multiply(codes, scales[0], out=out)
     else:
-        out.reshape(out.shape[0], scales.shape[1], -1)[...] *= scales[:, :, None]
+        n, nb = codes.shape[0], scales.shape[1]
+        np.multiply(codes.reshape(n, nb, -1), scales[:, :, None], out=out.reshape(n, nb, -1))
     return out
 
 
@@ -502,7 +505,9 @@ class PreparedCache:
                 self.resident.add(name)
                 budget -= size
 
-    def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+    def rows(self, name: str, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [r0, r1) as float32: a view of the map (float32 entries) or expanded from int8
+        codes (into `out` when given)."""
         e = self.entries[name]
         dt = np.dtype(e["dtype"])
         cols = e["cols"]
@@ -521,7 +526,7 @@ class PreparedCache:
             count=int(np.prod(shape)),  # type: ignore[arg-type]
             offset=e["scales_offset"],
         ).reshape(shape)
-        return ternary_expand(a, scales if len(shape) == 1 else scales[r0:r1])
+        return ternary_expand(a, scales if len(shape) == 1 else scales[r0:r1], out)
 
     def release(self, name: str, r0: int | None = None, r1: int | None = None) -> None:
         if self._mm is None or name in self.resident:
@@ -607,6 +612,7 @@ class WeightStore:
         # PROGRESS_S seconds names the layer being computed
         self.step = ""
         self._t0 = self._last = time.monotonic()
+        self._scratch = np.empty(0, dtype=np.float32)
 
     def has(self, name: str) -> bool:
         return name in self.gguf.tensors
@@ -632,9 +638,17 @@ class WeightStore:
         rows, cols = t.rows_cols
         return Weight(name, t.type_name, rows, cols, self)
 
-    def dense_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+    def dense_rows(self, name: str, r0: int, r1: int, *, scratch: bool = False) -> np.ndarray:
+        """Rows [r0, r1) as float32. scratch=True: int8-cached matrices are expanded into one buffer
+        reused by the next such call (for a result consumed at once, as in linear)."""
         if self.cache is not None and name in self.cache.entries:
-            return self.cache.rows(name, r0, r1)
+            out = None
+            if scratch and self.cache.entries[name]["dtype"] == "|i1":
+                n = (r1 - r0) * self.cache.entries[name]["cols"]
+                if self._scratch.size < n:
+                    self._scratch = np.empty(n, dtype=np.float32)
+                out = self._scratch[:n].reshape(r1 - r0, -1)
+            return self.cache.rows(name, r0, r1, out)
         t = self.info(name)
         if t.type_name == "F32":
             cols = t.rows_cols[1]
@@ -678,12 +692,12 @@ class WeightStore:
         else:
             step = max(1, CHUNK_BYTES // (4 * w.cols)) if w.name in _LM_HEADS else w.rows
             if step >= w.rows:
-                y = x @ w.dense_rows(0, w.rows).T
+                y = x @ self.dense_rows(w.name, 0, w.rows, scratch=True).T
             else:
                 y = np.empty((x.shape[0], w.rows), dtype=np.float32)
                 for r0 in range(0, w.rows, step):
                     r1 = min(w.rows, r0 + step)
-                    np.matmul(x, w.dense_rows(r0, r1).T, out=y[:, r0:r1])
+                    np.matmul(x, self.dense_rows(w.name, r0, r1, scratch=True).T, out=y[:, r0:r1])
                     w.release()
         w.release()
         return y
@@ -712,7 +726,7 @@ class WeightStore:
                 dtype=np.float32,
             )
         else:
-            y = x @ w.dense_rows(r0, r1).T
+            y = x @ self.dense_rows(w.name, r0, r1, scratch=True).T
         self.release(w.name, r0, r1)
         return y
 
