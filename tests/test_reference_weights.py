@@ -218,3 +218,20 @@ def test_prepared_cache_budget_streams_what_does_not_fit(tmp_path: Path) -> None
             assert np.array_equal(bits(a.linear(stem, x)), bits(b.linear(stem, x)))
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize(("arch", "type_name"), [("bitnet", "TQ2_0"), ("bitnet", "TQ1_0"), ("bitnet-b1.58", "I2_S")])
+def test_int8_ternary_cache_gives_the_streamed_logits(tmp_path: Path, arch: str, type_name: str) -> None:
+    """The reference on the int8 prepared cache computes the same logits, bit for bit, as on weights
+    dequantized straight from the GGUF (no cache), LM head included when it is ternary."""
+    from parity_both.fixtures import write_fixture
+    from parity_both.reference.engine import run_reference
+
+    model = tmp_path / "m.gguf"
+    write_fixture(model, arch=arch, weight_type=type_name, seed=5, embed_type=type_name if arch == "bitnet" else None)
+    ids = [1, 5, 9, 200, 31]
+    streamed = run_reference(str(model), ids, 0)
+    cached = run_reference(str(model), ids, 2, prepared_dir=str(tmp_path / "p"))
+    assert cached.settings["prepared_cache"]["kind"] == "persistent"
+    assert any(e["dtype"] == "|i1" for e in json.loads((tmp_path / "p/manifest.json").read_text())["tensors"].values())
+    assert np.array_equal(bits(cached.logits[: len(ids)]), bits(streamed.logits))
