@@ -181,6 +181,9 @@ def bench(lanes: list[str], smoke: bool, work: Path) -> list[dict[str, Any]]:
     )
     rows.extend(bench_bitnet_rss(work, smoke))
     rows.extend(bench_graph_tools(model, work, smoke))
+    from bench_2b import bench_2b  # noqa: PLC0415 - bench/ is on sys.path (script directory)
+
+    rows.extend(bench_2b(work, smoke, row))
 
     # P3: the lane phase with two lanes at --cores 2 vs --cores 1.
     if len(lanes) >= 2:

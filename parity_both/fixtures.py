@@ -41,8 +41,8 @@ import importlib.util
 import json
 import sys
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,7 @@ from parity_both.gguf.writer import (  # noqa: F401
     tensor_nbytes,
     write_gguf,
 )
+from parity_both.progress import Progress
 
 # ----------------------------------------------------------------------------------------------
 # Fixture models
@@ -82,7 +83,10 @@ _ARCH_ROPE_BASE = {"llama": 10000.0, "qwen2": 1e6, "qwen3": 1e6, "phi3": 10000.0
 _WIDE_HEADS = ("qwen3", "gemma2", "gemma3")
 WEIGHT_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "TQ1_0", "TQ2_0", "I2_S")
 TERNARY_TYPES = ("TQ1_0", "TQ2_0", "I2_S")
-SIZES = ("tiny", "small", "large")
+SIZES = ("tiny", "small", "large", "2b4t")
+# size -> vocab GGUF used when none is given (2b4t: BitNet b1.58 2B-4T's 128256-token llama-bpe vocabulary)
+SIZE_VOCAB = {"2b4t": "llama-bpe"}
+DENSE_CHUNK_ELEMENTS = 1 << 22  # dense tensors are drawn and encoded this many values at a time
 FILE_TYPES = {t: _ALL_FILE_TYPES[t] for t in WEIGHT_TYPES}  # llama.h LLAMA_FTYPE_* (gguf/constants)
 
 # Row lengths must be multiples of the weight block: 32 (Q*), 256 (TQ*), 128 (I2_S). Ternary and
@@ -94,6 +98,9 @@ _DIMS: dict[tuple[str, bool], dict[str, int]] = {
     ("small", True): dict(n_embd=512, n_layer=4, n_head=8, n_head_kv=4, n_ff=1536, n_ctx=512),
     ("large", False): dict(n_embd=1024, n_layer=8, n_head=16, n_head_kv=4, n_ff=2816, n_ctx=1024),
     ("large", True): dict(n_embd=1024, n_layer=8, n_head=16, n_head_kv=4, n_ff=2816, n_ctx=1024),
+    # the shape of Microsoft's BitNet b1.58 2B-4T (~2.4B parameters; I2_S file ~1.2 GB)
+    ("2b4t", False): dict(n_embd=2560, n_layer=30, n_head=20, n_head_kv=5, n_ff=6912, n_ctx=4096),
+    ("2b4t", True): dict(n_embd=2560, n_layer=30, n_head=20, n_head_kv=5, n_ff=6912, n_ctx=4096),
 }
 
 
@@ -104,15 +111,20 @@ def default_vocab_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def family_vocab_gguf(arch: str) -> Path:
-    """The vocab GGUF of the architecture's family when llama.cpp ships one, else SmolLM2's."""
-    name = FAMILY_VOCAB.get(arch)
+def family_vocab_gguf(arch: str, size: str = "tiny") -> Path:
+    """The vocab GGUF of the size (2b4t: llama-bpe) or architecture's family when llama.cpp ships one,
+    else SmolLM2's."""
+    name = SIZE_VOCAB.get(size) or FAMILY_VOCAB.get(arch)
     if name is not None:
         from parity_both.tokenize.sources import find_vocab_ggufs  # noqa: PLC0415 - only for these archs
 
         found = find_vocab_ggufs().get(name)
         if found is not None:
             return found
+        if size in SIZE_VOCAB:
+            raise FileNotFoundError(
+                f"size {size} needs the {name} vocab GGUF (llama-cpp-python sdist): pass --vocab-gguf"
+            )
     return default_vocab_gguf()
 
 
@@ -143,9 +155,14 @@ def _ternary_bytes(seed: int, name: str, rows: int, cols: int, type_name: str) -
     return _encode(t.astype(np.float32) * np.float32(s), type_name)
 
 
-def _dense_bytes(seed: int, name: str, rows: int, cols: int, type_name: str, std: float) -> bytes:
-    w = _rng(seed, name).standard_normal((rows, cols), dtype=np.float32) * np.float32(std)
-    return _encode(w, type_name)
+def _dense_bytes(seed: int, name: str, rows: int, cols: int, type_name: str, std: float) -> Iterator[bytes]:
+    """Row blocks of at most DENSE_CHUNK_ELEMENTS values: consecutive draws from one generator give
+    the same values as a single draw, so chunking leaves the bytes unchanged (bounded memory)."""
+    rng = _rng(seed, name)
+    step = max(1, DENSE_CHUNK_ELEMENTS // cols)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        yield _encode(rng.standard_normal((n, cols), dtype=np.float32) * np.float32(std), type_name)
 
 
 def _norm_bytes(seed: int, name: str, n: int) -> bytes:
@@ -238,7 +255,7 @@ def _model_tensors(p: _Plan, n_vocab: int) -> list[TensorSpec]:
 
     def vector(name: str, n: int, bias: bool = False) -> None:
         if bias:  # biases around 0, not around 1 like norm weights
-            add(name, (n,), "F32", lambda: _dense_bytes(seed, name, 1, n, "F32", 0.1))
+            add(name, (n,), "F32", lambda: b"".join(_dense_bytes(seed, name, 1, n, "F32", 0.1)))
         else:
             add(name, (n,), "F32", lambda: _norm_bytes(seed, name, n))
 
@@ -282,6 +299,25 @@ def _model_tensors(p: _Plan, n_vocab: int) -> list[TensorSpec]:
     if arch == "phi3":
         matrix("output.weight", n_vocab, d, p.weight_type, std=0.3)
     return tensors
+
+
+def _with_progress(tensors: list[TensorSpec], task: str) -> list[TensorSpec]:
+    """The same tensors, each reporting to one Progress (a line on stderr every few seconds)."""
+    progress = Progress(task, sum(t.nbytes for t in tensors))
+
+    def wrap(t: TensorSpec, last: bool) -> TensorSpec:
+        def produce() -> Iterator[bytes]:
+            data = t.produce()
+            for chunk in [data] if isinstance(data, bytes) else data:
+                yield chunk
+                progress.advance(len(chunk), t.name, item=False)
+            progress.advance(0, t.name)
+            if last:
+                progress.done()
+
+        return replace(t, produce=produce)
+
+    return [wrap(t, i == len(tensors) - 1) for i, t in enumerate(tensors)]
 
 
 def _arch_kvs(a: str, dims: dict[str, int]) -> list[RawKV]:
@@ -354,7 +390,7 @@ def write_fixture(
 ) -> dict[str, Any]:
     """Write a deterministic random model; return its facts (dims, tensor types, sha256, ...)."""
     dims = fixture_dims(arch, weight_type, size, **dims_overrides)
-    vocab_path = Path(vocab_gguf) if vocab_gguf is not None else family_vocab_gguf(arch)
+    vocab_path = Path(vocab_gguf) if vocab_gguf is not None else family_vocab_gguf(arch, size)
     tok_kvs, n_vocab = _vocab_kvs(vocab_path)
     ternary = weight_type in TERNARY_TYPES or arch in BITNET_FIXTURE_ARCHS
     if embed_type is None:
@@ -364,7 +400,7 @@ def write_fixture(
     if scale_tensors and arch not in BITNET_FIXTURE_ARCHS:
         raise ValueError("per-matrix .scale tensors exist only in the bitnet architectures")
     plan = _Plan(arch, weight_type, embed_type, seed, ternary, scale_tensors, dims)
-    tensors = _model_tensors(plan, n_vocab)
+    tensors = _with_progress(_model_tensors(plan, n_vocab), f"fixture {size}")
     args = dict(
         arch=arch,
         weight_type=weight_type,

@@ -26,7 +26,7 @@ wildcard_constraints:
     model="[A-Za-z0-9][A-Za-z0-9._-]*",
     prompt="[A-Za-z0-9][A-Za-z0-9._-]*",
     lane="[A-Za-z0-9][A-Za-z0-9._-]*",
-    dtype="F32|F16|BF16",
+    dtype="auto|F32|F16|BF16",
 
 
 def _fail_config(err):

@@ -6,7 +6,8 @@ from parity_both.reference import prepare_weights
 
 def main() -> None:
     sm = snakemake  # noqa: F821
-    manifest = prepare_weights(sm.input.gguf, os.path.dirname(sm.output.manifest))
+    budget = (sm.config.get("reference") or {}).get("prepared_budget")
+    manifest = prepare_weights(sm.input.gguf, os.path.dirname(sm.output.manifest), budget_factor=budget)
     print(f"prepared {len(manifest.get('tensors', manifest))} tensors", flush=True)
 
 

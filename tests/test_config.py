@@ -30,7 +30,7 @@ def test_documented_defaults():
     """The values README and issue 10 document (not read back from the schema)."""
     cfg = pbconfig.with_defaults(MINIMAL)
     assert cfg["max_tokens"] == 8 and cfg["threads"] == 1 and cfg["out_dir"] == "results" and cfg["gates"] == []
-    assert cfg["reference"] == {"mode": "exact", "activation": None}
+    assert cfg["reference"] == {"mode": "exact", "activation": None, "prepared_budget": 4}
     assert cfg["prompts"]["p"] == {"text": "hi", "template": "auto", "system_prompt": None, "window": 256, "windows": 1}
     assert cfg["models"]["f"]["fixture"] == {"arch": "bitnet", "weight_type": "TQ2_0", "size": "tiny", "seed": 0}
     quantized = {

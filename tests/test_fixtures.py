@@ -188,3 +188,24 @@ def test_large_fixture(tmp_path: Path) -> None:
     llm = make_llama(tmp_path / "big.gguf")
     llm.eval([1, 2, 3])
     assert np.isfinite(np.array(llm.scores[:3])).all()
+
+
+def test_2b4t_size_has_the_bitnet_2b_shape_and_a_128256_token_llama_bpe_vocab() -> None:
+    """BitNet b1.58 2B-4T's published dimensions; the vocabulary is llama.cpp's own llama-bpe GGUF."""
+    from parity_both.fixtures import _vocab_kvs, family_vocab_gguf, fixture_dims
+
+    dims = fixture_dims("bitnet-b1.58", "I2_S", "2b4t")
+    assert (dims["n_embd"], dims["n_layer"], dims["n_ff"], dims["n_head"], dims["n_head_kv"]) == (2560, 30, 6912, 20, 5)
+    assert fixture_dims("bitnet", "TQ2_0", "2b4t")["head_dim"] == 128
+    vocab = family_vocab_gguf("bitnet-b1.58", "2b4t")
+    assert vocab.name == "ggml-vocab-llama-bpe.gguf" and _vocab_kvs(vocab)[1] == 128256
+
+
+def test_fixture_generator_reports_progress(tmp_path, monkeypatch, capsys) -> None:
+    from parity_both import progress
+    from parity_both.fixtures import write_fixture
+
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    write_fixture(tmp_path / "m.gguf", arch="llama", weight_type="Q8_0")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[fixture tiny]")]
+    assert lines and "MB/s" in lines[-1] and "finished" in lines[-1]

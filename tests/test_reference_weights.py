@@ -170,17 +170,68 @@ def test_prepared_cache_is_exact_deterministic_and_reused(tmp_path: Path) -> Non
     assert load_manifest(other, tmp_path / "a") is None
 
 
-def test_prepared_cache_of_a_ternary_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("arch", "type_name"), [("llama", "TQ2_0"), ("bitnet", "TQ1_0"), ("bitnet-b1.58", "I2_S")])
+def test_prepared_cache_of_a_ternary_model(tmp_path: Path, arch: str, type_name: str) -> None:
+    """Ternary matrices are cached as int8 codes + scales (1 byte a weight, not 4) and read back
+    as exactly the float32 values the dequantizer gives."""
     from parity_both.fixtures import write_fixture
 
-    model = tmp_path / "tq2.gguf"
-    write_fixture(model, arch="llama", weight_type="TQ2_0")
+    model = tmp_path / "ternary.gguf"
+    write_fixture(model, arch=arch, weight_type=type_name, embed_type="F16")
     m = prepare_weights(model, tmp_path / "p")
     g = read_gguf(model)
     kinds = {(e["source_type"], e["dtype"]) for e in m["tensors"].values()}
-    assert kinds == {("TQ2_0", "<f4"), ("F16", "<f4")}  # token_embd is F16
+    assert kinds == {(type_name, "|i1"), ("F16", "<f4")}
+    ternary = [g.tensors[n] for n, e in m["tensors"].items() if e["dtype"] == "|i1"]
+    f16 = g.tensors["token_embd.weight"]
+    assert m["bytes"] < 1.1 * sum(t.rows_cols[0] * t.rows_cols[1] for t in ternary) + 4 * f16.n_elements + (1 << 16)
     cache = PreparedCache(m, tmp_path / "p")
     for name in m["tensors"]:
         t = g.tensors[name]
-        assert np.array_equal(bits(cache.rows(name, 0, t.rows_cols[0])), bits(dequantize_rows(g, t, 0, t.rows_cols[0])))
+        rows = t.rows_cols[0]
+        assert np.array_equal(bits(cache.rows(name, 0, rows)), bits(dequantize_rows(g, t, 0, rows)))
+        assert np.array_equal(bits(cache.rows(name, 3, 7)), bits(dequantize_rows(g, t, 0, rows)[3:7]))
     cache.close()
+
+
+def test_prepared_cache_budget_streams_what_does_not_fit(tmp_path: Path) -> None:
+    """Float32 matrices beyond the disk budget are left out of the cache, and
+    the reference reads them from the GGUF: same values either way."""
+    from parity_both.fixtures import write_fixture
+
+    model = tmp_path / "q4_0.gguf"
+    write_fixture(model, arch="llama", weight_type="Q4_0")
+    size = model.stat().st_size
+    full = prepare_weights(model, tmp_path / "full", budget_factor=100)
+    part = prepare_weights(model, tmp_path / "part", budget_factor=1.0)
+    assert full["bytes"] > size and part["bytes"] <= size
+    assert set(part["tensors"]) < set(full["tensors"])
+    g = read_gguf(model)
+    a, b = (
+        WeightStore(g, PreparedCache(full, tmp_path / "full")),
+        WeightStore(g, PreparedCache(part, tmp_path / "part")),
+    )
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    for name in full["tensors"]:
+        if g.tensors[name].rows_cols[1] == 64:
+            stem = name.removesuffix(".weight")
+            assert np.array_equal(bits(a.linear(stem, x)), bits(b.linear(stem, x)))
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize(("arch", "type_name"), [("bitnet", "TQ2_0"), ("bitnet", "TQ1_0"), ("bitnet-b1.58", "I2_S")])
+def test_int8_ternary_cache_gives_the_streamed_logits(tmp_path: Path, arch: str, type_name: str) -> None:
+    """The reference on the int8 prepared cache computes the same logits, bit for bit, as on weights
+    dequantized straight from the GGUF (no cache), LM head included when it is ternary."""
+    from parity_both.fixtures import write_fixture
+    from parity_both.reference.engine import run_reference
+
+    model = tmp_path / "m.gguf"
+    write_fixture(model, arch=arch, weight_type=type_name, seed=5, embed_type=type_name if arch == "bitnet" else None)
+    ids = [1, 5, 9, 200, 31]
+    streamed = run_reference(str(model), ids, 0)
+    cached = run_reference(str(model), ids, 2, prepared_dir=str(tmp_path / "p"))
+    assert cached.settings["prepared_cache"]["kind"] == "persistent"
+    assert any(e["dtype"] == "|i1" for e in json.loads((tmp_path / "p/manifest.json").read_text())["tensors"].values())
+    assert np.array_equal(bits(cached.logits[: len(ids)]), bits(streamed.logits))

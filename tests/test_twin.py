@@ -240,3 +240,34 @@ def test_embedded_model_twin(smol_path: str, tmp_path: Path) -> None:
     assert np.isfinite(lt).all()
     assert (lt.argmax(-1) == lq.argmax(-1)).mean() > 0.8
     assert twin_is_exact(src, "F16") is False
+
+
+def test_auto_dtype_agrees_with_the_full_exactness_check(
+    i2s: tuple[Path, Path, dict[str, Any]], q41: tuple[Path, Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """`auto` judges ternary tensors from their scales alone; it must pick what twin_is_exact (every
+    dequantized value converted and compared) allows: F16, else BF16, else F32; non-ternary -> F32."""
+    tq2 = tmp_path / "tq2.gguf"
+    fixtures.write_fixture(tq2, arch="bitnet", weight_type="TQ2_0", size="tiny", seed=SEED)
+    for src in (i2s[0], tq2):
+        want = next((d for d in ("F16", "BF16") if twin_is_exact(src, d)), "F32")
+        g = read_gguf(src)
+        assert twin_mod.auto_dtype(g) == want
+        g.close()
+    g = read_gguf(tq2)
+    assert twin_mod.auto_dtype(g) == "F16"  # fp16 block scales: F16 holds every q * d
+    g.close()
+    g = read_gguf(q41[0])
+    assert twin_mod.auto_dtype(g) == "F32"
+    g.close()
+    rec = write_twin(tq2, tmp_path / "auto.gguf", "auto")
+    assert rec["dtype"] == "F16" and rec["requested_dtype"] == "auto" and rec["exact"] is True
+
+
+def test_twin_that_would_fill_the_disk_is_refused(
+    i2s: tuple[Path, Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(twin_mod, "DISK_RESERVE", 1 << 60)
+    with pytest.raises(twin_mod.TwinDiskError, match="needs .* GiB free") as e:
+        write_twin(i2s[0], tmp_path / "t.gguf")
+    assert "\n" not in str(e.value) and e.value.code == 2 and os.listdir(tmp_path) == []

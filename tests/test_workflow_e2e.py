@@ -226,7 +226,7 @@ def _receipt_with_twin(work: Path, prompt: str, twin_reference: Path, twin_lane:
         gates=[],
         twin_reference_npz=str(twin_reference),
         twin_lane_npz=str(twin_lane),
-        twin_record_json=str(res / "smol/twin/F32.json"),
+        twin_record_json=str(res / "smol/twin/auto.json"),
     )
     return receipt
 

@@ -4,7 +4,11 @@ Graph parity is judged on the twin, where the noise floor is ~1e-7 instead of th
 ~1e-2 (issue 10). ``write_twin(src, dst, dtype="F32")`` writes every tensor dequantized with
 ``parity_both.gguf.quants`` (every type we read, BitNet.cpp's I2_S and TQ1_0/TQ2_0 included) as F32,
 or as F16 / BF16 for large models. With F16 / BF16, 1-D tensors (norms, scales) stay F32 as llama.cpp's
-own converter keeps them; what the conversion rounded is recorded per tensor.
+own converter keeps them; what the conversion rounded is recorded per tensor. ``dtype="auto"`` (the
+config default) picks F16, else BF16, for a model with ternary matrices when that is provably exact
+(judged from the block scales alone, `auto_dtype`), F32 otherwise. Before writing, the twin's size is
+checked against the free space of the target's filesystem (less DISK_RESERVE): a twin that would fill
+the disk is refused (TwinDiskError, exit 2) instead of written.
 
 Metadata is copied byte for byte (raw key/value copy) except:
   * ``general.file_type`` -> the twin dtype (llama.h LLAMA_FTYPE_ALL_F32 = 0, MOSTLY_F16 = 1, MOSTLY_BF16 = 32);
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,20 @@ from parity_both.gguf.transcode import mainline_kvs, refuse_unreadable
 from parity_both.gguf.writer import TensorSpec, write_gguf
 
 TWIN_DTYPES = ("F32", "F16", "BF16")
+TWIN_CHOICES = (*TWIN_DTYPES, "auto")
+DISK_RESERVE = 1 << 30  # bytes left free on the twin's filesystem
+# ternary types whose values are q * d, q in {-1, 0, 1, 2}, d an fp16 at this offset of each block
+_TERNARY_F16_SCALE = {"TQ1_0": (54, 52), "TQ2_0": (66, 64)}
+_TERNARY = (*_TERNARY_F16_SCALE, "I2_S")
+
+
+class TwinDiskError(ValueError):
+    """The twin would not fit the disk budget (exit code 2, as a bad model)."""
+
+    code = 2
+    kind = "disk"
+
+
 CHUNK_ELEMENTS = 1 << 22  # values dequantized at a time (16 MB as float32)
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, tensor name)
@@ -118,17 +138,97 @@ def _twin_spec(
     return TensorSpec(t.name, t.shape, out_type, produce)
 
 
+def _scales_exact(g: GGUFFile, t: TensorInfo, dtype: str) -> bool:
+    """Whether every value of a ternary tensor (q * d) is exact in `dtype`, from its scales alone."""
+    raw = g.raw(t.name)
+    if t.type_name == "I2_S":
+        n4 = t.n_elements // 4
+        d = np.frombuffer(raw[n4 : n4 + 4].tobytes(), dtype="<f4").astype(np.float32)
+    else:
+        size, off = _TERNARY_F16_SCALE[t.type_name]
+        d = np.ascontiguousarray(raw.reshape(-1, size)[:, off : off + 2]).view("<f2").astype(np.float32).ravel()
+    values = np.concatenate([d, np.float32(2) * d])  # q = 2 (TQ2_0 code 3) included: conservative
+    return to_dtype(values, dtype)[2] == 0
+
+
+def _tensor_exact(g: GGUFFile, t: TensorInfo, dtype: str) -> bool:
+    out_type = tensor_dtype(t, dtype)
+    if out_type in ("F32", t.type_name):
+        return True
+    if t.type_name in _TERNARY:
+        return _scales_exact(g, t, out_type)
+    return all(to_dtype(v, out_type)[2] == 0 for v in dequantized_chunks(g, t))
+
+
+def auto_dtype(g: GGUFFile) -> str:
+    """The twin dtype `auto` stands for: F16, else BF16, when the model has ternary matrices and the
+    conversion is exact for every tensor (ternary ones judged from their scales); else F32."""
+    if not any(t.type_name in _TERNARY for t in g.tensors.values()):
+        return "F32"
+    for dtype in ("F16", "BF16"):
+        if all(_tensor_exact(g, t, dtype) for t in g.tensors.values()):
+            return dtype
+    return "F32"
+
+
+def twin_bytes(g: GGUFFile, dtype: str) -> int:
+    """The twin's tensor data size (header excluded)."""
+    item = {"F32": 4, "F16": 2, "BF16": 2}
+    return sum(t.n_elements * item[tensor_dtype(t, dtype)] for t in g.tensors.values())
+
+
+def check_disk(dst: Path, nbytes: int, reserve: int | None = None) -> None:
+    """Refuse (TwinDiskError) a twin of `nbytes` that would leave less than `reserve` (default
+    DISK_RESERVE) free."""
+    reserve = DISK_RESERVE if reserve is None else reserve
+    free = shutil.disk_usage(dst.parent).free
+    if nbytes + reserve > free:
+        raise TwinDiskError(
+            f"twin {dst.name} needs {nbytes / 2**30:.1f} GiB but {dst.parent} has {free / 2**30:.1f} GiB free "
+            f"(keeping {reserve / 2**30:.1f} GiB): set `twin: F16`, `BF16` or `off` for this model, or free space"
+        )
+
+
+def _progress_lines(g: GGUFFile, dtype: str, progress: Progress | None) -> Progress:
+    """`progress` plus a line on stderr at most every 5 s: tensors done, MB written, rate."""
+    total = twin_bytes(g, dtype) / 2**20
+    t0, last, mb = time.monotonic(), [time.monotonic()], [0.0]
+    item = {"F32": 4, "F16": 2, "BF16": 2}
+
+    def report(done: int, n: int, name: str) -> None:
+        t = g.tensors[name]
+        mb[0] += t.n_elements * item[tensor_dtype(t, dtype)] / 2**20
+        now = time.monotonic()
+        if now - last[0] >= 5.0 or (done == n and now - t0 >= 5.0):
+            last[0] = now
+            rate = mb[0] / max(now - t0, 1e-9)
+            print(
+                f"[twin] {done}/{n} tensors, {mb[0]:.0f}/{total:.0f} MB, {rate:.1f} MB/s", file=sys.stderr, flush=True
+            )
+        if progress is not None:
+            progress(done, n, name)
+
+    return report
+
+
 def write_twin(
     src: str | Path, dst: str | Path, dtype: str = "F32", progress: Progress | None = None
 ) -> dict[str, Any]:
-    """Write the lossless twin of ``src`` to ``dst``; return its record (JSON-able, deterministic)."""
-    _check_dtype(dtype)
+    """Write the lossless twin of ``src`` to ``dst``; return its record (JSON-able, deterministic).
+    ``dtype`` may be ``auto`` (see `auto_dtype`); the record's ``dtype`` is the one written."""
+    requested = dtype
+    if dtype != "auto":
+        _check_dtype(dtype)
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError("the twin must not overwrite its source")
     g = read_gguf(src)
     try:
         refuse_unreadable(g)
+        dtype = auto_dtype(g) if dtype == "auto" else dtype
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        check_disk(dst, twin_bytes(g, dtype))
+        progress = _progress_lines(g, dtype, progress)
         kvs, renamed, changed = mainline_kvs(src, g.architecture, file_type=FILE_TYPES[dtype])
         per_tensor: dict[str, dict[str, Any]] = {}
         n_done = [0]
@@ -139,7 +239,6 @@ def write_twin(
                 progress(n_done[0], len(g.tensors), name)
 
         specs = [_twin_spec(g, t, dtype, per_tensor, done) for t in g.tensors.values()]
-        dst.parent.mkdir(parents=True, exist_ok=True)
         written = write_gguf(dst, kvs, specs, alignment=g.alignment)
     finally:
         g.close()
@@ -153,6 +252,7 @@ def write_twin(
         },
         "twin": {"path": str(dst), "sha256": written.sha256, "bytes": written.bytes},
         "dtype": dtype,
+        "requested_dtype": requested,
         "exact": all(e.get("rounded") == "exact" or e.get("n_changed") == 0 for e in per_tensor.values()),
         "arch_rename": arch,
         "keys_renamed": renamed,
@@ -186,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("input")
     ap.add_argument("output")
-    ap.add_argument("--dtype", default="F32", choices=TWIN_DTYPES)
+    ap.add_argument("--dtype", default="F32", choices=TWIN_CHOICES)
     a = ap.parse_args(argv)
     try:
         record = write_twin(a.input, a.output, a.dtype)

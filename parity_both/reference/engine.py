@@ -155,11 +155,13 @@ def greedy(
     t0 = time.perf_counter()
     kv = model.new_cache(len(prompt_ids) + max_tokens)
     ids = [int(i) for i in prompt_ids]
+    model.store.step = f"prefill ({len(ids)} tokens)"
     rows = [model.forward(np.asarray(ids, dtype=np.int64), kv, trace)]
     t1 = time.perf_counter()
-    for _ in range(max_tokens):
+    for k in range(max_tokens):
         nxt = int(np.argmax(rows[-1][-1]))
         ids.append(nxt)
+        model.store.step = f"decode {k + 1}/{max_tokens}"
         rows.append(model.forward(np.asarray([nxt], dtype=np.int64), kv, trace))
         if nxt in stop:
             break

@@ -17,9 +17,15 @@ Prepared cache layout (directory `prepared_dir`, written by `prepare_weights`, d
     manifest.json   model identity (size, sha256, quick fingerprint), the GGUF header without its
                     arrays (so a warm run need not parse the tokenizer), per-tensor offset/dtype
     weights.bin     concatenated little-endian arrays, each 4096-byte aligned
-Every matrix that is not already F32 in the GGUF is stored (F32 ones are read in place), as
-float32. (Storing fp16-exact ternary values as float16 halves the file but was measured 6x slower
-per decode step: NumPy's float16 -> float32 conversion costs more than reading twice the bytes.)
+Every matrix that is not already F32 in the GGUF is stored (F32 ones are read in place): ternary
+ones (TQ1_0, TQ2_0, I2_S) as int8 codes plus float32 scales (1 byte per weight: the cache scales
+with the file, not with float32), turned back into float32 per matrix (or LM-head chunk) at matmul
+time by the same single float32 multiply `q * d` the dequantizers do, so values are bit-identical;
+every other type as float32, within a disk budget (`budget_bytes`, default BUDGET_FACTOR x the
+model file): matrices beyond it are dequantized from the GGUF at each use instead.
+(Storing fp16-exact ternary values as float16 halves the float32 file but was measured 6x slower
+per decode step: NumPy's float16 -> float32 conversion costs more than reading twice the bytes;
+int8 -> float32 with a scale costs ~25 ms for a 6912 x 2560 matrix, dequantizing TQ2_0 ~550 ms.)
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import hashlib
 import json
 import mmap
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +45,16 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from parity_both.gguf.reader import GGUFFile, TensorInfo, read_gguf, sha256_file
+from parity_both.progress import Progress
 
 MODES = ("exact", "ggml")
 
-PREPARED_FORMAT = "parity-both-prepared-weights/1"
+PREPARED_FORMAT = "parity-both-prepared-weights/2"
+# Default disk budget of a prepared cache, as a multiple of the model file's size.
+BUDGET_FACTOR = 4.0
+# Ternary types cached as int8 codes + float32 scales: type -> (block elements, block bytes, offset
+# of the fp16 block scale) or None for I2_S (one float32 scale after the packed codes).
+TERNARY_BLOCKS: dict[str, tuple[int, int, int] | None] = {"TQ1_0": (256, 54, 52), "TQ2_0": (256, 66, 64), "I2_S": None}
 _ALIGN = 4096
 # Upper bound for one dense block of a matrix (bytes of float32): the LM head is processed in
 # row chunks of at most this size so it never sits in memory whole.
@@ -51,6 +65,7 @@ CHUNK_BYTES = 32 << 20
 # -> decode 1.6 / 1.44 / 1.17 s, peak RSS 96 / 215 / 582 MiB.
 RESIDENT_BYTES = 224 << 20
 _LM_HEADS = ("output.weight", "token_embd.weight")
+PROGRESS_S = 5.0  # at most one progress line per this many seconds
 # Types read in place from the GGUF (no cache entry needed). F16 is cached as float32 too:
 # converting it at every use costs more than reading twice the bytes.
 _IN_PLACE = ("F32",)
@@ -218,8 +233,27 @@ def gguf_from_manifest(model_path: str | Path, manifest: dict[str, Any]) -> GGUF
 
 
 def cached_tensor_names(g: GGUFFile) -> list[str]:
-    """The tensors a prepared cache holds: every matrix not stored as F32 in the GGUF."""
+    """The tensors a prepared cache may hold: every matrix not stored as F32 in the GGUF."""
     return [n for n, t in g.tensors.items() if len(t.shape) >= 2 and t.type_name not in _IN_PLACE]
+
+
+def _cached_bytes(t: TensorInfo) -> int:
+    rows, cols = t.rows_cols
+    return rows * cols * (1 if t.type_name in TERNARY_BLOCKS else 4)
+
+
+def plan_cache(g: GGUFFile, budget_bytes: int | None) -> list[str]:
+    """The matrices to cache, in file order: every ternary one (1 byte per weight), then float32
+    ones (LM head first, then file order) while they fit in what the budget leaves; None: no limit."""
+    names = cached_tensor_names(g)
+    chosen = {n for n in names if g.tensors[n].type_name in TERNARY_BLOCKS}
+    left = None if budget_bytes is None else budget_bytes - sum(_cached_bytes(g.tensors[n]) for n in chosen)
+    for n in sorted((n for n in names if n not in chosen), key=lambda n: n not in _LM_HEADS):
+        size = _cached_bytes(g.tensors[n])
+        if left is None or size <= left:
+            chosen.add(n)
+            left = None if left is None else left - size
+    return [n for n in names if n in chosen]
 
 
 def _iter_row_chunks(t: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
@@ -231,26 +265,99 @@ def _iter_row_chunks(t: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> Iterator[
         yield r0, min(rows, r0 + step)
 
 
-def _write_blob(g: GGUFFile, out: BinaryIO) -> tuple[dict[str, dict[str, Any]], int]:
-    """Dequantize every cached tensor of `g` into `out`, chunk by chunk; (entries, total bytes)."""
+def ternary_expand(codes: np.ndarray, scales: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """int8 codes [n, cols] and their scales ([n, cols / 256] per block, or [1] per tensor) ->
+    float32 q * d: the one float32 rounding the dequantizers make, hence the same bits. `out`: a
+    float32 [n, cols] buffer to fill (reusing one spares faulting in fresh pages for every matrix)."""
+    if out is None:
+        out = np.empty(codes.shape, dtype=np.float32)
+    if scales.size == 1 and scales.ndim == 1:
+        np.multiply(codes, scales[0], out=out)
+    else:
+        n, nb = codes.shape[0], scales.shape[1]
+        np.multiply(codes.reshape(n, nb, -1), scales[:, :, None], out=out.reshape(n, nb, -1))
+    return out
+
+
+def _ternary_scales(g: GGUFFile, t: TensorInfo, r0: int, r1: int) -> np.ndarray:
+    rows, cols = t.rows_cols
+    raw = g.raw(t.name)
+    spec = TERNARY_BLOCKS[t.type_name]
+    if spec is None:  # I2_S: one float32 scale after the packed codes
+        n4 = rows * cols // 4
+        return np.frombuffer(raw[n4 : n4 + 4].tobytes(), dtype="<f4").astype(np.float32)
+    be, bb, off = spec
+    row_bytes = t.nbytes // rows
+    blocks = raw[r0 * row_bytes : r1 * row_bytes].reshape(-1, bb)
+    return _f16_col(blocks, off).reshape(r1 - r0, cols // be)
+
+
+def ternary_codes(g: GGUFFile, t: TensorInfo, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rows [r0, r1) of a ternary matrix as (int8 codes, scales) whose `ternary_expand` equals
+    `dequantize_rows` bit for bit, or None when it would not (e.g. a zero or non-finite scale)."""
+    f = dequantize_rows(g, t, r0, r1)
+    scales = _ternary_scales(g, t, r0, r1)
+    d = scales if scales.ndim == 1 else np.repeat(scales, f.shape[1] // scales.shape[1], axis=1)
+    with np.errstate(all="ignore"):
+        q = np.rint(f / d)
+    if not np.all(np.isfinite(q)) or np.abs(q).max(initial=0) > 2:
+        return None
+    codes = q.astype(np.int8)
+    if not np.array_equal(ternary_expand(codes, scales).view(np.uint32), f.view(np.uint32)):
+        return None
+    return codes, scales
+
+
+def _write_ternary(g: GGUFFile, t: TensorInfo, out: BinaryIO, offset: int) -> tuple[dict[str, Any], int] | None:
+    """Codes (int8, chunk by chunk) then scales (float32, aligned) of one ternary matrix at `offset`;
+    (entry, new offset), or None (nothing kept written) if some chunk is not exactly representable."""
+    rows, cols = t.rows_cols
+    start = offset
+    scale_parts = []
+    for r0, r1 in _iter_row_chunks(t):
+        got = ternary_codes(g, t, r0, r1)
+        if got is None:
+            out.seek(start)
+            out.truncate(start)
+            return None
+        out.write(got[0].data)
+        offset += got[0].nbytes
+        scale_parts.append(got[1])
+    scales = scale_parts[0] if t.type_name == "I2_S" else np.concatenate(scale_parts)
+    pad = (-offset) % _ALIGN
+    out.write(b"\0" * pad)
+    offset += pad
+    entry = {"offset": start, "dtype": "|i1", "rows": rows, "cols": cols, "source_type": t.type_name}
+    entry.update(scales_offset=offset, scales_shape=list(scales.shape))
+    out.write(np.ascontiguousarray(scales, dtype="<f4").data)
+    return entry, offset + scales.nbytes
+
+
+def _write_blob(g: GGUFFile, out: BinaryIO, budget_bytes: int | None = None) -> tuple[dict[str, dict[str, Any]], int]:
+    """Write every planned tensor of `g` into `out`, chunk by chunk; (entries, total bytes)."""
     entries: dict[str, dict[str, Any]] = {}
     offset = 0
-    for name in cached_tensor_names(g):
+    progress = Progress("prepare", sum(_cached_bytes(g.tensors[n]) for n in plan_cache(g, budget_bytes)))
+    for name in plan_cache(g, budget_bytes):
         t = g.tensors[name]
         rows, cols = t.rows_cols
-        chunks = list(_iter_row_chunks(t))
-        dtype = "<f4"
         pad = (-offset) % _ALIGN
         out.write(b"\0" * pad)
         offset += pad
-        entries[name] = {"offset": offset, "dtype": dtype, "rows": rows, "cols": cols, "source_type": t.type_name}
-        for r0, r1 in chunks:
-            b = np.ascontiguousarray(dequantize_rows(g, t, r0, r1), dtype=dtype)
-            out.write(b.data)
-            offset += b.nbytes
-            del b
+        got = _write_ternary(g, t, out, offset) if t.type_name in TERNARY_BLOCKS else None
+        if got is not None:
+            entries[name], offset = got
+        else:
+            entries[name] = {"offset": offset, "dtype": "<f4", "rows": rows, "cols": cols, "source_type": t.type_name}
+            for r0, r1 in _iter_row_chunks(t):
+                b = np.ascontiguousarray(dequantize_rows(g, t, r0, r1), dtype="<f4")
+                out.write(b.data)
+                offset += b.nbytes
+                del b
         g.release(name)
+        progress.advance(_cached_bytes(t), name)
     out.flush()
+    progress.done()
     return entries, offset
 
 
@@ -271,14 +378,24 @@ def _manifest(
     }
 
 
+def default_budget(model_path: str | Path, factor: float | None = None) -> int:
+    """The prepared cache's disk budget: `factor` (default BUDGET_FACTOR) x the model file's size."""
+    return int(Path(model_path).stat().st_size * (BUDGET_FACTOR if factor is None else factor))
+
+
 def prepare_weights(
-    model_path: str | Path, prepared_dir: str | Path, *, gguf: GGUFFile | None = None
+    model_path: str | Path,
+    prepared_dir: str | Path,
+    *,
+    gguf: GGUFFile | None = None,
+    budget_factor: float | None = None,
 ) -> dict[str, Any]:
     """Dequantize every quantized matrix of a model once into `prepared_dir` and return the manifest.
 
     Deterministic (same model -> same bytes and manifest), atomic (written under temporary names,
     fsync'ed, manifest last), streaming (one chunk of one tensor in memory at a time). Reuses a
-    valid existing cache (same file size, GGUF header and last MiB) without rewriting it.
+    valid existing cache (same file size, GGUF header and last MiB) without rewriting it. Float32
+    matrices beyond `budget_factor` x the model file (default BUDGET_FACTOR) are left out.
     """
     model_path = Path(model_path)
     prepared_dir = Path(prepared_dir)
@@ -290,7 +407,7 @@ def prepare_weights(
     fd, tmp_bin = tempfile.mkstemp(prefix=".weights.", suffix=".tmp", dir=prepared_dir)
     try:
         with os.fdopen(fd, "wb") as out:
-            entries, nbytes = _write_blob(g, out)
+            entries, nbytes = _write_blob(g, out, default_budget(model_path, budget_factor))
             os.fsync(out.fileno())
         os.chmod(tmp_bin, 0o644)
         os.replace(tmp_bin, prepared_dir / "weights.bin")
@@ -308,7 +425,7 @@ def prepare_weights(
     return manifest
 
 
-def prepare_ephemeral(model_path: str | Path, g: GGUFFile) -> PreparedCache:
+def prepare_ephemeral(model_path: str | Path, g: GGUFFile, budget_factor: float | None = None) -> PreparedCache:
     """A throw-away cache for one run, in an anonymous in-memory file (memfd: no disk, freed when
     the process ends, even on a crash; its pages count in RSS only while mapped).
 
@@ -320,7 +437,7 @@ def prepare_ephemeral(model_path: str | Path, g: GGUFFile) -> PreparedCache:
     fd = os.memfd_create("parity-ref-weights", getattr(os, "MFD_CLOEXEC", 0))
     try:
         with os.fdopen(os.dup(fd), "wb") as out:
-            entries, nbytes = _write_blob(g, out)
+            entries, nbytes = _write_blob(g, out, default_budget(model_path, budget_factor))
         manifest = _manifest(Path(model_path), g, entries, nbytes, None)
         return PreparedCache(manifest, fd=fd)
     finally:
@@ -388,7 +505,9 @@ class PreparedCache:
                 self.resident.add(name)
                 budget -= size
 
-    def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+    def rows(self, name: str, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [r0, r1) as float32: a view of the map (float32 entries) or expanded from int8
+        codes (into `out` when given)."""
         e = self.entries[name]
         dt = np.dtype(e["dtype"])
         cols = e["cols"]
@@ -398,7 +517,16 @@ class PreparedCache:
             count=(r1 - r0) * cols,  # type: ignore[arg-type]
             offset=e["offset"] + r0 * cols * dt.itemsize,
         ).reshape(r1 - r0, cols)
-        return a if dt == np.float32 else a.astype(np.float32)
+        if dt == np.float32:
+            return a
+        shape = e["scales_shape"]
+        scales = np.frombuffer(
+            self._mm,
+            dtype="<f4",
+            count=int(np.prod(shape)),  # type: ignore[arg-type]
+            offset=e["scales_offset"],
+        ).reshape(shape)
+        return ternary_expand(a, scales if len(shape) == 1 else scales[r0:r1], out)
 
     def release(self, name: str, r0: int | None = None, r1: int | None = None) -> None:
         if self._mm is None or name in self.resident:
@@ -480,6 +608,11 @@ class WeightStore:
         self.cache = cache
         self.mode = mode
         self._vectors: dict[str, np.ndarray] = {}
+        # progress: `step` is set by the caller (e.g. "decode 3/8"); a line on stderr at most every
+        # PROGRESS_S seconds names the layer being computed
+        self.step = ""
+        self._t0 = self._last = time.monotonic()
+        self._scratch = np.empty(0, dtype=np.float32)
 
     def has(self, name: str) -> bool:
         return name in self.gguf.tensors
@@ -505,9 +638,17 @@ class WeightStore:
         rows, cols = t.rows_cols
         return Weight(name, t.type_name, rows, cols, self)
 
-    def dense_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+    def dense_rows(self, name: str, r0: int, r1: int, *, scratch: bool = False) -> np.ndarray:
+        """Rows [r0, r1) as float32. scratch=True: int8-cached matrices are expanded into one buffer
+        reused by the next such call (for a result consumed at once, as in linear)."""
         if self.cache is not None and name in self.cache.entries:
-            return self.cache.rows(name, r0, r1)
+            out = None
+            if scratch and self.cache.entries[name]["dtype"] == "|i1":
+                n = (r1 - r0) * self.cache.entries[name]["cols"]
+                if self._scratch.size < n:
+                    self._scratch = np.empty(n, dtype=np.float32)
+                out = self._scratch[:n].reshape(r1 - r0, -1)
+            return self.cache.rows(name, r0, r1, out)
         t = self.info(name)
         if t.type_name == "F32":
             cols = t.rows_cols[1]
@@ -540,6 +681,7 @@ class WeightStore:
         w = self.matrix(name + ".weight")
         if x.shape[-1] != w.cols:
             raise ValueError(f"{w.name}: input has {x.shape[-1]} features, weight has {w.cols} columns")
+        self._tick(name)
         if self.mode == "ggml" and w.type_name != "F32":
             from parity_both.reference.ggml_emul import ggml_linear  # noqa: PLC0415 - imports gguf
 
@@ -550,15 +692,23 @@ class WeightStore:
         else:
             step = max(1, CHUNK_BYTES // (4 * w.cols)) if w.name in _LM_HEADS else w.rows
             if step >= w.rows:
-                y = x @ w.dense_rows(0, w.rows).T
+                y = x @ self.dense_rows(w.name, 0, w.rows, scratch=True).T
             else:
                 y = np.empty((x.shape[0], w.rows), dtype=np.float32)
                 for r0 in range(0, w.rows, step):
                     r1 = min(w.rows, r0 + step)
-                    np.matmul(x, w.dense_rows(r0, r1).T, out=y[:, r0:r1])
+                    np.matmul(x, self.dense_rows(w.name, r0, r1, scratch=True).T, out=y[:, r0:r1])
                     w.release()
         w.release()
         return y
+
+    def _tick(self, name: str) -> None:
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_S:
+            self._last = now
+            n_layer = 1 + max((int(n.split(".")[1]) for n in self.gguf.tensors if n.startswith("blk.")), default=-1)
+            where = f"layer {name.split('.')[1]}/{n_layer}" if name.startswith("blk.") else name
+            print(f"[reference] {self.step}: {where}, {now - self._t0:.1f} s", file=sys.stderr, flush=True)
 
     def linear_rows(self, name: str, r0: int, r1: int, x: np.ndarray) -> np.ndarray:
         """y = x @ W[r0:r1]^T for rows [r0, r1) of `name`.weight's matrix view (one expert of a stacked
@@ -576,7 +726,7 @@ class WeightStore:
                 dtype=np.float32,
             )
         else:
-            y = x @ w.dense_rows(r0, r1).T
+            y = x @ self.dense_rows(w.name, r0, r1, scratch=True).T
         self.release(w.name, r0, r1)
         return y
 
