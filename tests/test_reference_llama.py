@@ -250,7 +250,7 @@ def test_embedded_model_dequantized_to_f32_matches_llama_cpp_exactly(tmp_path: P
     quantization, so the two must agree to float32 rounding. Measured NMSE 2.3e-12."""
     from parity_both.fixtures import TensorSpec, kv_u32, read_raw_kvs, write_gguf
     from parity_both.gguf.reader import read_gguf
-    from parity_both.reference.weights import dequantize
+    from parity_both.reference.dequant import dequantize
 
     src = embedded_model_path()
     g = read_gguf(src)

@@ -12,15 +12,9 @@ from gguf import quants as gq
 
 from parity_both.config import embedded_model_path
 from parity_both.gguf.reader import read_gguf
-from parity_both.reference.weights import (
-    FAST_DEQUANT,
-    PreparedCache,
-    WeightStore,
-    dequantize,
-    dequantize_rows,
-    load_manifest,
-    prepare_weights,
-)
+from parity_both.reference.dequant import FAST_DEQUANT, dequantize, dequantize_rows
+from parity_both.reference.prepared import PreparedCache, load_manifest, prepare_weights
+from parity_both.reference.weights import WeightStore
 
 
 def bits(a: np.ndarray) -> np.ndarray:

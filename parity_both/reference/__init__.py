@@ -15,7 +15,7 @@ node names, reference_capture), ggml_emul.py (ggml's quantized matmul arithmetic
 """
 
 from parity_both.reference.engine import ReferenceResult, run_reference
+from parity_both.reference.prepared import prepare_weights
 from parity_both.reference.trace import reference_capture
-from parity_both.reference.weights import prepare_weights
 
 __all__ = ["ReferenceResult", "prepare_weights", "reference_capture", "run_reference"]

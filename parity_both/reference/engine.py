@@ -29,17 +29,16 @@ from parity_both.reference.blas import fix_blas_threads
 from parity_both.reference.hparams import HParams
 from parity_both.reference.kv_cache import KVCache
 from parity_both.reference.ops import Emit
-from parity_both.reference.weights import (
-    MODES,
+from parity_both.reference.prepared import (
     PREPARED_FORMAT,
     PreparedCache,
-    WeightStore,
     cached_tensor_names,
     gguf_from_manifest,
     load_manifest,
     prepare_ephemeral,
     prepare_weights,
 )
+from parity_both.reference.weights import MODES, WeightStore
 
 Forward = Callable[[HParams, WeightStore, np.ndarray, KVCache, Emit | None], np.ndarray]
 
