@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -215,28 +216,76 @@ def run_workflow(cfg_path: Path, out_dir: Path, args: argparse.Namespace) -> int
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def run_summary(results: Path, rc: int, started: float, lanes: list[str]) -> tuple[dict[str, Any], str]:
+def run_summary(results: Path, rc: int, lanes: list[str], log: Path) -> tuple[dict[str, Any], str]:
     """(summary, text) the workflow wrote for this run: summary.{json,txt} when it succeeded,
-    summary.failed.{json,txt} when a job failed. A run that failed before any job (no summary of
-    this run) gets an empty one: no receipt, exit code 2."""
+    summary.failed.{json,txt} when a job failed (the command removed both before the run, so either
+    is this run's). A run that failed before any job gets an error summary: exit code 2."""
     name = "summary" if rc == 0 else "summary.failed"
     path = results / f"{name}.json"
-    if path.is_file() and (rc == 0 or path.stat().st_mtime >= started):
+    if path.is_file():
         return json.loads(path.read_text()), path.with_suffix(".txt").read_text()
-    from parity_both.summary import build_summary, render_text
+    kind, message = workflow_failure(log)
+    summary = error_summary(kind, message, 2, lanes, log=str(log))
+    return summary, render_error(summary)
+
+
+def workflow_failure(log: Path) -> tuple[str, str]:
+    """(kind, one line) of a workflow that failed before any job: Snakemake's lock, or its own error."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    if "LockException" in text or "Directory cannot be locked" in text:
+        return "busy", f"{log.parent} is locked by another run (Snakemake's lock); wait for it or use another --out-dir"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    err = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+    return "workflow", f"the workflow failed before any job ran: {err[:300]}"
+
+
+def error_summary(
+    kind: str, message: str, code: int, lanes: list[str], log: str | None = None, run_id: str | None = None
+) -> dict[str, Any]:
+    """The summary of a run that failed before any receipt: no receipt, `error` says why."""
+    from parity_both.summary import DEFAULT_FIX, build_summary
 
     summary = build_summary([], errors=[], lanes=lanes)
-    return summary, render_text(summary)
+    summary["overall"]["exit_code"] = code
+    summary["error"] = {"kind": kind, "message": message, "log": log, "fix": DEFAULT_FIX.get(kind), "rule": None}
+    summary["run"] = {"id": run_id}
+    return summary
 
 
-def copy_receipts(summary: dict[str, Any], out_dir: Path) -> None:
-    """receipt_<lane>.json beside the results: this run's receipts (those its summary lists) only."""
+def render_error(summary: dict[str, Any]) -> str:
+    e = summary["error"]
+    return (
+        f"parity-both: {e['kind']}: {e['message']}\n  fix: {e['fix']}\n  exit code: {summary['overall']['exit_code']}\n"
+    )
+
+
+def retire_previous_run(out_dir: Path) -> None:
+    """Nothing of an earlier run can be reported as this one's: its receipt copies, run record and
+    workflow summaries go (Snakemake reruns the cheap summary rule; cached job outputs stay)."""
     for old in out_dir.glob("receipt_*.json"):
         old.unlink()
+    (out_dir / "run.json").unlink(missing_ok=True)
+    for name in ("summary.json", "summary.txt", "summary.failed.json", "summary.failed.txt"):
+        (out_dir / "results" / name).unlink(missing_ok=True)
+
+
+def copy_receipts(summary: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """receipt_<lane>.json beside the results: this run's receipts (those its summary lists) only."""
+    copies = {}
     for m in summary["models"].values():
         for lane, entry in m["lanes"].items():
             for p in entry["prompts"].values():
                 shutil.copyfile(out_dir / p["receipt_path"], out_dir / f"receipt_{lane}.json")
+                copies[f"receipt_{lane}.json"] = p["receipt_path"]
+    return copies
+
+
+def write_run_record(out_dir: Path, run_id: str, summary: dict[str, Any], copies: dict[str, str]) -> None:
+    """run.json: which run wrote the receipt copies beside it (the id is never inside a receipt)."""
+    rec = {"run_id": run_id, "exit_code": summary["overall"]["exit_code"], "receipts": copies}
+    tmp = out_dir / ".run.json.tmp"
+    tmp.write_text(json.dumps(rec, sort_keys=True, indent=2) + "\n")
+    os.replace(tmp, out_dir / "run.json")
 
 
 def dump_ids(results: Path, lanes: list[str], ref: bool, cpp: bool) -> None:
@@ -270,38 +319,112 @@ def dump_ids(results: Path, lanes: list[str], ref: bool, cpp: bool) -> None:
             print(dump_ids_table(rec["ids"], rec["pieces"], lane_ids, lane_pieces), file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from parity_both.config import ConfigError
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
 
+
+def wants_json(argv: list[str]) -> bool:
+    return any(
+        a == "--format=json" or (a == "--format" and b == "json") for a, b in zip(argv, [*argv[1:], ""], strict=True)
+    )
+
+
+def emit(summary: dict[str, Any], text: str, fmt: str) -> int:
+    """Exactly one document on stdout (JSON or text); the summary's exit code."""
+    sys.stdout.write(json.dumps(summary, sort_keys=True, indent=2) + "\n" if fmt == "json" else text)
+    return int(summary["overall"]["exit_code"])
+
+
+def early_exit(kind: str, msg: str, fmt: str, run_id: str, code: int = 2, out_dir: Path | None = None) -> int:
+    """A run that stops before the workflow: one line on stderr; with --format json, one JSON document;
+    out_dir (a used folder this run holds): its run.json says this run failed, with no receipt."""
+    fail(msg, code)
+    summary = error_summary(kind, msg, code, [], run_id=run_id)
+    if out_dir is not None:
+        write_run_record(out_dir, run_id, summary, {})
+    if fmt == "json":
+        emit(summary, "", fmt)
+    return code
+
+
+def lock_out_dir(out_dir: Path) -> Any:
+    """An exclusive lock on out_dir for this command (None if another run holds it)."""
+    import fcntl
+
+    fh = open(out_dir / ".parity-both.lock", "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return None
+    return fh
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lane-check"]:  # `parity-both lane-check --backend NAME`: docs/lane-protocol.md
         from parity_both import lanecheck
 
         return lanecheck.main(argv[1:])
-    args = parse_args(argv)
-    problem = preflight_inputs(args)
-    if problem:
-        return fail(problem)
+    run_id = new_run_id()
     try:
-        cfg = build_config(args)
-    except ConfigError as e:
-        return fail(str(e))
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse printed its usage line; --format json still gets its document
+        if e.code and wants_json(argv):
+            emit(error_summary("bad_arguments", "invalid arguments (see stderr)", 2, [], run_id=run_id), "", "json")
+        raise
+    try:
+        return run(args, run_id)
+    except OSError as e:  # the output folder (or a file in it) cannot be written
+        code = 4 if isinstance(e, PermissionError) else 2
+        where = e.filename or args.out_dir
+        return early_exit("output", f"--out-dir: cannot write {where}: {e.strerror}", args.format, run_id, code)
+
+
+def run(args: argparse.Namespace, run_id: str) -> int:
+    from parity_both.config import ConfigError
+
     out_dir = Path(args.out_dir).resolve()
+    problem = preflight_inputs(args)
+    if problem is None:
+        try:
+            cfg = build_config(args)
+        except ConfigError as e:
+            problem = str(e)
+    lock = None
+    if problem is not None or out_dir.is_dir():  # an unusable input writes nothing; a used folder is retired
+        if out_dir.is_dir():
+            lock = lock_out_dir(out_dir)
+            if lock is None:
+                return early_exit(
+                    "busy",
+                    f"another parity-both run is using {out_dir}; wait or use another --out-dir",
+                    args.format,
+                    run_id,
+                )
+            retire_previous_run(out_dir)
+        if problem is not None:
+            return early_exit("bad_input", problem, args.format, run_id, out_dir=out_dir if lock else None)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock or lock_out_dir(out_dir)
+    if lock is None:
+        return early_exit(
+            "busy", f"another parity-both run is using {out_dir}; wait or use another --out-dir", args.format, run_id
+        )
     cfg_path = out_dir / "parity-config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=True))
-    started = time.time()
+    os.environ["PARITY_BOTH_RUN_ID"] = run_id
     rc = run_workflow(cfg_path, out_dir, args)
-    summary, text = run_summary(out_dir / "results", rc, started, cfg["lanes"])
-    copy_receipts(summary, out_dir)
+    summary, text = run_summary(out_dir / "results", rc, cfg["lanes"], out_dir / "workflow.log")
+    summary.setdefault("run", {})["id"] = run_id
+    write_run_record(out_dir, run_id, summary, copy_receipts(summary, out_dir))
     if args.dump_ids or args.dump_cpp_ids:
         dump_ids(out_dir / "results", cfg["lanes"], args.dump_ids, args.dump_cpp_ids)
     for record in summary.get("errors") or []:
         print(failure_paragraph(record, out_dir), file=sys.stderr)
-    if rc != 0 and not summary.get("errors"):
-        print(f"parity-both: the workflow failed; see {out_dir / 'workflow.log'}", file=sys.stderr)
-    sys.stdout.write(json.dumps(summary, sort_keys=True, indent=2) + "\n" if args.format == "json" else text)
-    return int(summary["overall"]["exit_code"])
+    if "error" in summary and not summary.get("errors"):
+        print(f"parity-both: error: {summary['error']['message']}; see {out_dir / 'workflow.log'}", file=sys.stderr)
+    return emit(summary, text, args.format)
 
 
 def failure_paragraph(rec: dict[str, Any], workdir: Path) -> str:

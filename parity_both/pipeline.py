@@ -642,7 +642,9 @@ def make_summary(
         r = load_receipt(p)
         r["_path"] = str(p)
         receipts.append(r)
-    return build_summary(receipts, errors, lanes)
+    summary = build_summary(receipts, errors, lanes)
+    summary["run"] = {"id": os.environ.get("PARITY_BOTH_RUN_ID")}  # beside the receipts, not in them
+    return summary
 
 
 def write_summary(summary: Mapping[str, Any], json_path: str | Path, text_path: str | Path) -> None:

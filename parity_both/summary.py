@@ -170,7 +170,33 @@ def build_summary(
     }
     if errors is not None:
         summary["errors"] = [dict(e) for e in errors]
+        if not receipts:
+            summary["error"] = run_error(errors, exit_code)
     return summary
+
+
+DEFAULT_FIX = {
+    "bad_model": "pass a complete, valid GGUF file (re-download or re-convert it)",
+    "bad_input": "fix the input the message names, then rerun",
+    "bad_arguments": "fix the command line (see parity-both --help)",
+    "workflow": "read the log; fix what it names, then rerun",
+    "busy": "wait for the other run to finish, or use another --out-dir",
+    "internal": "read the log: this is a bug in parity-both if the inputs are valid",
+}
+
+
+def run_error(errors: Sequence[Mapping[str, Any]], exit_code: int) -> dict[str, Any]:
+    """The `error` object of a run that failed before any receipt: the failure record that decided
+    its exit code (kind, message, log relative to the workflow's directory, fix)."""
+    rec = next((e for e in errors if int(e.get("exit_code") or 1) == exit_code), errors[0] if errors else {})
+    kind = rec.get("kind") or "workflow"
+    return {
+        "kind": kind,
+        "message": rec.get("message") or "the workflow failed before any job ran",
+        "log": rec.get("log"),
+        "fix": rec.get("hint") or DEFAULT_FIX.get(kind, DEFAULT_FIX["workflow"]),
+        "rule": rec.get("rule"),
+    }
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:

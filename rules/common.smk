@@ -1,6 +1,7 @@
 # Parse-time helpers: standard library only (see parity_both/config.py) so that an up-to-date
 # run answers fast. `validate` also fills every default from the schema (the one place defaults
 # live), so rules read config[...] directly.
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,10 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 OUT = config["out_dir"]
 RUN_STARTED = time.time()  # failure records written after this belong to this run
+# this run's id (the `parity-both` command passes its own; plain snakemake gets one): the jobs inherit
+# it and the summary records it beside, never inside, the deterministic receipts
+os.environ.setdefault("PARITY_BOTH_RUN_ID", f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
+RUN_ID = os.environ["PARITY_BOTH_RUN_ID"]
 MODELS = sorted(config["models"])
 PROMPTS = sorted(config["prompts"])
 LANES = list(config["lanes"])
