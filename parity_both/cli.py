@@ -14,6 +14,7 @@ configure/compile failure; 6 recursive repair.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -282,7 +283,14 @@ def copy_receipts(summary: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
 def write_run_record(out_dir: Path, run_id: str, summary: dict[str, Any], copies: dict[str, str]) -> None:
     """run.json: which run wrote the receipt copies beside it (the id is never inside a receipt)."""
-    rec = {"run_id": run_id, "exit_code": summary["overall"]["exit_code"], "receipts": copies}
+    rec = {
+        "run_id": run_id,
+        "exit_code": summary["overall"]["exit_code"],
+        "receipts": {
+            name: {"source": src, "sha256": hashlib.sha256((out_dir / name).read_bytes()).hexdigest()}
+            for name, src in copies.items()
+        },
+    }
     tmp = out_dir / ".run.json.tmp"
     tmp.write_text(json.dumps(rec, sort_keys=True, indent=2) + "\n")
     os.replace(tmp, out_dir / "run.json")
@@ -347,6 +355,18 @@ def early_exit(kind: str, msg: str, fmt: str, run_id: str, code: int = 2, out_di
     return code
 
 
+def snakemake_lock_line(out_dir: Path) -> str | None:
+    """One line if Snakemake's own lock is on out_dir (a plain `snakemake` run there, or a killed one)."""
+    locks = out_dir / ".snakemake" / "locks"
+    if locks.is_dir() and any(locks.iterdir()):
+        return (
+            f"{out_dir} is locked by another Snakemake run (Snakemake's lock); wait for it, or if none is "
+            f"running, run: snakemake --unlock --directory {out_dir} --snakefile {REPO / 'Snakefile'} "
+            f"--configfile {out_dir / 'parity-config.yaml'}"
+        )
+    return None
+
+
 def lock_out_dir(out_dir: Path) -> Any:
     """An exclusive lock on out_dir for this command (None if another run holds it)."""
     import fcntl
@@ -402,6 +422,9 @@ def run(args: argparse.Namespace, run_id: str) -> int:
                     args.format,
                     run_id,
                 )
+            busy = snakemake_lock_line(out_dir)
+            if busy is not None:
+                return early_exit("busy", busy, args.format, run_id)
             retire_previous_run(out_dir)
         if problem is not None:
             return early_exit("bad_input", problem, args.format, run_id, out_dir=out_dir if lock else None)
