@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-template", choices=TEMPLATE_CHOICES, default="auto")
     p.add_argument("--system-prompt", default=None, help="system prompt for chat templates")
     p.add_argument("--lanes", default=None, help="comma-separated lanes (default: config.yaml's lanes)")
+    p.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="cut a prompt longer than the model's context (minus --max-tokens) to fit, instead of refusing it",
+    )
     p.add_argument("--no-repair", action="store_true", help="never build or install a missing backend")
     p.add_argument(
         "--diagnose",
@@ -180,6 +185,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         base["repair"] = "never"
     if args.diagnose:
         base["diagnose"] = True
+    if args.truncate_prompt:
+        base["truncate_prompt"] = True
     cfg = with_defaults(base)
     if args.cos_tol is not None:
         cfg["thresholds"][cfg["reference"]["mode"]]["cos_tol"] = args.cos_tol

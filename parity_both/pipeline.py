@@ -90,8 +90,31 @@ def _bad_tokenizer(source: str, path: str | None, e: BaseException) -> str:
 
 
 # -- prompt -----------------------------------------------------------------------------------
+def fit_context(
+    ids: list[int], name: str, n_ctx: int, context: Mapping[str, Any] | None
+) -> tuple[list[int], dict[str, Any]]:
+    """(ids, what was done): a prompt whose ids plus max_tokens exceed the model's context length
+    (n_ctx, 0 when unknown) is refused with InputError, or cut to fit when context['truncate']."""
+    max_tokens = int((context or {}).get("max_tokens") or 0)
+    facts = {"n_ctx_train": n_ctx or None, "max_tokens": max_tokens, "n_prompt_tokens": len(ids), "truncated_to": None}
+    if not n_ctx or len(ids) + max_tokens <= n_ctx:
+        return ids, facts
+    room = n_ctx - max_tokens
+    if not (context or {}).get("truncate") or room < 1:
+        raise InputError(
+            f"prompt {name!r} is {len(ids)} tokens; with max_tokens {max_tokens} that exceeds the model's "
+            f"context length {n_ctx}: shorten the prompt, lower --max-tokens, or pass --truncate-prompt"
+        )
+    return ids[:room], {**facts, "truncated_to": room}
+
+
 def prompt_record(
-    gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str, settings: Mapping[str, Any]
+    gguf_path: str,
+    authority: Mapping[str, Any],
+    tokenizer_json: str,
+    name: str,
+    settings: Mapping[str, Any],
+    context: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     from parity_both.lanes.base import apply_contract
     from parity_both.tokenize import templates
@@ -126,6 +149,9 @@ def prompt_record(
         )
     if not ids:
         raise InputError(f"prompt {name!r} tokenizes to no tokens; give it some text")
+    ids, context_facts = fit_context(
+        ids, name, int(md.get(f"{md.get('general.architecture')}.context_length") or 0), context
+    )
     stop_ids = eog_stop_ids(gguf_path, tok)  # llama.cpp's end-of-generation set (tokenize.reference)
     return {
         "prompt": {"name": name, "text": settings["text"], "system_prompt": settings.get("system_prompt")},
@@ -136,6 +162,7 @@ def prompt_record(
         "pieces": [tok.piece(i) for i in ids],
         "n_tokens": len(ids),
         "stop_ids": stop_ids,
+        "context": context_facts,
     }
 
 
@@ -371,7 +398,9 @@ def lane_tokenization(engine: Any, prompt: Mapping[str, Any]) -> list[int]:
         return [i for w in corpus_windows(body, int(meta["window"]), int(meta["windows"]), bos) for i in w]
     contract = TokenizationContract(**prompt["contract"])
     body = engine.tokenize(prompt["formatted"], contract.parse_special)
-    return apply_contract(body, contract, vocab.bos_id, vocab.eos_id)
+    ids = apply_contract(body, contract, vocab.bos_id, vocab.eos_id)
+    cut = (prompt.get("context") or {}).get("truncated_to")  # --truncate-prompt: the lane's ids are cut alike
+    return ids[:cut] if cut else ids
 
 
 def lane_eval(

@@ -225,6 +225,7 @@ def _context(
             "formatted": prompt["formatted"],
         },
         "tokenization_contract": prompt["contract"],
+        "prompt_context": prompt.get("context"),  # context length, and whether the prompt was cut to fit
         "tokenizer_authority": dict(authority),
         "lane_tokenizer_authority": dict(lane_vocab),
         "tokenizer_consistent": lane_vocab.get("vocab_hash") == authority.get("vocab_hash"),
