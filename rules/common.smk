@@ -37,6 +37,28 @@ def _fail_config(err):
     raise WorkflowError(f"config: {err}")
 
 
+def _check_models():
+    """A model file that is not a usable GGUF is refused at parse time: one message naming the model,
+    its file and the problem, before any job runs (remembered per file once it passes)."""
+    from parity_both.gguf.lowlevel import GGUFError
+    from parity_both.gguf.peek import peek_format_cached
+
+    for name in MODELS:
+        if config["models"][name].get("fixture"):
+            continue
+        try:
+            path = pbconfig.model_path(config, name)
+        except pbconfig.ConfigError as err:
+            _fail_config(err)
+        if Path(path).is_file():
+            try:
+                peek_format_cached(path)
+            except (GGUFError, OSError) as err:
+                raise WorkflowError(
+                    f"model {name} ({path}): {err}; pass a complete, valid GGUF file (re-download or re-convert it)"
+                ) from None
+
+
 def model_gguf(wildcards):
     try:
         path = pbconfig.model_path(config, wildcards.model)
@@ -50,6 +72,9 @@ def model_gguf(wildcards):
         if refusal is not None:  # bad input: refused before any job runs
             raise WorkflowError(f"model {wildcards.model}: {refusal}")
     return path
+
+
+_check_models()
 
 
 def tokenizer_inputs(wildcards):
