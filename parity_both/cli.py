@@ -14,7 +14,9 @@ configure/compile failure; 6 recursive repair.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -148,9 +150,23 @@ def preflight_inputs(args: argparse.Namespace) -> str | None:
         if not t.is_file():
             return f"--tokenizer {t}: no such file"
         try:
-            json.loads(t.read_text(encoding="utf-8"))
+            tok = json.loads(t.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             return f"--tokenizer {t}: not a JSON tokenizer file ({e.__class__.__name__}); pass a HF tokenizer.json"
+        if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
+            return f"--tokenizer {t}: not a JSON tokenizer file (no 'model' object); pass a HF tokenizer.json"
+    return preflight_prompt(args)
+
+
+def preflight_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt and system prompt: UTF-8 text, the prompt not empty."""
+    for flag, text in (("--prompt", args.prompt), ("--system-prompt", args.system_prompt)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{flag} is not valid UTF-8 text; pass the prompt in UTF-8"
+    if not args.prompt.strip():
+        return "--prompt is empty; give it some text"
     return None
 
 
@@ -394,12 +410,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return lanecheck.main(argv[1:])
     run_id = new_run_id()
+    err = io.StringIO()
     try:
-        args = parse_args(argv)
-    except SystemExit as e:  # argparse printed its usage line; --format json still gets its document
-        if e.code and wants_json(argv):
-            emit(error_summary("bad_arguments", "invalid arguments (see stderr)", 2, [], run_id=run_id), "", "json")
-        raise
+        with contextlib.redirect_stderr(err):
+            args = parse_args(argv)
+    except SystemExit as e:  # argparse's usage error: its one line on stderr, and the JSON document
+        if not e.code:
+            raise
+        msg = next((ln for ln in reversed(err.getvalue().splitlines()) if ln.startswith("parity-both: error:")), "")
+        msg = msg.removeprefix("parity-both: error: ") or "invalid arguments"
+        fmt = "json" if wants_json(argv) else "text"
+        return early_exit("bad_arguments", f"invalid arguments: {msg} (see parity-both --help)", fmt, run_id)
     try:
         return run(args, run_id)
     except OSError as e:  # the output folder (or a file in it) cannot be written
@@ -452,9 +473,22 @@ def run(args: argparse.Namespace, run_id: str) -> int:
         dump_ids(out_dir / "results", cfg["lanes"], args.dump_ids, args.dump_cpp_ids)
     for record in summary.get("errors") or []:
         print(failure_paragraph(record, out_dir), file=sys.stderr)
+    for line in verdict_lines(summary):
+        print(line, file=sys.stderr)
     if "error" in summary and not summary.get("errors"):
         print(f"parity-both: error: {summary['error']['message']}; see {out_dir / 'workflow.log'}", file=sys.stderr)
     return emit(summary, text, args.format)
+
+
+def verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per lane whose receipt failed (the failure paragraphs cover jobs that did not finish)."""
+    lines = []
+    for name, m in summary["models"].items():
+        for lane, e in m["lanes"].items():
+            if not e["passed"]:
+                why = next((f for p in e["prompts"].values() for f in p["failures"]), "")
+                lines.append(f"parity-both: {name}/{lane}: {e['status']}: {why}")
+    return lines
 
 
 def failure_paragraph(rec: dict[str, Any], workdir: Path) -> str:

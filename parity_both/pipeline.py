@@ -62,7 +62,36 @@ def model_facts(gguf_path: str) -> dict[str, Any]:
         "chat_template_sha256": chat_template_hash(md),
     }
     log.info("sha256 %s (%s)", digest, "reused from cache" if reused else "computed")
+    check_finite(g)
     return facts
+
+
+# block types whose every block begins with its f16 scale (ggml-common.h): scales checked in place
+SCALE_FIRST_BLOCKS = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
+FLOAT_VIEWS = {"F32": "<f4", "F16": "<f2"}
+
+
+def check_finite(g: Any) -> None:
+    """InputError naming the first tensor with a NaN or infinite value (float tensors, and the f16
+    scales of the simple block types): a model that computes NaN cannot be compared."""
+    for t in g.tensors.values():
+        raw = g.raw(t.name)
+        if t.type_name in FLOAT_VIEWS:
+            values = raw.view(FLOAT_VIEWS[t.type_name])
+        elif t.type_name == "BF16":
+            values = (raw.view("<u2").astype(np.uint32) << 16).view("<f4")
+        elif t.type_name in SCALE_FIRST_BLOCKS:
+            values = raw.reshape(-1, SCALE_FIRST_BLOCKS[t.type_name])[:, :2].copy().view("<f2")
+        else:
+            continue
+        bad = not bool(np.isfinite(values).all())
+        del values, raw
+        g.release(t.name)
+        if bad:
+            raise InputError(
+                f"{g.path.name}: tensor {t.name!r} ({t.type_name}) has values that are not finite (NaN/inf); "
+                "the model file is corrupt: re-download or re-convert it"
+            )
 
 
 # -- tokenizer authority ----------------------------------------------------------------------

@@ -180,6 +180,7 @@ DEFAULT_FIX = {
     "bad_input": "fix the input the message names, then rerun",
     "bad_arguments": "fix the command line (see parity-both --help)",
     "workflow": "read the log; fix what it names, then rerun",
+    "output": "pass an --out-dir that is a writable directory (or can be created as one)",
     "busy": "wait for the other run to finish, or use another --out-dir",
     "internal": "read the log: this is a bug in parity-both if the inputs are valid",
 }
