@@ -230,7 +230,9 @@ CASES = [
     Case("prompt_empty", 2, "--prompt is empty", with_model("--prompt", "")),
     Case("prompt_whitespace_only", 2, "--prompt is empty", with_model("--prompt", "   ")),
     Case("prompt_non_utf8", 2, "not valid UTF-8", with_model("--prompt", os.fsdecode(b"caf\xe9"))),
-    Case("prompt_longer_than_context", 2, "context length 256", with_model("--prompt", "hello world " * 300)),
+    Case(
+        "prompt_longer_than_context", 2, "context length 256", with_model("--prompt", "hello world " * 300), slow=True
+    ),
     Case("unwritable_out_dir", 2, "--out-dir", unwritable_parent),
     Case("negative_max_tokens", 2, "invalid arguments", with_model("--max-tokens", "-1")),
 ]
@@ -284,9 +286,13 @@ def test_malformed_input(case: Case, tiny, tmp_path):
 
 
 GGUF_CASES = [c for c in CASES if c.snakemake]
+SNAKEMAKE_DEFAULT = {"trunc_kv", "bad_magic", "tensors_overlap", "unknown_type_id", "offset_outside_file"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in GGUF_CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.name, marks=[] if c.name in SNAKEMAKE_DEFAULT else [pytest.mark.slow]) for c in GGUF_CASES],
+)
 def test_malformed_gguf_through_plain_snakemake(case: Case, tiny, tmp_path):
     """Plain snakemake (its own exit convention: 1) names the file and the problem, without a traceback,
     and writes nothing under results/."""
