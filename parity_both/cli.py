@@ -350,6 +350,31 @@ def dump_ids(results: Path, lanes: list[str], ref: bool, cpp: bool) -> None:
             print(dump_ids_table(rec["ids"], rec["pieces"], lane_ids, lane_pieces), file=sys.stderr)
 
 
+def show(argv: list[str]) -> int:
+    """Print receipts (schema v1, v2 or v3; older ones upgraded and marked so) as one summary."""
+    from parity_both.receipt import load_receipt
+    from parity_both.summary import build_summary, render_text
+
+    p = argparse.ArgumentParser(prog="parity-both show", description="print receipts in the summary layouts")
+    p.add_argument("receipts", nargs="+", help="receipt JSON files (schema v1, v2 or v3)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    args = p.parse_args(argv)
+    receipts = []
+    for path in args.receipts:
+        try:
+            r = load_receipt(path)
+        except (OSError, ValueError) as e:
+            return fail(f"{path}: {e.strerror if isinstance(e, OSError) else e}")
+        r["_path"] = str(path)
+        receipts.append(r)
+    summary = build_summary(receipts)
+    upgraded = sorted({f"v{r['upgraded_from_version']}" for r in receipts if r.get("upgraded_from_version")})
+    text = render_text(summary)
+    if upgraded:
+        text += f"(upgraded from receipt schema {', '.join(upgraded)} to v3 for display)\n"
+    return emit(summary, text, args.format)
+
+
 def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
 
@@ -409,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         from parity_both import lanecheck
 
         return lanecheck.main(argv[1:])
+    if argv[:1] == ["show"]:  # `parity-both show RECEIPT...`: any receipt version in the text layout
+        return show(argv[1:])
     run_id = new_run_id()
     err = io.StringIO()
     try:

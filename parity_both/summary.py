@@ -80,6 +80,7 @@ def _lane_entry(receipts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "token_parity": (r.get("token_parity") or {}).get("match"),
             "failures": s.get("failures") or ([s["reason"]] if s.get("reason") else []),
             "receipt_path": r.get("_path"),
+            "upgraded_from_version": r.get("upgraded_from_version"),
         }
     statuses = [r["status"] for r in receipts]
     ident = receipts[0].get("backend_identity") or {}
