@@ -209,9 +209,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def run_workflow(cfg_path: Path, out_dir: Path, args: argparse.Namespace) -> int:
-    log_path = out_dir / "workflow.log"
-    cmd = [
+def snakemake_cmd(cfg_path: Path, out_dir: Path, cores: int, *extra: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "snakemake",
@@ -224,20 +223,64 @@ def run_workflow(cfg_path: Path, out_dir: Path, args: argparse.Namespace) -> int
         "--profile",
         str(REPO / "profiles" / "default"),
         "--cores",
-        str(args.cores),
-        "results/summary.json",
+        str(cores),
+        *extra,
     ]
+
+
+PID_FILE = ".parity-both.snakemake.pid"  # the Snakemake process this command started, while it runs
+
+
+def run_workflow(cfg_path: Path, out_dir: Path, args: argparse.Namespace) -> int:
+    log_path = out_dir / "workflow.log"
+    cmd = snakemake_cmd(cfg_path, out_dir, args.cores, "results/summary.json")
     env = dict(os.environ)
     with open(log_path, "w") as log:
         if args.verbose:
             print(f"parity-both: running {' '.join(cmd)}", file=sys.stderr)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        out = subprocess.PIPE if args.verbose else log
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
+        (out_dir / PID_FILE).write_text(f"{proc.pid}\n")
+        if args.verbose:
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
                 sys.stderr.write(line)
-            return proc.wait()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        rc = proc.wait()
+    (out_dir / PID_FILE).unlink(missing_ok=True)
+    return rc
+
+
+def process_alive(pid: int) -> bool:
+    """True if pid runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" not in status
+
+
+def clear_stale_lock(out_dir: Path, cores: int) -> bool:
+    """True if Snakemake's lock on out_dir was left by a run of this command that was killed (its
+    Snakemake process is gone): the lock is removed (`snakemake --unlock`) so this run can proceed."""
+    pid_file, cfg_path = out_dir / PID_FILE, out_dir / "parity-config.yaml"
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return False  # the lock is not ours: a plain `snakemake` run holds it
+    if process_alive(pid):
+        return False  # still running (the killed command's Snakemake outlived it)
+    proc = subprocess.run(snakemake_cmd(cfg_path, out_dir, cores, "--unlock"), capture_output=True, text=True)
+    pid_file.unlink(missing_ok=True)
+    if proc.returncode == 0:
+        print(f"parity-both: removed the lock of an interrupted run in {out_dir}", file=sys.stderr)
+    return proc.returncode == 0
 
 
 def run_summary(results: Path, rc: int, lanes: list[str], log: Path) -> tuple[dict[str, Any], str]:
@@ -478,6 +521,8 @@ def run(args: argparse.Namespace, run_id: str) -> int:
                     run_id,
                 )
             busy = snakemake_lock_line(out_dir)
+            if busy is not None and clear_stale_lock(out_dir, args.cores):
+                busy = None
             if busy is not None:
                 return early_exit("busy", busy, args.format, run_id)
             retire_previous_run(out_dir)
