@@ -46,3 +46,34 @@ def test_sigkill_during_a_job_then_rerun_completes(tmp_path, job_log):
     assert r["status"] == "pass"
     leftovers = [str(q) for q in (out / "results").rglob("*") if ".tmp" in q.name]
     assert not leftovers, leftovers
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 64 KiB tmpfs (mounting needs CAP_SYS_ADMIN; without it the test cannot fill a disk safely)."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        assert subprocess.run(["umount", str(mnt)]).returncode == 0
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_receipt_write_leaves_the_old_receipt(tiny_filesystem):
+    import errno
+
+    from parity_both.receipt import write_json
+
+    path = tiny_filesystem / "receipt_llama.json"
+    write_json(path, {"version": 3, "status": "pass"})
+    old = path.read_bytes()
+    (tiny_filesystem / "filler").write_bytes(b"\0" * (60 << 10))
+    with pytest.raises(OSError) as ei:
+        write_json(path, {"version": 3, "rows": ["x" * 1000] * 100})
+    assert ei.value.errno == errno.ENOSPC
+    assert path.read_bytes() == old
+    assert sorted(q.name for q in tiny_filesystem.iterdir()) == ["filler", "receipt_llama.json"]
