@@ -6,6 +6,10 @@ with `snakemake results/summary.json`. stdout carries only that summary in the r
 progress, failure paragraphs and diagnostics go to stderr.
 `parity-both lane-check --backend NAME [--config CFG]` checks a lane program against the lane
 protocol instead (parity_both/lanecheck.py; exit 0 only if every rule passes).
+`parity-both show RECEIPT...` prints receipts of any schema version in the summary layouts.
+Every exit prints one document on stdout; with --format json a run that failed before any receipt
+has an `error` object (kind, message, log, fix). Each run has a run id (run.json, summary `run`) and
+first retires the previous run's receipt copies and summaries in --out-dir (README "Reusing an --out-dir").
 Exit codes: 0 all lanes pass; 1 a lane fails its thresholds; 2 token mismatch, inconsistent
 tokenizer, bad arguments or unusable input; 3 network unreachable; 4 permission denied; 5 backend
 configure/compile failure; 6 recursive repair.
