@@ -31,7 +31,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "snakemake[reports]==9.27.1" "matplotlib>=3.8" "numpy>=1.26" "gguf==0.19.0" "tokenizers>=0.20" "pyyaml>=6" \
-	    "jq>=1.6" "jinja2>=3.1" "jsonschema>=4" "pytest>=8" "ruff==0.17.6" "scikit-build-core>=0.10"
+	    "jq>=1.6" "jinja2>=3.1" "jsonschema>=4" "pytest>=8" "ruff==0.17.6" "scikit-build-core>=0.10" \
+	    "hypothesis>=6.100"
 	@if ! ls $(WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 	    echo "[setup] building llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION) from source (about 4 min on 2 cores)"; \
 	    mkdir -p $(WHEEL_DIR).tmp && \

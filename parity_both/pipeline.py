@@ -63,7 +63,36 @@ def model_facts(gguf_path: str) -> dict[str, Any]:
         "chat_template_sha256": chat_template_hash(md),
     }
     log.info("sha256 %s (%s)", digest, "reused from cache" if reused else "computed")
+    check_finite(g)
     return facts
+
+
+# block types whose every block begins with its f16 scale (ggml-common.h): scales checked in place
+SCALE_FIRST_BLOCKS = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
+FLOAT_VIEWS = {"F32": "<f4", "F16": "<f2"}
+
+
+def check_finite(g: Any) -> None:
+    """InputError naming the first tensor with a NaN or infinite value (float tensors, and the f16
+    scales of the simple block types): a model that computes NaN cannot be compared."""
+    for t in g.tensors.values():
+        raw = g.raw(t.name)
+        if t.type_name in FLOAT_VIEWS:
+            values = raw.view(FLOAT_VIEWS[t.type_name])
+        elif t.type_name == "BF16":
+            values = (raw.view("<u2").astype(np.uint32) << 16).view("<f4")
+        elif t.type_name in SCALE_FIRST_BLOCKS:
+            values = raw.reshape(-1, SCALE_FIRST_BLOCKS[t.type_name])[:, :2].copy().view("<f2")
+        else:
+            continue
+        bad = not bool(np.isfinite(values).all())
+        del values, raw
+        g.release(t.name)
+        if bad:
+            raise InputError(
+                f"{g.path.name}: tensor {t.name!r} ({t.type_name}) has values that are not finite (NaN/inf); "
+                "the model file is corrupt: re-download or re-convert it"
+            )
 
 
 # -- tokenizer authority ----------------------------------------------------------------------
@@ -91,8 +120,31 @@ def _bad_tokenizer(source: str, path: str | None, e: BaseException) -> str:
 
 
 # -- prompt -----------------------------------------------------------------------------------
+def fit_context(
+    ids: list[int], name: str, n_ctx: int, context: Mapping[str, Any] | None
+) -> tuple[list[int], dict[str, Any]]:
+    """(ids, what was done): a prompt whose ids plus max_tokens exceed the model's context length
+    (n_ctx, 0 when unknown) is refused with InputError, or cut to fit when context['truncate']."""
+    max_tokens = int((context or {}).get("max_tokens") or 0)
+    facts = {"n_ctx_train": n_ctx or None, "max_tokens": max_tokens, "n_prompt_tokens": len(ids), "truncated_to": None}
+    if not n_ctx or len(ids) + max_tokens <= n_ctx:
+        return ids, facts
+    room = n_ctx - max_tokens
+    if not (context or {}).get("truncate") or room < 1:
+        raise InputError(
+            f"prompt {name!r} is {len(ids)} tokens; with max_tokens {max_tokens} that exceeds the model's "
+            f"context length {n_ctx}: shorten the prompt, lower --max-tokens, or pass --truncate-prompt"
+        )
+    return ids[:room], {**facts, "truncated_to": room}
+
+
 def prompt_record(
-    gguf_path: str, authority: Mapping[str, Any], tokenizer_json: str, name: str, settings: Mapping[str, Any]
+    gguf_path: str,
+    authority: Mapping[str, Any],
+    tokenizer_json: str,
+    name: str,
+    settings: Mapping[str, Any],
+    context: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     from parity_both.lanes.base import apply_contract
     from parity_both.tokenize import templates
@@ -129,6 +181,9 @@ def prompt_record(
         )
     if not ids:
         raise InputError(f"prompt {name!r} tokenizes to no tokens; give it some text")
+    ids, context_facts = fit_context(
+        ids, name, int(md.get(f"{md.get('general.architecture')}.context_length") or 0), context
+    )
     stop_ids = eog_stop_ids(gguf_path, tok)  # llama.cpp's end-of-generation set (tokenize.reference)
     return {
         "prompt": {"name": name, "text": settings["text"], "system_prompt": settings.get("system_prompt")},
@@ -139,6 +194,7 @@ def prompt_record(
         "pieces": [tok.piece(i) for i in ids],
         "n_tokens": len(ids),
         "stop_ids": stop_ids,
+        "context": context_facts,
     }
 
 
@@ -295,7 +351,9 @@ def lane_tokenization(engine: Any, prompt: Mapping[str, Any]) -> list[int]:
         return [i for w in corpus_windows(body, int(meta["window"]), int(meta["windows"]), bos) for i in w]
     contract = TokenizationContract(**prompt["contract"])
     body = engine.tokenize(prompt["formatted"], contract.parse_special)
-    return apply_contract(body, contract, vocab.bos_id, vocab.eos_id)
+    ids = apply_contract(body, contract, vocab.bos_id, vocab.eos_id)
+    cut = (prompt.get("context") or {}).get("truncated_to")  # --truncate-prompt: the lane's ids are cut alike
+    return ids[:cut] if cut else ids
 
 
 def lane_eval(
@@ -463,7 +521,9 @@ def make_summary(
         r = load_receipt(p)
         r["_path"] = str(p)
         receipts.append(r)
-    return build_summary(receipts, errors, lanes)
+    summary = build_summary(receipts, errors, lanes)
+    summary["run"] = {"id": os.environ.get("PARITY_BOTH_RUN_ID")}  # beside the receipts, not in them
+    return summary
 
 
 def write_summary(summary: Mapping[str, Any], json_path: str | Path, text_path: str | Path) -> None:

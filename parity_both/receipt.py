@@ -225,6 +225,7 @@ def _context(
             "formatted": prompt["formatted"],
         },
         "tokenization_contract": prompt["contract"],
+        "prompt_context": prompt.get("context"),  # context length, and whether the prompt was cut to fit
         "tokenizer_authority": dict(authority),
         "lane_tokenizer_authority": dict(lane_vocab),
         "tokenizer_consistent": lane_vocab.get("vocab_hash") == authority.get("vocab_hash"),
@@ -446,6 +447,20 @@ def validate_receipt(receipt: Mapping[str, Any]) -> None:
     jsonschema.validate(receipt, schema)
 
 
+V1_SCHEMA_PATH = SCHEMA_PATH.with_name("receipt.v1.schema.json")
+
+
+def validate_v1(receipt: Mapping[str, Any], where: object = "receipt") -> None:
+    """ValueError unless `receipt` is a well-formed v1 receipt (schemas/receipt.v1.schema.json)."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(receipt, json.loads(V1_SCHEMA_PATH.read_text()))
+    except jsonschema.ValidationError as e:
+        at = "/".join(str(k) for k in e.absolute_path) or "(top level)"
+        raise ValueError(f"{where}: not a valid v1 receipt: {at}: {e.message}") from None
+
+
 def upgrade_v1(old: Mapping[str, Any]) -> dict[str, Any]:
     """A v1 receipt (BitNet-rs crossval) in v2 shape; fields v1 never had are None."""
     r = copy.deepcopy(dict(old))
@@ -519,6 +534,7 @@ def load_receipt(path: str | Path) -> dict[str, Any]:
     if version not in (1, 2, SCHEMA_VERSION):
         raise ValueError(f"{path}: receipt version {version} is not supported (expected 1, 2 or {SCHEMA_VERSION})")
     if version == 1:
+        validate_v1(data, path)
         data = upgrade_v1(data)
     if version in (1, 2):
         data = upgrade_v2(data)
@@ -534,8 +550,12 @@ def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False))
-        fh.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False))
+            fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: the previous file stays, no temporary is left
+        Path(tmp).unlink(missing_ok=True)
+        raise

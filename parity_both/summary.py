@@ -80,6 +80,7 @@ def _lane_entry(receipts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "token_parity": (r.get("token_parity") or {}).get("match"),
             "failures": s.get("failures") or ([s["reason"]] if s.get("reason") else []),
             "receipt_path": r.get("_path"),
+            "upgraded_from_version": r.get("upgraded_from_version"),
         }
     statuses = [r["status"] for r in receipts]
     ident = receipts[0].get("backend_identity") or {}
@@ -170,7 +171,34 @@ def build_summary(
     }
     if errors is not None:
         summary["errors"] = [dict(e) for e in errors]
+        if not receipts:
+            summary["error"] = run_error(errors, exit_code)
     return summary
+
+
+DEFAULT_FIX = {
+    "bad_model": "pass a complete, valid GGUF file (re-download or re-convert it)",
+    "bad_input": "fix the input the message names, then rerun",
+    "bad_arguments": "fix the command line (see parity-both --help)",
+    "workflow": "read the log; fix what it names, then rerun",
+    "output": "pass an --out-dir that is a writable directory (or can be created as one)",
+    "busy": "wait for the other run to finish, or use another --out-dir",
+    "internal": "read the log: this is a bug in parity-both if the inputs are valid",
+}
+
+
+def run_error(errors: Sequence[Mapping[str, Any]], exit_code: int) -> dict[str, Any]:
+    """The `error` object of a run that failed before any receipt: the failure record that decided
+    its exit code (kind, message, log relative to the workflow's directory, fix)."""
+    rec = next((e for e in errors if int(e.get("exit_code") or 1) == exit_code), errors[0] if errors else {})
+    kind = rec.get("kind") or "workflow"
+    return {
+        "kind": kind,
+        "message": rec.get("message") or "the workflow failed before any job ran",
+        "log": rec.get("log"),
+        "fix": rec.get("hint") or DEFAULT_FIX.get(kind, DEFAULT_FIX["workflow"]),
+        "rule": rec.get("rule"),
+    }
 
 
 def _fmt(x: Any, spec: str = ".3g") -> str:

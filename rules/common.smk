@@ -1,6 +1,7 @@
 # Parse-time helpers: standard library only (see parity_both/config.py) so that an up-to-date
 # run answers fast. `validate` also fills every default from the schema (the one place defaults
 # live), so rules read config[...] directly.
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,10 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 OUT = config["out_dir"]
 RUN_STARTED = time.time()  # failure records written after this belong to this run
+# this run's id (the `parity-both` command passes its own; plain snakemake gets one): the jobs inherit
+# it and the summary records it beside, never inside, the deterministic receipts
+os.environ.setdefault("PARITY_BOTH_RUN_ID", f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
+RUN_ID = os.environ["PARITY_BOTH_RUN_ID"]
 MODELS = sorted(config["models"])
 PROMPTS = sorted(config["prompts"])
 KERNEL_PROMPT = PROMPTS[0]  # the kernel check's sequence: the first prompt's leading tokens
@@ -33,6 +38,28 @@ def _fail_config(err):
     raise WorkflowError(f"config: {err}")
 
 
+def _check_models():
+    """A model file that is not a usable GGUF is refused at parse time: one message naming the model,
+    its file and the problem, before any job runs (remembered per file once it passes)."""
+    from parity_both.gguf.lowlevel import GGUFError
+    from parity_both.gguf.peek import peek_format_cached
+
+    for name in MODELS:
+        if config["models"][name].get("fixture"):
+            continue
+        try:
+            path = pbconfig.model_path(config, name)
+        except pbconfig.ConfigError as err:
+            _fail_config(err)
+        if Path(path).is_file():
+            try:
+                peek_format_cached(path)
+            except (GGUFError, OSError) as err:
+                raise WorkflowError(
+                    f"model {name} ({path}): {err}; pass a complete, valid GGUF file (re-download or re-convert it)"
+                ) from None
+
+
 def model_gguf(wildcards):
     try:
         path = pbconfig.model_path(config, wildcards.model)
@@ -46,6 +73,9 @@ def model_gguf(wildcards):
         if refusal is not None:  # bad input: refused before any job runs
             raise WorkflowError(f"model {wildcards.model}: {refusal}")
     return path
+
+
+_check_models()
 
 
 def tokenizer_inputs(wildcards):

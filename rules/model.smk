@@ -57,6 +57,7 @@ rule twin:
     what the conversion rounded. Every lane and the reference evaluate it for the graph verdict."""
     input:
         gguf=model_gguf,
+        facts=f"{OUT}/{{model}}/model.json",  # a model refused by model_facts (e.g. NaN weights) gets no twin
     output:
         gguf=f"{OUT}/{{model}}/twin/{{dtype}}.gguf",
         record=f"{OUT}/{{model}}/twin/{{dtype}}.json",

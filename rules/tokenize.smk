@@ -30,6 +30,7 @@ checkpoint format_prompt:
         record=f"{OUT}/{{model}}/prompts/{{prompt}}.json",
     params:
         prompt=prompt_settings,
+        context={"max_tokens": config["max_tokens"], "truncate": config["truncate_prompt"]},
     conda:
         "../envs/parity-both.yaml"
     log:

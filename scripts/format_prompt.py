@@ -5,7 +5,12 @@ from parity_both.jobs import run_job
 def main() -> None:
     sm = snakemake  # noqa: F821
     record = pipeline.prompt_record(
-        sm.input.gguf, pipeline.read_json(sm.input.authority), sm.input.tokenizer, sm.wildcards.prompt, sm.params.prompt
+        sm.input.gguf,
+        pipeline.read_json(sm.input.authority),
+        sm.input.tokenizer,
+        sm.wildcards.prompt,
+        sm.params.prompt,
+        sm.params.context,
     )
     pipeline.write_json(sm.output.record, record)
 

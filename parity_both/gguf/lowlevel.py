@@ -7,6 +7,8 @@ same functions, so the format is parsed in one place.
 
 from __future__ import annotations
 
+import io
+import os
 import struct
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -31,7 +33,18 @@ class GGUFError(ValueError):
     """A GGUF file this tool cannot use; the message says what is wrong and what to do."""
 
 
+def _remaining(fh: BinaryIO) -> int | None:
+    try:
+        return os.fstat(fh.fileno()).st_size - fh.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return len(fh.getbuffer()) - fh.tell() if isinstance(fh, io.BytesIO) else None
+
+
 def read_exact(fh: BinaryIO, n: int, what: str) -> bytes:
+    if n > 1 << 16:  # a header that lies about a size must not make us allocate it
+        left = _remaining(fh)
+        if left is not None and n > left:
+            raise GGUFError(f"truncated GGUF: file ends inside {what} ({n} bytes claimed, {left} left)")
     b = fh.read(n)
     if len(b) != n:
         raise GGUFError(f"truncated GGUF: file ends inside {what}")
@@ -70,7 +83,10 @@ def skip_value(fh: BinaryIO, vtype: int) -> None:
     if vtype in VALUE_SCALARS:
         fh.seek(VALUE_SCALARS[vtype][1], 1)
     elif vtype == VT_STRING:
-        fh.seek(read_u64(fh, "a string length"), 1)
+        n = read_u64(fh, "a string length")
+        if n > MAX_STRING:
+            raise GGUFError(f"corrupt GGUF: string length {n} is implausible")
+        fh.seek(n, 1)
     elif vtype == VT_ARRAY:
         itype, n = read_array_header(fh)
         if itype in VALUE_SCALARS:
@@ -139,6 +155,13 @@ def iter_tensor_infos(fh: BinaryIO, n_tensors: int) -> Iterator[tuple[str, tuple
         shape = struct.unpack(f"<{n_dims}Q", read_exact(fh, 8 * n_dims, "tensor shape"))
         type_id, offset = struct.unpack("<IQ", read_exact(fh, 12, "tensor type/offset"))
         yield name, tuple(int(s) for s in shape), type_id, offset
+
+
+def check_alignment(alignment: object) -> int:
+    """general.alignment: a power of two (GGUF's rule); anything else is a corrupt header."""
+    if not isinstance(alignment, int) or alignment < 1 or alignment > 1 << 20 or alignment & (alignment - 1):
+        raise GGUFError(f"corrupt GGUF: general.alignment {alignment!r} is not a power of two")
+    return alignment
 
 
 def align(pos: int, alignment: int) -> int:

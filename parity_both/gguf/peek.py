@@ -46,6 +46,9 @@ def peek_format_cached(path: str | Path, cache_dir: Path | None = None) -> tuple
     except (OSError, ValueError, KeyError):
         pass
     arch, types = peek_format(p)
+    from parity_both.gguf.reader import read_gguf  # a file is remembered only once fully checked
+
+    read_gguf(p).close()
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")

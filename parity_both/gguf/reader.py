@@ -9,6 +9,7 @@ as a memory-mapped byte view so weights can be read one layer at a time.
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from parity_both.gguf.constants import (  # noqa: F401 - BITNET_FORK_ARCHS, GGUF
 from parity_both.gguf.lowlevel import (
     GGUFError,
     align,
+    check_alignment,
     iter_keys,
     iter_tensor_infos,
     read_array_header,
@@ -148,12 +150,12 @@ def _parse(path: Path) -> tuple[int, dict[str, Any], list[RawInfo], int, int]:
             raw_infos = list(iter_tensor_infos(fh, n_tensors))
         except GGUFError as e:
             raise GGUFError(f"{path}: {e}") from None
-        alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = check_alignment(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
         return version, metadata, raw_infos, alignment, align(fh.tell(), alignment)
 
 
 def _tensor_table(
-    path: Path, raw_infos: list[RawInfo], data_offset: int, numbering: str, reason: str
+    path: Path, raw_infos: list[RawInfo], data_offset: int, numbering: str, reason: str, alignment: int
 ) -> dict[str, TensorInfo]:
     table = BITNET_TYPES if numbering == "bitnet.cpp" else MAINLINE_TYPES
     file_size = path.stat().st_size
@@ -164,7 +166,13 @@ def _tensor_table(
                 f"{path}: tensor {name!r} has type id {type_id}, unknown under {numbering} numbering "
                 f"({reason}); convert the model to a standard ggml type"
             )
-        n_el = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if name in tensors:
+            raise GGUFError(f"{path}: corrupt GGUF: tensor {name!r} appears twice in the tensor table")
+        n_el = math.prod(shape)  # Python ints: a lying shape cannot wrap around
+        if n_el > file_size * 8:  # no ggml type stores fewer than one bit per value
+            raise GGUFError(f"{path}: corrupt GGUF: tensor {name!r} has an impossible shape {list(shape)}")
+        if offset % alignment:
+            raise GGUFError(f"{path}: corrupt GGUF: tensor {name!r} offset {offset} is not {alignment}-aligned")
         nbytes = tensor_nbytes(table[type_id][0], n_el)
         start = data_offset + offset
         if start + nbytes > file_size:
@@ -173,6 +181,10 @@ def _tensor_table(
                 f"file has {file_size}; re-download or re-convert the model"
             )
         tensors[name] = TensorInfo(name, shape, type_id, table[type_id][0], start, nbytes)
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise GGUFError(f"{path}: corrupt GGUF: tensors {a!r} and {b!r} overlap; re-convert the model")
     return tensors
 
 
@@ -181,7 +193,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     version, metadata, raw_infos, alignment, data_offset = _parse(path)
     numbering, reason = decide_type_numbering(metadata, {t[2] for t in raw_infos})
-    tensors = _tensor_table(path, raw_infos, data_offset, numbering, reason)
+    tensors = _tensor_table(path, raw_infos, data_offset, numbering, reason, alignment)
     return GGUFFile(path, version, metadata, tensors, alignment, data_offset, numbering, reason)
 
 

@@ -254,6 +254,8 @@ def prepare_weights(
     """
     model_path = Path(model_path)
     prepared_dir = Path(prepared_dir)
+    for stale in (*prepared_dir.glob(".weights.*.tmp"), *prepared_dir.glob(".manifest.*.tmp")):
+        stale.unlink(missing_ok=True)  # a writer killed mid-write (SIGKILL runs no cleanup); one job owns the dir
     existing = load_manifest(model_path, prepared_dir)
     if existing is not None:
         return existing
