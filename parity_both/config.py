@@ -188,3 +188,13 @@ def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ConfigError(f"config {where}: {error.message}")
     return filled
+
+
+def run_id() -> str:
+    """This run's id: the `parity-both` command's (PARITY_BOTH_RUN_ID), or a new one for plain snakemake, set in
+    the environment so the jobs inherit it. It goes beside the receipts (summary, run.json), never inside them."""
+    import time
+
+    return os.environ.setdefault(
+        "PARITY_BOTH_RUN_ID", f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
+    )

@@ -18,8 +18,7 @@ OUT = config["out_dir"]
 RUN_STARTED = time.time()  # failure records written after this belong to this run
 # this run's id (the `parity-both` command passes its own; plain snakemake gets one): the jobs inherit
 # it and the summary records it beside, never inside, the deterministic receipts
-os.environ.setdefault("PARITY_BOTH_RUN_ID", f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}")
-RUN_ID = os.environ["PARITY_BOTH_RUN_ID"]
+RUN_ID = pbconfig.run_id()
 MODELS = sorted(config["models"])
 PROMPTS = sorted(config["prompts"])
 KERNEL_PROMPT = PROMPTS[0]  # the kernel check's sequence: the first prompt's leading tokens
