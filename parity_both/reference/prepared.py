@@ -33,7 +33,6 @@ CHUNK_BYTES = 32 << 20
 # -> decode 1.6 / 1.44 / 1.17 s, peak RSS 96 / 215 / 582 MiB.
 RESIDENT_BYTES = 224 << 20
 _LM_HEADS = ("output.weight", "token_embd.weight")
-PROGRESS_S = 5.0  # at most one progress line per this many seconds
 # Types read in place from the GGUF (no cache entry needed). F16 is cached as float32 too:
 # converting it at every use costs more than reading twice the bytes.
 _IN_PLACE = ("F32",)

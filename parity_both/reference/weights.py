@@ -39,30 +39,11 @@ import numpy as np
 
 from parity_both.gguf.reader import GGUFFile, TensorInfo
 from parity_both.reference.dequant import dequantize, dequantize_rows
-from parity_both.reference.prepared import PreparedCache
+from parity_both.reference.prepared import _LM_HEADS, CHUNK_BYTES, PreparedCache
 
 MODES = ("exact", "ggml")
 
-PREPARED_FORMAT = "parity-both-prepared-weights/2"
-# Default disk budget of a prepared cache, as a multiple of the model file's size.
-BUDGET_FACTOR = 4.0
-# Ternary types cached as int8 codes + float32 scales: type -> (block elements, block bytes, offset
-# of the fp16 block scale) or None for I2_S (one float32 scale after the packed codes).
-TERNARY_BLOCKS: dict[str, tuple[int, int, int] | None] = {"TQ1_0": (256, 54, 52), "TQ2_0": (256, 66, 64), "I2_S": None}
-_ALIGN = 4096
-# Upper bound for one dense block of a matrix (bytes of float32): the LM head is processed in
-# row chunks of at most this size so it never sits in memory whole.
-CHUNK_BYTES = 32 << 20
-# Prepared-cache pages kept mapped between uses (the rest is paged out after each use): at most
-# RESIDENT_BYTES, and at most half the model file + 100 MiB (the RSS bound for big ternary models is
-# file size * 1.5 + 200 MiB). Measured on SmolLM2 (16 decode steps): resident 0 / 147 / 538 MiB
-# -> decode 1.6 / 1.44 / 1.17 s, peak RSS 96 / 215 / 582 MiB.
-RESIDENT_BYTES = 224 << 20
-_LM_HEADS = ("output.weight", "token_embd.weight")
 PROGRESS_S = 5.0  # at most one progress line per this many seconds
-# Types read in place from the GGUF (no cache entry needed). F16 is cached as float32 too:
-# converting it at every use costs more than reading twice the bytes.
-_IN_PLACE = ("F32",)
 
 
 # --------------------------------------------------------------------------------------------
