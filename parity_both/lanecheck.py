@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from parity_both.lanes.command import PROTOCOL_VERSION, ProgramResult, run_program, status_errors
+from parity_both.lanes.command import PROTOCOL_VERSION, status_errors
+from parity_both.provision.harness import ProgramResult, run_program
 
 LONG_TEXT = (
     "Parity means the same numbers from the same inputs. Größe, naïve café, 東京, emoji 🙂, tabs\tand\n"

@@ -14,7 +14,8 @@ import yaml
 
 from parity_both.config import embedded_model_path
 from parity_both.lanecheck import run_checks
-from parity_both.lanes.command import run_program, status_errors
+from parity_both.lanes.command import status_errors
+from parity_both.provision.harness import run_program
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = [sys.executable, str(REPO / "tools" / "lane_programs" / "toy_engine.py")]

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from parity_both.lanes.harness import EXIT_BAD_INPUT, HarnessLane
-from parity_both.provision.harness import HarnessRunError
+from parity_both.provision.harness import HarnessRunError, run_program
 
 PROTOCOL_VERSION = 1
 STATUS_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "lane-status.schema.json"
@@ -27,48 +25,6 @@ STATUS_SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "lane-status.s
 
 class CaptureUnsupported(RuntimeError):
     """The program does not advertise the capture extension (``"capabilities": ["capture"]`` in info)."""
-
-
-@dataclass
-class ProgramResult:
-    """One request's outcome, before any interpretation: what lane-check judges."""
-
-    argv: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-    status: dict[str, Any] | None  # the last stdout line parsed as a JSON object, else None
-
-    @property
-    def lines(self) -> list[str]:
-        return [ln for ln in self.stdout.splitlines() if ln.strip()]
-
-
-def run_program(argv: Sequence[str], timeout: float = 600.0) -> ProgramResult:
-    """Run one request (stdin closed); never raises for the program's own failures (a program that
-    cannot be started, or times out, gives returncode -1 and no status)."""
-    argv = [str(a) for a in argv]
-    try:
-        proc = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return ProgramResult(argv, -1, "", f"{type(exc).__name__}: {exc}", None)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    status = None
-    if lines:
-        try:
-            parsed = json.loads(lines[-1])
-            status = parsed if isinstance(parsed, dict) else None
-        except json.JSONDecodeError:
-            status = None
-    return ProgramResult(argv, proc.returncode, proc.stdout, proc.stderr, status)
 
 
 @cache

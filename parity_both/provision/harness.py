@@ -247,33 +247,61 @@ def _engine_for(
 # ---------------------------------------------------------------------------------------- running
 
 
-def run_harness(
-    binary: Path | str, args: Sequence[str], *, phase: str = "run", timeout: float = 600.0
-) -> dict[str, Any]:
-    """Run the harness once; return its JSON status (raise on failure)."""
+@dataclass
+class ProgramResult:
+    """One request's outcome, before any interpretation: what lane-check judges."""
+
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    status: dict[str, Any] | None  # the last stdout line parsed as a JSON object, else None
+
+    @property
+    def lines(self) -> list[str]:
+        return [ln for ln in self.stdout.splitlines() if ln.strip()]
+
+
+def run_program(argv: Sequence[str], timeout: float = 600.0) -> ProgramResult:
+    """Run one request (stdin closed); never raises for the program's own failures (a program that
+    cannot be started, or times out, gives returncode -1 and no status)."""
+    argv = [str(a) for a in argv]
     try:
         proc = subprocess.run(
-            [str(binary), *[str(a) for a in args]],
+            argv,
             capture_output=True,
             text=True,
             errors="replace",
             timeout=timeout,
             check=False,
+            stdin=subprocess.DEVNULL,
         )
-    except OSError as exc:
-        raise HarnessRunError(f"cannot run {binary}: {exc}") from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return ProgramResult(argv, -1, "", f"{type(exc).__name__}: {exc}", None)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    status: dict[str, Any] = {}
+    status = None
     if lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            status = json.loads(lines[-1])
-    if proc.returncode != 0 or not status.get("ok"):
-        detail = status.get("error") or proc.stderr.strip()[-2000:] or f"exit status {proc.returncode}"
+        try:
+            parsed = json.loads(lines[-1])
+            status = parsed if isinstance(parsed, dict) else None
+        except json.JSONDecodeError:
+            status = None
+    return ProgramResult(argv, proc.returncode, proc.stdout, proc.stderr, status)
+
+
+def run_harness(
+    binary: Path | str, args: Sequence[str], *, phase: str = "run", timeout: float = 600.0
+) -> dict[str, Any]:
+    """Run the harness once; return its JSON status (raise on failure)."""
+    res = run_program([binary, *args], timeout=timeout)
+    status = res.status or {}
+    if res.returncode != 0 or not status.get("ok"):
+        detail = status.get("error") or res.stderr.strip()[-2000:] or f"exit status {res.returncode}"
         if phase == "verify":
             raise HarnessBuildError("verify", f"the built harness does not run: {detail}")
         raise HarnessRunError(
-            f"parity_harness {args[0] if args else ''} failed (exit status {proc.returncode}): {detail}",
+            f"parity_harness {args[0] if args else ''} failed (exit status {res.returncode}): {detail}",
             status,
-            proc.returncode,
+            res.returncode,
         )
     return status

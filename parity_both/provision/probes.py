@@ -111,7 +111,8 @@ def command_program(spec: BackendSpec) -> Path | None:
 def command_probe(spec: BackendSpec) -> dict[str, Any]:
     """A command lane: its program's SHA-256 and its ``info`` status (minus ok/exit_code), so a
     rebuilt or upgraded engine changes the probe stamp and reruns exactly its lane."""
-    from parity_both.lanes.command import PROTOCOL_VERSION, run_program
+    from parity_both.lanes.command import PROTOCOL_VERSION
+    from parity_both.provision.harness import run_program
 
     program = command_program(spec)
     if program is None:
