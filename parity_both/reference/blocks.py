@@ -66,6 +66,26 @@ def head_norm(hp: HParams, w: WeightStore, t: Trace, il: int, x: np.ndarray, whi
     return t(f"{which.upper()}cur_normed", il, "MUL", normed * w.vector(f"blk.{il}.attn_{which}_norm.weight"))
 
 
+def roped_qk(
+    hp: HParams, w: WeightStore, t: Trace, il: int, q: np.ndarray, k: np.ndarray, rope: LayerRope
+) -> tuple[np.ndarray, np.ndarray]:
+    """Q and K after their per-head RMSNorm (qwen3, gemma3: `qk_norm`) and RoPE, traced as llama.cpp does."""
+    if hp.qk_norm:
+        q = head_norm(hp, w, t, il, q, "q")
+    q = t("Qcur", il, "ROPE", rope(il, q))
+    if hp.qk_norm:
+        k = head_norm(hp, w, t, il, k, "k")
+    return q, t("Kcur", il, "ROPE", rope(il, k))
+
+
+def output_logits(w: WeightStore, t: Trace, x: np.ndarray) -> np.ndarray:
+    """The LM head: `output.weight` (else the tied embedding), plus `output.bias` where the model has one."""
+    logits = w.linear("output" if w.has("output.weight") else "token_embd", x)
+    if w.has("output.bias"):
+        logits = logits + w.vector("output.bias")
+    return t("result_output", -1, "ADD" if w.has("output.bias") else "MUL_MAT", logits)
+
+
 def rope_tables(rope: Rope, w: WeightStore, n_past: int, T: int) -> tuple[np.ndarray, np.ndarray]:
     factors = w.vector("rope_freqs.weight") if rope.freq_factors else None
     return ops.rope_cos_sin(

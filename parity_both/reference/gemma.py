@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from parity_both.reference import ops
-from parity_both.reference.blocks import LayerRope, head_norm, qkv
+from parity_both.reference.blocks import LayerRope, qkv, roped_qk
 from parity_both.reference.hparams import HParams
 from parity_both.reference.kv_cache import KVCache
 from parity_both.reference.ops import Emit, Trace
@@ -51,12 +51,7 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
         p = f"blk.{il}."
         h = ops.norm(t, il, "attn_norm", x, w.vector(p + "attn_norm.weight"), eps)
         q, k, v = qkv(hp, w, t, il, h)
-        if hp.qk_norm:
-            q = head_norm(hp, w, t, il, q, "q")
-        q = t("Qcur", il, "ROPE", rope(il, q))
-        if hp.qk_norm:
-            k = head_norm(hp, w, t, il, k, "k")
-        k = t("Kcur", il, "ROPE", rope(il, k))
+        q, k = roped_qk(hp, w, t, il, q, k, rope)
         ks, vs = kv.append(il, k, v)
         a = ops.attention(
             q * F32(hp.kq_scale), ks, vs, n_past, 1.0, t, il, softcap_c=hp.attn_softcap, window=rope.window(il)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from parity_both.reference import ops
-from parity_both.reference.blocks import LayerRope, linear, qkv
+from parity_both.reference.blocks import LayerRope, linear, output_logits, qkv
 from parity_both.reference.hparams import HParams
 from parity_both.reference.kv_cache import KVCache
 from parity_both.reference.ops import Emit, Trace
@@ -58,7 +58,4 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
     kv.advance(T)
 
     x = ops.norm(t, -1, "result_norm", x, w.vector("output_norm.weight"), eps)
-    logits = w.linear("output" if w.has("output.weight") else "token_embd", x)
-    if w.has("output.bias"):
-        logits = logits + w.vector("output.bias")
-    return t("result_output", -1, "ADD" if w.has("output.bias") else "MUL_MAT", logits)
+    return output_logits(w, t, x)

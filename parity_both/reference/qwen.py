@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from parity_both.reference import ops
-from parity_both.reference.blocks import LayerRope, head_norm, linear, qkv
+from parity_both.reference.blocks import LayerRope, linear, output_logits, qkv, roped_qk
 from parity_both.reference.hparams import HParams
 from parity_both.reference.kv_cache import KVCache
 from parity_both.reference.ops import Emit, Trace
@@ -39,12 +39,7 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
         p = f"blk.{il}."
         h = ops.norm(t, il, "attn_norm", x, w.vector(p + "attn_norm.weight"), eps)
         q, k, v = qkv(hp, w, t, il, h)
-        if hp.qk_norm:
-            q = head_norm(hp, w, t, il, q, "q")
-        q = t("Qcur", il, "ROPE", rope(il, q))
-        if hp.qk_norm:
-            k = head_norm(hp, w, t, il, k, "k")
-        k = t("Kcur", il, "ROPE", rope(il, k))
+        q, k = roped_qk(hp, w, t, il, q, k, rope)
         ks, vs = kv.append(il, k, v)
         a = ops.attention(q, ks, vs, n_past, hp.kq_scale, t, il, window=rope.window(il))
         x = t("ffn_inp", il, "ADD", x + linear(w, t, il, p + "attn_output", a, "kqv_out", node_with_bias="kqv_wo"))
@@ -56,7 +51,4 @@ def forward(hp: HParams, w: WeightStore, ids: np.ndarray, kv: KVCache, trace: Em
     kv.advance(T)
 
     x = ops.norm(t, -1, "result_norm", x, w.vector("output_norm.weight"), eps)
-    logits = w.linear("output" if w.has("output.weight") else "token_embd", x)
-    if w.has("output.bias"):
-        logits = logits + w.vector("output.bias")
-    return t("result_output", -1, "ADD" if w.has("output.bias") else "MUL_MAT", logits)
+    return output_logits(w, t, x)
