@@ -7,6 +7,7 @@ progress, failure paragraphs and diagnostics go to stderr.
 `parity-both lane-check --backend NAME [--config CFG]` checks a lane program against the lane
 protocol instead (parity_both/lanecheck.py; exit 0 only if every rule passes).
 `parity-both show RECEIPT...` prints receipts of any schema version in the summary layouts.
+`parity-both diff OLD NEW` lists the receipt fields that moved between two results folders.
 Every exit prints one document on stdout; with --format json a run that failed before any receipt
 has an `error` object (kind, message, log, fix). Each run has a run id (run.json, summary `run`) and
 first retires the previous run's receipt copies and summaries in --out-dir (README "Reusing an --out-dir").
@@ -483,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         return lanecheck.main(argv[1:])
     if argv[:1] == ["show"]:  # `parity-both show RECEIPT...`: any receipt version in the text layout
         return show(argv[1:])
+    if argv[:1] == ["diff"]:  # `parity-both diff OLD NEW`: which receipt fields moved between two runs
+        from parity_both import receiptdiff
+
+        return receiptdiff.main(argv[1:])
     run_id = new_run_id()
     err = io.StringIO()
     try:

@@ -519,8 +519,12 @@ def upgrade_v2(old: Mapping[str, Any]) -> dict[str, Any]:
         "summary": {k: v for k, v in summary.items() if k not in ("all_passed", "hints")},
     }
     r["graph"] = {"status": "skipped", "reason": f"receipt v{old.get('version')} predates the graph verdict"}
-    summary["verdicts"] = {"graph": "skipped", "quantized": q_status}
-    r["summary"] = summary
+    # v3's top-level summary keeps only the verdicts and the headline numbers (the rest is quantized's)
+    top = {k: summary[k] for k in ("all_passed", "failures", "mean_mse", "mean_kl", "reason") if k in summary}
+    first = summary.get("first_divergence")
+    top["first_divergence"] = {"verdict": "quantized", **first} if first else None
+    top["verdicts"] = {"graph": "skipped", "quantized": q_status}
+    r["summary"] = top
     r["version"] = SCHEMA_VERSION
     return r
 

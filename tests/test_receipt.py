@@ -224,6 +224,9 @@ def test_v2_receipt_loads_upgraded():
     assert r["quantized"]["files"] == v2["evaluated_files"] and r["quantized"]["sequence"] == v2["sequence"]
     assert r["graph"] == {"status": "skipped", "reason": "receipt v2 predates the graph verdict"}
     assert not {"rows", "thresholds", "positions", "greedy", "sequence", "evaluated_files"} & set(r)
+    # the top-level summary has v3's shape: the per-verdict numbers live in quantized.summary only
+    assert set(r["summary"]) <= {"all_passed", "failures", "first_divergence", "mean_mse", "mean_kl", "verdicts"}
+    assert r["quantized"]["summary"]["nmse"] == v2["summary"]["nmse"]
 
 
 def test_unknown_version_is_refused(tmp_path):
