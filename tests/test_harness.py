@@ -146,8 +146,9 @@ def test_generation_detected_by_probe(which: str, build_2024: HarnessBuild, buil
 
         lib_dir = Path(llama_cpp.__file__).parent / "lib"
         assert any(Path(p).parent == lib_dir for p in info["libraries"]), info["libraries"]
-    # the binary loads the libraries the build record names
+    # the binary loads the libraries the build record names, and the record's paths resolve
     assert all(Path(p).exists() for p in info["libraries"])
+    assert build.libraries and all(Path(p).exists() for p in build.libraries), build.libraries
 
 
 @pytest.mark.parametrize("which", ["2024", "2025"])

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -78,6 +79,11 @@ class HarnessBuild:
     harness_digest: str
     engine: dict[str, Any] = field(default_factory=dict)  # engine build record (source builds)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # normalised: `info` runs from a temporary folder renamed after the check, and its
+        # `tmp/bin/../../lib/...` paths stop resolving once `tmp` is gone (records of older builds too)
+        self.libraries = [os.path.normpath(p) for p in self.libraries]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
