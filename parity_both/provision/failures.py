@@ -3,7 +3,12 @@
 
     2 missing and repair disabled, or an unusable spec/source (unknown lane, pinned commit absent)
     3 source unreachable (after retries with backoff)   4 cache/build dir not writable
-    5 configure/compile (or install-build) failure      6 recursion (PARITY_BOTH_REPAIRING already set)
+    5 configure/compile (or install-build) failure      6 a nested repair: a repair (a build step, a
+      configure script) started parity-both, Snakemake or a backend repair that needed a repair itself
+
+A repair runs with PARITY_BOTH_REPAIRING set (inherited by everything it starts); a repair requested
+while it is set is refused with exit 6 and a message containing ``RECURSION_REFUSED``, and the outer
+repair, seeing that refusal in its step's output, fails with 6 too (not 5).
 
 The failure record written beside a job's log is defined once, in parity_both.jobs.
 """
@@ -23,6 +28,7 @@ EXIT_PERMISSION = 4
 EXIT_BUILD = 5
 EXIT_RECURSION = 6
 EXIT_SOURCE = 2  # "bad arguments or unusable input" in the pipeline's exit-code table
+RECURSION_REFUSED = "refusing to recurse"  # in the message of every refused nested repair
 _KINDS = {
     EXIT_MISSING: "backend_missing",
     EXIT_NETWORK: "network",
@@ -67,7 +73,7 @@ class BackendFailure(Exception):
 
     @property
     def kind(self) -> str:
-        return "bad_source" if self.phase in ("spec", "checkout") else _KINDS.get(self.code, "backend")
+        return "bad_source" if self.phase in ("spec", "checkout", "checksum") else _KINDS.get(self.code, "backend")
 
     @property
     def record(self) -> dict[str, Any]:
@@ -89,9 +95,29 @@ class BackendFailure(Exception):
         return out
 
 
+def nested_repair_refused(returncode: int | None, output: str) -> bool:
+    """Did a step fail because something it started asked for a repair inside this one?"""
+    return returncode is not None and returncode != 0 and RECURSION_REFUSED in output
+
+
+def nested_repair_failure(what: str, log_path: Path | str | None, returncode: int | None) -> BackendFailure:
+    return BackendFailure(
+        EXIT_RECURSION,
+        "guard",
+        f"{what} started a nested repair (parity-both, Snakemake or a backend repair that needed a "
+        f"repair itself), {RECURSION_REFUSED}",
+        log_path=log_path,
+        hint="a backend's build must not run parity-both or this workflow: build the program directly, "
+        "or provision the inner backend first",
+        details={"returncode": returncode},
+    )
+
+
 def classify_build_error(exc: HarnessBuildError, log_path: Path) -> BackendFailure:
-    """A failed build step: an unwritable directory is 4, anything else (configure, compile, a
-    missing tool) is 5."""
+    """A failed build step: a nested repair it started is 6, an unwritable directory 4, anything else
+    (configure, compile, a missing tool) 5."""
+    if nested_repair_refused(exc.returncode, exc.message):
+        return nested_repair_failure(f"{exc.phase} step {exc.cmd[:3]}", exc.log_path or log_path, exc.returncode)
     if exc.errno in NOT_WRITABLE_ERRNOS:
         return BackendFailure(
             EXIT_PERMISSION,

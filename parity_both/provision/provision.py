@@ -32,12 +32,16 @@ from parity_both.provision.failures import (
     EXIT_PERMISSION,
     EXIT_RECURSION,
     EXIT_SOURCE,
+    RECURSION_REFUSED,
     BackendFailure,
     classify_build_error,
     classify_os_error,
+    nested_repair_failure,
+    nested_repair_refused,
 )
 from parity_both.provision.fetch import SOURCE_META, check_writable, ensure_source, run_pip, run_to_log
-from parity_both.provision.harness import HarnessBuild, build_harness
+from parity_both.provision.harness import build_harness
+from parity_both.provision.identity import backend_identity, python_load_check
 from parity_both.provision.lock import build_lock
 from parity_both.provision.specs import BackendSpec, effective_spec, lane_spec
 
@@ -169,9 +173,9 @@ def ensure_backend(
                 )
         else:
             progress("present", probe.get("key") or probe.get("version") or "")
-        ident = _identity(spec, probe, cache)
+        ident = backend_identity(spec, probe, cache)
         if spec.kind == "python":
-            ident["system_info"] = _python_load_check(log_path)["system_info"]
+            ident["system_info"] = python_load_check(log_path)["system_info"]
     except BackendFailure as f:
         f.backend = f.backend or spec.name
         raise
@@ -226,7 +230,7 @@ def _refuse_repair_unless_allowed(
             EXIT_RECURSION,
             "guard",
             f"backend '{spec.name}' needs a repair, but a repair is "
-            f"already running ({ENV_GUARD}={os.environ[ENV_GUARD]}): refusing to recurse",
+            f"already running ({ENV_GUARD}={os.environ[ENV_GUARD]}): {RECURSION_REFUSED}",
             log_path=log_path,
             hint=f"unset {ENV_GUARD} if no provisioning is running",
         )
@@ -317,6 +321,8 @@ def _build_command(spec: BackendSpec, log_path: Path, progress: Progress) -> Non
                 log_path=log_path,
                 details={"errno": exc.errno, "command": list(step)},
             ) from exc
+        if nested_repair_refused(proc.returncode, proc.stdout + proc.stderr):
+            raise nested_repair_failure(f"build step {list(step)}", log_path, proc.returncode)
         if proc.returncode != 0:
             raise BackendFailure(
                 EXIT_BUILD,
@@ -491,91 +497,6 @@ def _merge_engine_record(root: Path, extra: dict[str, Any]) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
-
-
-# ============================================================================================ identity
-
-
-def _python_load_check(log_path: Path) -> dict[str, Any]:
-    """Import llama_cpp in a fresh interpreter: proves the library loads; returns its system info."""
-    code = (
-        "import json, llama_cpp; print(json.dumps({'system_info': "
-        "llama_cpp.llama_print_system_info().decode(), 'module': llama_cpp.__file__}))"
-    )
-    proc = run_to_log([sys.executable, "-c", code], log_path, timeout=300)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["import failed"])[-1]
-        raise BackendFailure(
-            EXIT_BUILD,
-            "verify",
-            f"llama_cpp does not load: {last}",
-            log_path=log_path,
-            details={"returncode": proc.returncode},
-        )
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-_ENGINE_FACTS = ("sdist", "sdist_sha256", "bitnet_lut_header", "git_url", "git_commit", "existing_build")
-
-
-def _identity(spec: BackendSpec, probe: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
-    """The backend's identity (deterministic: no timings, no timestamps)."""
-    ident: dict[str, Any] = {
-        "name": spec.name,
-        "engine": probe.get("engine"),
-        "kind": spec.kind,
-        "recipe": spec.recipe,
-        "source": probe.get("source"),
-    }
-    if spec.kind == "command":
-        info = probe.get("info") or {}
-        ident.update(
-            command=list(spec.command),
-            binary=probe.get("binary"),
-            binary_sha256=probe.get("binary_sha256"),
-            info=info,
-            protocol=info.get("protocol"),
-            revision=info.get("engine_version") or f"sha256:{probe.get('binary_sha256')}",
-        )
-        return ident
-    if spec.kind == "python":
-        ident.update(
-            package="llama-cpp-python",
-            version=probe.get("version"),
-            requirement=spec.source.requirement,
-            revision=f"llama-cpp-python=={probe.get('version')}",
-            api_generation="2025+",
-            library_paths=[probe.get("lib_dir")],
-            libllama_sha256=probe.get("libllama_sha256"),
-        )
-        return ident
-    linked = probe.get("linked_package") or {}
-    _, hdir = probes.harness_dirs(spec, cache_dir, linked)
-    build = HarnessBuild.load(hdir / "harness.json")
-    eng = build.engine
-    src = probe.get("source") or {}
-    ident.update(
-        revision=src.get("commit") or src.get("revision") or spec.source.requirement,
-        api_generation=build.api_generation,
-        api_features=build.api_features,
-        harness_path=build.harness_path,
-        harness_digest=build.harness_digest,
-        library_paths=probe.get("libraries"),
-        libllama_sha256=probe.get("libllama_sha256"),
-        system_info=probe.get("system_info"),
-        compiler={"harness": build.compiler, "engine": eng.get("compiler")},
-        build_flags={
-            "engine_cmake_args": eng.get("cmake_args"),
-            "engine_flags": eng.get("flags"),
-            "harness_cmake_args": build.harness_cmake_args,
-        },
-        cache_path=str(hdir.parent),
-        key=probe.get("key"),
-    )
-    ident.update({k: eng[k] for k in _ENGINE_FACTS if k in eng})
-    if linked:
-        ident["linked_package"] = linked
-    return ident
 
 
 # ============================================================================================ the job
