@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from parity_both.config import ci_detected
 from parity_both.hashing import cache_dir as default_cache_dir
 from parity_both.provision import probes
-from parity_both.provision.build import HarnessBuildError, Progress, append_log, find_llama_tree
+from parity_both.provision.build import HarnessBuildError, Progress, append_log, find_llama_tree, retire_dir
 from parity_both.provision.failures import (
     EXIT_BUILD,
     EXIT_MISSING,
@@ -291,7 +291,7 @@ def _repair(
     src = ensure_source(spec, cache_dir, log_path, **fetch)
     root, _ = probes.harness_dirs(spec, cache_dir)
     if force:
-        shutil.rmtree(root, ignore_errors=True)
+        retire_dir(root)
     if spec.existing_dir and _harness_on_existing_build(spec, src, root, log_path, jobs, progress):
         return
     _build_from_source(spec, src, root, log_path, jobs, progress)
@@ -383,7 +383,7 @@ def _link_harness(
     tree = find_llama_tree(src)
     root, hdir = probes.harness_dirs(spec, cache_dir, py)
     if force:
-        shutil.rmtree(hdir, ignore_errors=True)
+        retire_dir(hdir)
     build_harness(
         root,
         log_path,
