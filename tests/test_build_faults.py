@@ -10,10 +10,7 @@ Every test uses its own cache directory: the shared cache is only read.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +24,9 @@ from parity_both.hashing import sha256_file
 from parity_both.provision.build import engine_build_problem
 from parity_both.provision.probes import harness_dirs, probe_backend
 from parity_both.provision.provision import ENV_GUARD, ENV_REPAIR, provision_backend
-from parity_both.provision.specs import BUILTIN_SPECS, spec_from_config
+from parity_both.provision.specs import spec_from_config
+
+from conftest import kill_session, partial_dirs, slow_tree
 
 
 @pytest.fixture(autouse=True)
@@ -36,41 +35,8 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
-def engine_2024_root(fallback_cache: Path) -> Path:
-    """A whole October-2024 llama.cpp engine build (lib/, include/): the test cache's, else built here."""
-    for env in ("PARITY_BOTH_TEST_CACHE", "PARITY_BOTH_CACHE"):
-        for root in sorted(Path(os.environ.get(env) or "/nonexistent", "builds").glob("llama-2024-*")):
-            if engine_build_problem(root) is None:
-                return root
-    provision_backend(BUILTIN_SPECS["llama-2024"], fallback_cache, fallback_cache / "build.log", "auto")
-    return next((fallback_cache / "builds").glob("llama-2024-*"))
-
-
-@pytest.fixture(scope="module")
-def engine_2024(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return engine_2024_root(tmp_path_factory.mktemp("engine-2024"))
-
-
-def slow_tree(root: Path, engine: Path, seconds: float) -> Path:
-    """A llama.cpp-shaped tree whose `llama` target takes `seconds`, then yields `engine`'s libraries."""
-    shutil.copytree(engine / "include", root / "include")
-    (root / "ggml" / "include").mkdir(parents=True)
-    (root / "CMakeLists.txt").write_text(
-        "cmake_minimum_required(VERSION 3.16)\nproject(slow NONE)\n"
-        "add_custom_target(llama ALL\n"
-        f"  COMMAND ${{CMAKE_COMMAND}} -E sleep {seconds}\n"
-        f'  COMMAND ${{CMAKE_COMMAND}} -E copy_directory "{engine / "lib"}" "${{CMAKE_BINARY_DIR}}/out"\n'
-        "  VERBATIM)\n"
-    )
-    return root
-
-
 def spec_cfg(tree: Path) -> dict:
     return {"kind": "harness", "source": {"type": "local", "path": str(tree)}}
-
-
-def partial_dirs(cache: Path) -> list[str]:
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.name.startswith((".tmp-", ".trash-")))
 
 
 def assert_correct(spec, cache: Path, engine: Path) -> dict:
@@ -82,15 +48,6 @@ def assert_correct(spec, cache: Path, engine: Path) -> dict:
     assert probe["libllama_sha256"] == sha256_file(engine / "lib" / "libllama.so")
     assert all(Path(p).is_relative_to(root.resolve()) for p in probe["libraries"] if "libllama" in p)
     return probe
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of the session (ninja runs each command in its own process group, so
-    killing the group would leave the compile running: a crashed node leaves nothing running)."""
-    ps = subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True, check=True)
-    for pid in sorted({int(x) for x in ps.stdout.split()}):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_sigkill_during_a_backend_build_then_rerun_completes(tmp_path: Path, engine_2024: Path) -> None:

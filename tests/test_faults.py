@@ -55,9 +55,10 @@ def test_sigkill_during_a_backend_build_then_rerun_completes(tmp_path):
     then the same command again: the build completes in the run's own cache, the backend record and the
     receipt are whole, and the killed build's temporary dir is gone."""
     import yaml
-    from test_build_faults import engine_2024_root, kill_session, partial_dirs, slow_tree
 
     from parity_both.fixtures import write_fixture
+
+    from conftest import engine_2024_root, kill_session, partial_dirs, slow_tree
 
     tiny, cfg, out, cache = tmp_path / "tiny.gguf", tmp_path / "cfg.yaml", tmp_path / "ci", tmp_path / "cache"
     write_fixture(tiny, arch="llama", weight_type="F32", size="tiny")

@@ -185,16 +185,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_abandoned(final: Path) -> list[Path]:
-    """Remove what killed builds of final left behind: its temporary dirs whose owner (named in the
-    dir's name) was a process of this host that no longer runs, and retired copies. A temporary dir of
-    a live process, or of another host (a cluster node sharing the cache), is left alone."""
+    """Remove what killed builds of final left behind: its temporary dirs and retired copies whose owner
+    (named in the dir's name) was a process of this host that no longer runs. Those of a live process, or
+    of another host (a cluster node sharing the cache), are left alone."""
     host, _ = _owner().split("@")
     removed = []
     for tmp in sorted(final.parent.glob(f".tmp-{final.name}@*")) + sorted(final.parent.glob(f".trash-{final.name}@*")):
         parts = tmp.name.split("@")
-        stale = tmp.name.startswith(".trash-") or (
-            len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not _pid_alive(int(parts[2]))
-        )
+        stale = len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not _pid_alive(int(parts[2]))
         if stale:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)

@@ -6,9 +6,10 @@
     5 configure/compile (or install-build) failure      6 a nested repair: a repair (a build step, a
       configure script) started parity-both, Snakemake or a backend repair that needed a repair itself
 
-A repair runs with PARITY_BOTH_REPAIRING set (inherited by everything it starts); a repair requested
-while it is set is refused with exit 6 and a message containing ``RECURSION_REFUSED``, and the outer
-repair, seeing that refusal in its step's output, fails with 6 too (not 5).
+A repair runs with PARITY_BOTH_REPAIRING set (inherited by everything it starts, through build steps,
+Snakemake and parity-both alike); a repair requested while it is set is refused with exit 6 and signs a
+file the outer repair named (PARITY_BOTH_REPAIR_REFUSALS), so the outer repair, whose step then failed,
+fails with 6 too (not 5) whatever the step printed.
 
 The failure record written beside a job's log is defined once, in parity_both.jobs.
 """
@@ -95,29 +96,23 @@ class BackendFailure(Exception):
         return out
 
 
-def nested_repair_refused(returncode: int | None, output: str) -> bool:
-    """Did a step fail because something it started asked for a repair inside this one?"""
-    return returncode is not None and returncode != 0 and RECURSION_REFUSED in output
-
-
-def nested_repair_failure(what: str, log_path: Path | str | None, returncode: int | None) -> BackendFailure:
+def nested_repair_failure(what: str, nested: str, log_path: Path | str | None) -> BackendFailure:
+    """A repair step failed because a repair it started (``nested``: which backend) was refused."""
     return BackendFailure(
         EXIT_RECURSION,
         "guard",
-        f"{what} started a nested repair (parity-both, Snakemake or a backend repair that needed a "
-        f"repair itself), {RECURSION_REFUSED}",
+        f"a nested repair: the repair of backend {nested} was started from inside this repair "
+        f"({what}), {RECURSION_REFUSED}",
         log_path=log_path,
-        hint="a backend's build must not run parity-both or this workflow: build the program directly, "
-        "or provision the inner backend first",
-        details={"returncode": returncode},
+        hint="a backend's build must not run parity-both, this workflow or a backend repair: build the "
+        "program directly, or provision the other backend first",
+        details={"nested": nested, "step": what},
     )
 
 
 def classify_build_error(exc: HarnessBuildError, log_path: Path) -> BackendFailure:
-    """A failed build step: a nested repair it started is 6, an unwritable directory 4, anything else
-    (configure, compile, a missing tool) 5."""
-    if nested_repair_refused(exc.returncode, exc.message):
-        return nested_repair_failure(f"{exc.phase} step {exc.cmd[:3]}", exc.log_path or log_path, exc.returncode)
+    """A failed build step: an unwritable directory is 4, anything else (configure, compile, a missing
+    tool) 5 (or 6, decided by the repair guard, when the step started a refused nested repair)."""
     if exc.errno in NOT_WRITABLE_ERRNOS:
         return BackendFailure(
             EXIT_PERMISSION,

@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +38,6 @@ from parity_both.provision.failures import (
     classify_build_error,
     classify_os_error,
     nested_repair_failure,
-    nested_repair_refused,
 )
 from parity_both.provision.fetch import SOURCE_META, check_writable, ensure_source, run_pip, run_to_log
 from parity_both.provision.harness import build_harness
@@ -47,6 +47,7 @@ from parity_both.provision.specs import BackendSpec, effective_spec, lane_spec
 
 ENV_REPAIR = "PARITY_BOTH_REPAIR"
 ENV_GUARD = "PARITY_BOTH_REPAIRING"
+ENV_REFUSALS = "PARITY_BOTH_REPAIR_REFUSALS"  # the file a refused nested repair signs (see _repair_guard)
 REPAIR_MODES = ("auto", "never", "always")
 
 # ============================================================================================ repair mode
@@ -226,6 +227,7 @@ def _refuse_repair_unless_allowed(
             details={"problem": problem},
         )
     if os.environ.get(ENV_GUARD):
+        _sign_refusal(spec)
         raise BackendFailure(
             EXIT_RECURSION,
             "guard",
@@ -237,30 +239,51 @@ def _refuse_repair_unless_allowed(
 
 
 @contextlib.contextmanager
-def _repair_guard(name: str) -> Iterator[None]:
-    old = os.environ.get(ENV_GUARD)
-    os.environ[ENV_GUARD] = name
+def _repair_guard(name: str, log_path: Path) -> Iterator[Path]:
+    """Set the guard (and the file where refused nested repairs sign in) for everything the repair starts;
+    yields that file. Both are this repair's own: the previous values come back after it."""
+    old = {k: os.environ.get(k) for k in (ENV_GUARD, ENV_REFUSALS)}
+    fd, refusals = tempfile.mkstemp(prefix=f".{log_path.name}.", suffix=".nested", dir=log_path.parent)
+    os.close(fd)
+    os.environ.update({ENV_GUARD: name, ENV_REFUSALS: refusals})
     try:
-        yield
+        yield Path(refusals)
     finally:
-        if old is None:
-            os.environ.pop(ENV_GUARD, None)
-        else:
-            os.environ[ENV_GUARD] = old
+        Path(refusals).unlink(missing_ok=True)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _sign_refusal(spec: BackendSpec) -> None:
+    """Tell the repair that started us (whatever ran in between: a build step, Snakemake, parity-both)
+    that we were a nested repair it must report as such."""
+    with contextlib.suppress(OSError, KeyError):
+        with open(os.environ[ENV_REFUSALS], "a") as fh:
+            fh.write(f"{spec.name}\n")
 
 
 def _repair_guarded(spec: BackendSpec, cache_dir: Path, log_path: Path, **opts: Any) -> None:
-    """_repair under the recursion guard, with build and OS errors classified."""
-    with _repair_guard(spec.name):
+    """_repair under the recursion guard, with build and OS errors classified; a step that failed
+    because a repair it started was refused (signed in the refusals file) is a nested repair (6)."""
+    with _repair_guard(spec.name, log_path) as refusals:
         try:
-            _repair(spec, cache_dir, log_path, **opts)
-        except HarnessBuildError as exc:
-            raise classify_build_error(exc, log_path) from exc
-        except OSError as exc:
-            failure = classify_os_error(exc, log_path)
-            if failure is None:
-                raise
-            raise failure from exc
+            try:
+                _repair(spec, cache_dir, log_path, **opts)
+            except HarnessBuildError as exc:
+                raise classify_build_error(exc, log_path) from exc
+            except OSError as exc:
+                failure = classify_os_error(exc, log_path)
+                if failure is None:
+                    raise
+                raise failure from exc
+        except BackendFailure as f:
+            nested = refusals.read_text().split("\n")[0] if refusals.exists() else ""
+            if nested and f.code != EXIT_RECURSION:
+                raise nested_repair_failure(f"{f.phase}: {f.message.splitlines()[0]}", nested, log_path) from f
+            raise
 
 
 # ============================================================================================ repair
@@ -321,8 +344,6 @@ def _build_command(spec: BackendSpec, log_path: Path, progress: Progress) -> Non
                 log_path=log_path,
                 details={"errno": exc.errno, "command": list(step)},
             ) from exc
-        if nested_repair_refused(proc.returncode, proc.stdout + proc.stderr):
-            raise nested_repair_failure(f"build step {list(step)}", log_path, proc.returncode)
         if proc.returncode != 0:
             raise BackendFailure(
                 EXIT_BUILD,
