@@ -43,7 +43,7 @@ from parity_both.provision.fetch import SOURCE_META, check_writable, ensure_sour
 from parity_both.provision.harness import build_harness
 from parity_both.provision.identity import backend_identity, python_load_check
 from parity_both.provision.lock import build_lock
-from parity_both.provision.specs import BackendSpec, effective_spec, lane_spec
+from parity_both.provision.specs import BackendSpec, effective_spec, lane_spec, slug
 
 ENV_REPAIR = "PARITY_BOTH_REPAIR"
 ENV_GUARD = "PARITY_BOTH_REPAIRING"
@@ -239,11 +239,11 @@ def _refuse_repair_unless_allowed(
 
 
 @contextlib.contextmanager
-def _repair_guard(name: str, log_path: Path) -> Iterator[Path]:
+def _repair_guard(name: str) -> Iterator[Path]:
     """Set the guard (and the file where refused nested repairs sign in) for everything the repair starts;
     yields that file. Both are this repair's own: the previous values come back after it."""
     old = {k: os.environ.get(k) for k in (ENV_GUARD, ENV_REFUSALS)}
-    fd, refusals = tempfile.mkstemp(prefix=f".{log_path.name}.", suffix=".nested", dir=log_path.parent)
+    fd, refusals = tempfile.mkstemp(prefix=f"parity-both-{slug(name)}-", suffix=".nested")  # not in results/
     os.close(fd)
     os.environ.update({ENV_GUARD: name, ENV_REFUSALS: refusals})
     try:
@@ -268,7 +268,7 @@ def _sign_refusal(spec: BackendSpec) -> None:
 def _repair_guarded(spec: BackendSpec, cache_dir: Path, log_path: Path, **opts: Any) -> None:
     """_repair under the recursion guard, with build and OS errors classified; a step that failed
     because a repair it started was refused (signed in the refusals file) is a nested repair (6)."""
-    with _repair_guard(spec.name, log_path) as refusals:
+    with _repair_guard(spec.name) as refusals:
         try:
             try:
                 _repair(spec, cache_dir, log_path, **opts)
