@@ -13,7 +13,7 @@ has an `error` object (kind, message, log, fix). Each run has a run id (run.json
 first retires the previous run's receipt copies and summaries in --out-dir (README "Reusing an --out-dir").
 Exit codes: 0 all lanes pass; 1 a lane fails its thresholds; 2 token mismatch, inconsistent
 tokenizer, bad arguments or unusable input; 3 network unreachable; 4 permission denied; 5 backend
-configure/compile failure; 6 recursive repair.
+configure/compile failure; 6 nested repair (a repair that started a repair).
 """
 
 from __future__ import annotations

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +121,52 @@ def llama_cpp_logits(
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
     finally:
         llm.close()
+
+
+# ---------------------------------------------------------------------------- backend builds (faults, trust)
+
+
+def engine_2024_root(fallback_cache: Path) -> Path:
+    """A whole October-2024 llama.cpp engine build (lib/, include/): the test cache's, else built here."""
+    from parity_both.provision.build import engine_build_problem
+    from parity_both.provision.provision import provision_backend
+    from parity_both.provision.specs import BUILTIN_SPECS
+
+    for env in ("PARITY_BOTH_TEST_CACHE", "PARITY_BOTH_CACHE"):
+        for root in sorted(Path(os.environ.get(env) or "/nonexistent", "builds").glob("llama-2024-*")):
+            if engine_build_problem(root) is None:
+                return root
+    provision_backend(BUILTIN_SPECS["llama-2024"], fallback_cache, fallback_cache / "build.log", "auto")
+    return next((fallback_cache / "builds").glob("llama-2024-*"))
+
+
+@pytest.fixture(scope="module")
+def engine_2024(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return engine_2024_root(tmp_path_factory.mktemp("engine-2024"))
+
+
+def slow_tree(root: Path, engine: Path, seconds: float) -> Path:
+    """A llama.cpp-shaped tree whose `llama` target takes `seconds`, then yields `engine`'s libraries."""
+    shutil.copytree(engine / "include", root / "include")
+    (root / "ggml" / "include").mkdir(parents=True)
+    (root / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16)\nproject(slow NONE)\n"
+        "add_custom_target(llama ALL\n"
+        f"  COMMAND ${{CMAKE_COMMAND}} -E sleep {seconds}\n"
+        f'  COMMAND ${{CMAKE_COMMAND}} -E copy_directory "{engine / "lib"}" "${{CMAKE_BINARY_DIR}}/out"\n'
+        "  VERBATIM)\n"
+    )
+    return root
+
+
+def partial_dirs(cache: Path) -> list[str]:
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.name.startswith((".tmp-", ".trash-")))
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of the session (ninja runs each command in its own process group, so
+    killing the group would leave the compile running: a crashed node leaves nothing running)."""
+    ps = subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True, check=True)
+    for pid in sorted({int(x) for x in ps.stdout.split()}):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -274,13 +274,38 @@ def test_tree_that_fails_to_build_is_build_failure(broken: str, tmp_path: Path) 
     assert leftovers(cache) == [] and list((cache / "builds").iterdir()) == []
 
 
-def test_recursion_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV_GUARD, "outer")
-    tree = _mini_tree(tmp_path / "tree", broken=None)
+@pytest.mark.parametrize("via", ["build step", "cmake configure"])
+def test_a_repair_that_repairs_another_backend_is_a_nested_repair(via: str, tmp_path: Path) -> None:
+    """Exit 6 from a real nesting: backend `outer`'s repair (a command backend's build step, or the CMake
+    configure of a harness tree, which prints nothing useful and exits 1) runs the documented repair command
+    of backend `inner`, missing too. The inner repair inherits the guard the outer repair set and is refused
+    (6); the outer repair reports the nesting (6), not a plain build failure (5)."""
+    assert ENV_GUARD not in os.environ
+    cfg = tmp_path / "backends.json"
+    inner = {"kind": "command", "command": [str(tmp_path / "inner-engine")], "build": [["true"]]}
+    step = [sys.executable, "-m", "parity_both.provision.backends", "provision", "inner", "--config", str(cfg)]
+    step += ["--cache-dir", str(tmp_path / "cache"), "--log", str(tmp_path / "inner.log"), "--repair", "auto"]
+    if via == "build step":
+        outer = {"kind": "command", "command": [str(tmp_path / "outer-engine")], "build": [step]}
+    else:
+        tree = _mini_tree(tmp_path / "tree", broken=None)
+        cmd = " ".join(f'"{a}"' for a in step)
+        (tree / "CMakeLists.txt").write_text(
+            "cmake_minimum_required(VERSION 3.16)\nproject(mini CXX)\n"
+            f"execute_process(COMMAND {cmd} RESULT_VARIABLE r OUTPUT_QUIET ERROR_QUIET)\n"
+            'if(r)\n  message(FATAL_ERROR "setup failed")\nendif()\nadd_library(llama SHARED src/llama.cpp)\n'
+        )
+        outer = {"kind": "harness", "source": {"type": "local", "path": str(tree)}}
+    cfg.write_text(json.dumps({"inner": inner, "outer": outer}))
     with pytest.raises(BackendFailure) as ei:
-        provision_backend(local_spec(tree), tmp_path / "cache", tmp_path / "r.log", "auto", **FAST)
-    assert ei.value.code == 6 and ei.value.kind == "recursion" and ENV_GUARD in ei.value.hint
-    assert not (tmp_path / "cache").exists()
+        provision_backend(spec_from_config("outer", outer), tmp_path / "cache", tmp_path / "r.log", "auto", **FAST)
+    f = ei.value
+    assert f.code == 6 and f.kind == "recursion" and f.phase == "guard", f
+    assert "a nested repair: the repair of backend inner" in f.message
+    inner_rec = json.loads((tmp_path / "inner.log.failure.json").read_text())
+    assert inner_rec["exit_code"] == 6 and f"{ENV_GUARD}=outer" in inner_rec["message"]
+    assert ENV_GUARD not in os.environ  # the guard is the repair's own, restored after it
+    assert not os.environ.get("PARITY_BOTH_REPAIR_REFUSALS")  # and its refusals file with it
 
 
 def test_repair_disabled_and_missing_exits_2(tmp_path: Path) -> None:

@@ -19,9 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from parity_both.hashing import sha256_file
 
 # Configure flags for the engine's own CMake project (see issue 5 / notes/llama-cpp.md).
 ENGINE_BASE_CMAKE_ARGS: tuple[str, ...] = (
@@ -167,21 +169,101 @@ def ensure_writable_dir(path: Path, phase: str = "prepare") -> None:
         raise HarnessBuildError(phase, f"cannot write to {path}: {exc.strerror or exc}", errno_=exc.errno) from exc
 
 
+def _owner() -> str:
+    """This process, as written into the names of its temporary build dirs (host@pid)."""
+    return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', os.uname().nodename)}@{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_abandoned(final: Path) -> list[Path]:
+    """Remove what killed builds of final left behind: its temporary dirs and retired copies whose owner
+    (named in the dir's name) was a process of this host that no longer runs. Those of a live process, or
+    of another host (a cluster node sharing the cache), are left alone."""
+    host, _ = _owner().split("@")
+    removed = []
+    for tmp in sorted(final.parent.glob(f".tmp-{final.name}@*")) + sorted(final.parent.glob(f".trash-{final.name}@*")):
+        parts = tmp.name.split("@")
+        stale = len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not _pid_alive(int(parts[2]))
+        if stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def retire_dir(path: Path) -> None:
+    """Delete a directory so that it is never seen half-deleted: rename it aside first (atomic), then
+    remove the renamed copy (a kill in between leaves only a ``.trash-`` dir, swept later)."""
+    if not path.exists():
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".trash-{path.name}@{_owner()}@", dir=path.parent))
+    os.rename(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of final; rename it to final on success, delete it on failure."""
+def atomic_dir(final: Path, complete: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of final; rename it to final on success, delete it on failure.
+
+    The temporary dir is named after its owner (``.tmp-NAME@HOST@PID@...``) so that a later build sweeps
+    it once that process is gone (a kill -9 runs no cleanup). When final already exists it is kept only if
+    ``complete(final)`` says it is whole (default: existing means complete); an incomplete one is retired
+    and replaced, never reused."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    sweep_abandoned(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}@{_owner()}@", dir=final.parent))
+    whole = complete or (lambda _: True)
     try:
         yield tmp
         tmp.chmod(0o755)
-        if final.exists():  # built concurrently by someone else: keep theirs
+        if final.exists() and whole(final):  # built concurrently by someone else: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
+            return
+        retire_dir(final)
+        try:
             os.rename(tmp, final)
+        except OSError as exc:  # someone renamed theirs in between
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not whole(final):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+ENGINE_RECORD = "engine.json"  # written last into an engine build: no record, no build
+
+
+def engine_build_problem(root: Path, *, verify_hashes: bool = False) -> str | None:
+    """Why the engine build at root is not whole (None when it is): its record is missing or unreadable,
+    or a library the record lists is missing or differs in size (and with verify_hashes, in sha256).
+    Records written before the list existed are checked for lib/libllama.so only."""
+    rec_path = root / ENGINE_RECORD
+    try:
+        rec = json.loads(rec_path.read_text())
+    except FileNotFoundError:
+        return f"no build record {rec_path} (an interrupted or damaged build)"
+    except (OSError, ValueError) as exc:
+        return f"unreadable build record {rec_path}: {exc}"
+    files = rec.get("files") if isinstance(rec, dict) else None
+    for rel, want in (files if isinstance(files, dict) else {"lib/libllama.so": {}}).items():
+        path = root / rel
+        if not path.is_file():
+            return f"{path} is missing (listed in {rec_path})"
+        size = path.stat().st_size
+        if "size" in want and size != want["size"]:
+            return f"{path} has {size} bytes, its build record says {want['size']}"
+        if verify_hashes and "sha256" in want and sha256_file(path) != want["sha256"]:
+            return f"{path} differs from its build record (sha256)"
+    return None
 
 
 def find_llama_tree(src: Path) -> Path:
@@ -282,9 +364,20 @@ def build_engine(
 
     record = _engine_record(src_dir, llama_tree, args, cache, cc, cxx, jobs)
     record.update(libraries=copied, seconds={"configure": round(t_conf, 1), "build": round(t_build, 1)})
-    (out_dir / "engine.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    record["files"] = _file_list(out_dir, copied)
+    (out_dir / ENGINE_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")  # last
     progress("engine built", f"configure {t_conf:.1f}s, build {t_build:.1f}s")
     return record
+
+
+def _file_list(out_dir: Path, copied: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every library file of the build (symlinks name a listed file)."""
+    out = {}
+    for name in copied:
+        path = out_dir / "lib" / name
+        if path.is_file() and not path.is_symlink():
+            out[f"lib/{name}"] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
 
 
 def _engine_cmake_args(src_dir: Path, cc: str | None, cxx: str | None, extra_cmake_args: Sequence[str]) -> list[str]:

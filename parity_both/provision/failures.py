@@ -3,7 +3,13 @@
 
     2 missing and repair disabled, or an unusable spec/source (unknown lane, pinned commit absent)
     3 source unreachable (after retries with backoff)   4 cache/build dir not writable
-    5 configure/compile (or install-build) failure      6 recursion (PARITY_BOTH_REPAIRING already set)
+    5 configure/compile (or install-build) failure      6 a nested repair: a repair (a build step, a
+      configure script) started parity-both, Snakemake or a backend repair that needed a repair itself
+
+A repair runs with PARITY_BOTH_REPAIRING set (inherited by everything it starts, through build steps,
+Snakemake and parity-both alike); a repair requested while it is set is refused with exit 6 and signs a
+file the outer repair named (PARITY_BOTH_REPAIR_REFUSALS), so the outer repair, whose step then failed,
+fails with 6 too (not 5) whatever the step printed.
 
 The failure record written beside a job's log is defined once, in parity_both.jobs.
 """
@@ -23,6 +29,7 @@ EXIT_PERMISSION = 4
 EXIT_BUILD = 5
 EXIT_RECURSION = 6
 EXIT_SOURCE = 2  # "bad arguments or unusable input" in the pipeline's exit-code table
+RECURSION_REFUSED = "refusing to recurse"  # in the message of every refused nested repair
 _KINDS = {
     EXIT_MISSING: "backend_missing",
     EXIT_NETWORK: "network",
@@ -67,7 +74,7 @@ class BackendFailure(Exception):
 
     @property
     def kind(self) -> str:
-        return "bad_source" if self.phase in ("spec", "checkout") else _KINDS.get(self.code, "backend")
+        return "bad_source" if self.phase in ("spec", "checkout", "checksum") else _KINDS.get(self.code, "backend")
 
     @property
     def record(self) -> dict[str, Any]:
@@ -89,9 +96,23 @@ class BackendFailure(Exception):
         return out
 
 
+def nested_repair_failure(what: str, nested: str, log_path: Path | str | None) -> BackendFailure:
+    """A repair step failed because a repair it started (``nested``: which backend) was refused."""
+    return BackendFailure(
+        EXIT_RECURSION,
+        "guard",
+        f"a nested repair: the repair of backend {nested} was started from inside this repair "
+        f"({what}), {RECURSION_REFUSED}",
+        log_path=log_path,
+        hint="a backend's build must not run parity-both, this workflow or a backend repair: build the "
+        "program directly, or provision the other backend first",
+        details={"nested": nested, "step": what},
+    )
+
+
 def classify_build_error(exc: HarnessBuildError, log_path: Path) -> BackendFailure:
-    """A failed build step: an unwritable directory is 4, anything else (configure, compile, a
-    missing tool) is 5."""
+    """A failed build step: an unwritable directory is 4, anything else (configure, compile, a missing
+    tool) 5 (or 6, decided by the repair guard, when the step started a refused nested repair)."""
     if exc.errno in NOT_WRITABLE_ERRNOS:
         return BackendFailure(
             EXIT_PERMISSION,

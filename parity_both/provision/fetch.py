@@ -32,6 +32,7 @@ from parity_both.provision.build import (
     append_log,
     atomic_dir,
     ensure_writable_dir,
+    retire_dir,
 )
 from parity_both.provision.failures import (
     EXIT_BUILD,
@@ -40,7 +41,15 @@ from parity_both.provision.failures import (
     EXIT_SOURCE,
     BackendFailure,
 )
-from parity_both.provision.specs import BackendSpec, digest, pypi_name_version, run_git, slug
+from parity_both.provision.specs import (
+    SDIST_SHA256,
+    BackendSpec,
+    SourceSpec,
+    digest,
+    pypi_name_version,
+    run_git,
+    slug,
+)
 
 ENV_SDIST_DIR = "PARITY_BOTH_SDIST_DIR"  # a directory that may already hold NAME-VERSION.tar.gz
 
@@ -206,9 +215,25 @@ def fetch_git(
             log_path=log_path,
             progress=progress,
         )
-    head = run_git(["rev-parse", "HEAD"], cwd=dest).stdout.strip()
+    verify_checkout(spec, dest, log_path)
+
+
+def verify_checkout(spec: BackendSpec, repo: Path, log_path: Path) -> None:
+    """The checkout's HEAD is the pinned commit (after the checkout, and whenever a cached checkout is
+    reused), else BackendFailure(2, checkout): something moved it (a hook, a tampered cache)."""
+    s = spec.source
+    proc = run_git(["rev-parse", "HEAD"], cwd=repo)
+    head = proc.stdout.strip() if proc.returncode == 0 else f"unreadable ({_last_line(proc.stderr)})"
+    append_log(log_path, f"[verify] {repo}: HEAD {head}, pinned {s.commit}\n")
     if head != s.commit:
-        raise BackendFailure(EXIT_SOURCE, "checkout", f"HEAD is {head}, expected {s.commit}", log_path=log_path)
+        raise BackendFailure(
+            EXIT_SOURCE,
+            "checkout",
+            f"the checkout of {s.url} is at {head}, not at the pinned commit {s.commit}",
+            log_path=log_path,
+            hint=f"remove {repo.parent} (it is fetched again) and check what moved it (git hooks, the URL)",
+            details={"head": head, "pinned": s.commit, "path": str(repo)},
+        )
 
 
 def _last_line(text: str) -> str:
@@ -307,10 +332,33 @@ def _pip_failure(
     )
 
 
+def pinned_sdist_sha256(source: SourceSpec) -> str | None:
+    return source.sha256.lower() or SDIST_SHA256.get(source.requirement)
+
+
+def verify_sdist(archive: Path, requirement: str, pinned: str | None, log_path: Path) -> str:
+    """The archive's sha256, refused (BackendFailure 2, checksum) when it differs from the pin. Without a
+    pin, a downloaded archive was checked by pip against the index's own hash."""
+    sha = sha256_file(archive)
+    append_log(log_path, f"[verify] {archive.name}: sha256 {sha}, pinned {pinned or '(none)'}\n")
+    if pinned and sha != pinned:
+        raise BackendFailure(
+            EXIT_SOURCE,
+            "checksum",
+            f"{archive} (for {requirement}) has sha256 {sha}, not the pinned {pinned}",
+            log_path=log_path,
+            hint="the archive was altered or is another file: remove it (or fix the pinned sha256) and rerun",
+            details={"sha256": sha, "pinned": pinned, "path": str(archive)},
+        )
+    return sha
+
+
 def fetch_sdist(
-    requirement: str, dest: Path, log_path: Path, *, retries: int, backoff: float, progress: Progress
+    source: SourceSpec, dest: Path, log_path: Path, *, retries: int, backoff: float, progress: Progress
 ) -> dict[str, str]:
-    """pip download the sdist into a temp dir, extract it to dest (fresh dir). Returns file + sha256."""
+    """pip download the sdist into a temp dir (or take it from $PARITY_BOTH_SDIST_DIR), verify its sha256
+    (verify_sdist), extract it to dest (fresh dir). Returns file + sha256."""
+    requirement = source.requirement
     name, version = pypi_name_version(requirement)
     with tempfile.TemporaryDirectory(prefix="sdist-", dir=dest.parent) as dl:
         local = [
@@ -347,7 +395,7 @@ def fetch_sdist(
             raise BackendFailure(
                 EXIT_SOURCE, "fetch", f"pip download {requirement} produced no .tar.gz", log_path=log_path
             )
-        sha = sha256_file(files[0])
+        sha = verify_sdist(files[0], requirement, pinned_sdist_sha256(source), log_path)
         progress("extract", files[0].name)
         with tarfile.open(files[0]) as tf:
             tf.extractall(dest, filter="data")
@@ -371,7 +419,9 @@ def ensure_source(
             sources / f"git-{slug(Path(urllib.parse.urlparse(s.url).path).name)}-{s.commit[:12]}-"
             f"{digest([s.url, s.commit, s.submodules])[:8]}"
         )
-        if not final.is_dir():
+        if final.is_dir():
+            verify_checkout(spec, final / "repo", log_path)
+        else:
             with atomic_dir(final) as tmp:
                 fetch_git(spec, tmp / "repo", log_path, retries=retries, backoff=backoff, progress=progress)
                 (tmp / "repo" / SOURCE_META).write_text(
@@ -387,6 +437,13 @@ def ensure_source(
 SOURCE_META = ".parity-both-source.json"  # what was fetched (git url + commit, or sdist + sha256)
 
 
+def _extracted_from(final: Path) -> str | None:
+    try:
+        return json.loads((final / "src" / SOURCE_META).read_text()).get("sdist_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _ensure_sdist(
     spec: BackendSpec, sources: Path, log_path: Path, *, retries: int, backoff: float, progress: Progress
 ) -> Path:
@@ -395,9 +452,13 @@ def _ensure_sdist(
     if not version:
         raise BackendFailure(EXIT_SOURCE, "spec", f"sdist source {s.requirement!r} must be pinned (==)")
     final = sources / f"sdist-{slug(name)}-{slug(version)}"
+    pinned = pinned_sdist_sha256(s)
+    if final.is_dir() and pinned and _extracted_from(final) != pinned:  # extracted from another archive
+        progress("refetch", f"{final} was not extracted from the pinned archive")
+        retire_dir(final)
     if not final.is_dir():
         with atomic_dir(final) as tmp:
-            meta = fetch_sdist(s.requirement, tmp, log_path, retries=retries, backoff=backoff, progress=progress)
+            meta = fetch_sdist(s, tmp, log_path, retries=retries, backoff=backoff, progress=progress)
             tops = [p for p in tmp.iterdir() if p.is_dir()]
             if len(tops) != 1:
                 raise BackendFailure(EXIT_SOURCE, "fetch", f"unexpected sdist layout: {tops}", log_path=log_path)

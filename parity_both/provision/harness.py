@@ -38,6 +38,7 @@ from parity_both.provision.build import (
     cmake_cache,
     compiler_env,
     compiler_version,
+    engine_build_problem,
     ensure_writable_dir,
     generator_args,
     run_logged,
@@ -46,6 +47,7 @@ from parity_both.provision.build import (
 HARNESS_SOURCE_DIR = Path(__file__).resolve().parents[2] / "harness"
 HARNESS_SOURCES = ("parity_harness.cpp", "CMakeLists.txt")
 HARNESS_BINARY = "parity_harness"
+HARNESS_RECORD = "harness.json"  # written last into a harness build: no record, no harness
 
 
 class HarnessRunError(RuntimeError):
@@ -207,15 +209,15 @@ def build_harness(
     else:
         raise ValueError("build_harness needs engine_src, or lib_dir and include_dirs")
     hdir = out_root / f"harness-{harness_source_digest()[:16]}"
-    if (hdir / "harness.json").is_file():
+    if (hdir / HARNESS_RECORD).is_file():
         progress("harness cached", str(hdir))
-        return HarnessBuild.load(hdir / "harness.json")
+        return HarnessBuild.load(hdir / HARNESS_RECORD)
     try:
-        with atomic_dir(hdir) as tmp:
+        with atomic_dir(hdir, complete=lambda d: (d / HARNESS_RECORD).is_file()) as tmp:
             build = compile_harness(inc, libs, tmp, log_path, rpath=rpath, cxx=cxx, jobs=jobs, progress=progress)
             build.engine = engine
             build.harness_path = str(hdir / "bin" / HARNESS_BINARY)
-            (tmp / "harness.json").write_text(json.dumps(build.to_dict(), indent=2, sort_keys=True) + "\n")
+            (tmp / HARNESS_RECORD).write_text(json.dumps(build.to_dict(), indent=2, sort_keys=True) + "\n")
     except BaseException:
         with contextlib.suppress(OSError):
             out_root.rmdir()  # only when empty (link mode): no empty shell left behind
@@ -233,11 +235,15 @@ def _engine_for(
     jobs: int,
     progress: Progress,
 ) -> dict[str, Any]:
-    """The engine build record under out_root, building the engine (atomically) when absent."""
-    if (out_root / "engine.json").is_file():
+    """The engine build record under out_root, building the engine (atomically) when absent or not whole
+    (an engine build without its record, or whose libraries differ from it, is replaced, never reused)."""
+    problem = engine_build_problem(out_root, verify_hashes=True) if out_root.exists() else "absent"
+    if problem is None:
         progress("engine cached", str(out_root))
         return dict(json.loads((out_root / "engine.json").read_text()))
-    with atomic_dir(out_root) as tmp:
+    if out_root.exists():
+        progress("rebuild engine", problem)
+    with atomic_dir(out_root, complete=lambda d: engine_build_problem(d, verify_hashes=True) is None) as tmp:
         return build_engine(
             engine_src,
             tmp,

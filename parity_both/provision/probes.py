@@ -18,7 +18,7 @@ from typing import Any
 
 from parity_both.hashing import cache_dir as default_cache_dir
 from parity_both.hashing import sha256_file
-from parity_both.provision.build import HarnessBuildError
+from parity_both.provision.build import ENGINE_RECORD, HarnessBuildError, engine_build_problem
 from parity_both.provision.failures import BackendFailure
 from parity_both.provision.harness import HarnessBuild, HarnessRunError, harness_source_digest, run_harness
 from parity_both.provision.specs import (
@@ -152,6 +152,12 @@ def _probe_harness(spec: BackendSpec, cache_dir: Path, out: dict[str, Any]) -> N
         out.update(present=False, problem=f"no harness build at {hdir}")
         return
     build = HarnessBuild.load(hjson)
+    own_engine = (root / "lib").exists() or (root / ENGINE_RECORD).exists()  # not a link to other libraries
+    if own_engine or Path(build.lib_dir) == (root / "lib").resolve():
+        problem = engine_build_problem(root)
+        if problem is not None:
+            out.update(present=False, problem=f"incomplete engine build: {problem}")
+            return
     info = run_harness(build.harness_path, ["info"], timeout=60)
     libs = sorted(os.path.normpath(p) for p in info.get("libraries", []))
     llama_lib = next((p for p in libs if Path(p).name.startswith("libllama")), None)

@@ -16,6 +16,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any, NamedTuple
 from parity_both.config import ci_detected
 from parity_both.hashing import cache_dir as default_cache_dir
 from parity_both.provision import probes
-from parity_both.provision.build import HarnessBuildError, Progress, append_log, find_llama_tree
+from parity_both.provision.build import HarnessBuildError, Progress, append_log, find_llama_tree, retire_dir
 from parity_both.provision.failures import (
     EXIT_BUILD,
     EXIT_MISSING,
@@ -32,17 +33,21 @@ from parity_both.provision.failures import (
     EXIT_PERMISSION,
     EXIT_RECURSION,
     EXIT_SOURCE,
+    RECURSION_REFUSED,
     BackendFailure,
     classify_build_error,
     classify_os_error,
+    nested_repair_failure,
 )
 from parity_both.provision.fetch import SOURCE_META, check_writable, ensure_source, run_pip, run_to_log
-from parity_both.provision.harness import HarnessBuild, build_harness
+from parity_both.provision.harness import build_harness
+from parity_both.provision.identity import backend_identity, python_load_check
 from parity_both.provision.lock import build_lock
-from parity_both.provision.specs import BackendSpec, effective_spec, lane_spec
+from parity_both.provision.specs import BackendSpec, effective_spec, lane_spec, slug
 
 ENV_REPAIR = "PARITY_BOTH_REPAIR"
 ENV_GUARD = "PARITY_BOTH_REPAIRING"
+ENV_REFUSALS = "PARITY_BOTH_REPAIR_REFUSALS"  # the file a refused nested repair signs (see _repair_guard)
 REPAIR_MODES = ("auto", "never", "always")
 
 # ============================================================================================ repair mode
@@ -169,9 +174,9 @@ def ensure_backend(
                 )
         else:
             progress("present", probe.get("key") or probe.get("version") or "")
-        ident = _identity(spec, probe, cache)
+        ident = backend_identity(spec, probe, cache)
         if spec.kind == "python":
-            ident["system_info"] = _python_load_check(log_path)["system_info"]
+            ident["system_info"] = python_load_check(log_path)["system_info"]
     except BackendFailure as f:
         f.backend = f.backend or spec.name
         raise
@@ -222,41 +227,63 @@ def _refuse_repair_unless_allowed(
             details={"problem": problem},
         )
     if os.environ.get(ENV_GUARD):
+        _sign_refusal(spec)
         raise BackendFailure(
             EXIT_RECURSION,
             "guard",
             f"backend '{spec.name}' needs a repair, but a repair is "
-            f"already running ({ENV_GUARD}={os.environ[ENV_GUARD]}): refusing to recurse",
+            f"already running ({ENV_GUARD}={os.environ[ENV_GUARD]}): {RECURSION_REFUSED}",
             log_path=log_path,
             hint=f"unset {ENV_GUARD} if no provisioning is running",
         )
 
 
 @contextlib.contextmanager
-def _repair_guard(name: str) -> Iterator[None]:
-    old = os.environ.get(ENV_GUARD)
-    os.environ[ENV_GUARD] = name
+def _repair_guard(name: str) -> Iterator[Path]:
+    """Set the guard (and the file where refused nested repairs sign in) for everything the repair starts;
+    yields that file. Both are this repair's own: the previous values come back after it."""
+    old = {k: os.environ.get(k) for k in (ENV_GUARD, ENV_REFUSALS)}
+    fd, refusals = tempfile.mkstemp(prefix=f"parity-both-{slug(name)}-", suffix=".nested")  # not in results/
+    os.close(fd)
+    os.environ.update({ENV_GUARD: name, ENV_REFUSALS: refusals})
     try:
-        yield
+        yield Path(refusals)
     finally:
-        if old is None:
-            os.environ.pop(ENV_GUARD, None)
-        else:
-            os.environ[ENV_GUARD] = old
+        Path(refusals).unlink(missing_ok=True)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _sign_refusal(spec: BackendSpec) -> None:
+    """Tell the repair that started us (whatever ran in between: a build step, Snakemake, parity-both)
+    that we were a nested repair it must report as such."""
+    with contextlib.suppress(OSError, KeyError):
+        with open(os.environ[ENV_REFUSALS], "a") as fh:
+            fh.write(f"{spec.name}\n")
 
 
 def _repair_guarded(spec: BackendSpec, cache_dir: Path, log_path: Path, **opts: Any) -> None:
-    """_repair under the recursion guard, with build and OS errors classified."""
-    with _repair_guard(spec.name):
+    """_repair under the recursion guard, with build and OS errors classified; a step that failed
+    because a repair it started was refused (signed in the refusals file) is a nested repair (6)."""
+    with _repair_guard(spec.name) as refusals:
         try:
-            _repair(spec, cache_dir, log_path, **opts)
-        except HarnessBuildError as exc:
-            raise classify_build_error(exc, log_path) from exc
-        except OSError as exc:
-            failure = classify_os_error(exc, log_path)
-            if failure is None:
-                raise
-            raise failure from exc
+            try:
+                _repair(spec, cache_dir, log_path, **opts)
+            except HarnessBuildError as exc:
+                raise classify_build_error(exc, log_path) from exc
+            except OSError as exc:
+                failure = classify_os_error(exc, log_path)
+                if failure is None:
+                    raise
+                raise failure from exc
+        except BackendFailure as f:
+            nested = refusals.read_text().split("\n")[0] if refusals.exists() else ""
+            if nested and f.code != EXIT_RECURSION:
+                raise nested_repair_failure(f"{f.phase}: {f.message.splitlines()[0]}", nested, log_path) from f
+            raise
 
 
 # ============================================================================================ repair
@@ -287,7 +314,7 @@ def _repair(
     src = ensure_source(spec, cache_dir, log_path, **fetch)
     root, _ = probes.harness_dirs(spec, cache_dir)
     if force:
-        shutil.rmtree(root, ignore_errors=True)
+        retire_dir(root)
     if spec.existing_dir and _harness_on_existing_build(spec, src, root, log_path, jobs, progress):
         return
     _build_from_source(spec, src, root, log_path, jobs, progress)
@@ -377,7 +404,7 @@ def _link_harness(
     tree = find_llama_tree(src)
     root, hdir = probes.harness_dirs(spec, cache_dir, py)
     if force:
-        shutil.rmtree(hdir, ignore_errors=True)
+        retire_dir(hdir)
     build_harness(
         root,
         log_path,
@@ -491,91 +518,6 @@ def _merge_engine_record(root: Path, extra: dict[str, Any]) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
-
-
-# ============================================================================================ identity
-
-
-def _python_load_check(log_path: Path) -> dict[str, Any]:
-    """Import llama_cpp in a fresh interpreter: proves the library loads; returns its system info."""
-    code = (
-        "import json, llama_cpp; print(json.dumps({'system_info': "
-        "llama_cpp.llama_print_system_info().decode(), 'module': llama_cpp.__file__}))"
-    )
-    proc = run_to_log([sys.executable, "-c", code], log_path, timeout=300)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["import failed"])[-1]
-        raise BackendFailure(
-            EXIT_BUILD,
-            "verify",
-            f"llama_cpp does not load: {last}",
-            log_path=log_path,
-            details={"returncode": proc.returncode},
-        )
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-_ENGINE_FACTS = ("sdist", "sdist_sha256", "bitnet_lut_header", "git_url", "git_commit", "existing_build")
-
-
-def _identity(spec: BackendSpec, probe: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
-    """The backend's identity (deterministic: no timings, no timestamps)."""
-    ident: dict[str, Any] = {
-        "name": spec.name,
-        "engine": probe.get("engine"),
-        "kind": spec.kind,
-        "recipe": spec.recipe,
-        "source": probe.get("source"),
-    }
-    if spec.kind == "command":
-        info = probe.get("info") or {}
-        ident.update(
-            command=list(spec.command),
-            binary=probe.get("binary"),
-            binary_sha256=probe.get("binary_sha256"),
-            info=info,
-            protocol=info.get("protocol"),
-            revision=info.get("engine_version") or f"sha256:{probe.get('binary_sha256')}",
-        )
-        return ident
-    if spec.kind == "python":
-        ident.update(
-            package="llama-cpp-python",
-            version=probe.get("version"),
-            requirement=spec.source.requirement,
-            revision=f"llama-cpp-python=={probe.get('version')}",
-            api_generation="2025+",
-            library_paths=[probe.get("lib_dir")],
-            libllama_sha256=probe.get("libllama_sha256"),
-        )
-        return ident
-    linked = probe.get("linked_package") or {}
-    _, hdir = probes.harness_dirs(spec, cache_dir, linked)
-    build = HarnessBuild.load(hdir / "harness.json")
-    eng = build.engine
-    src = probe.get("source") or {}
-    ident.update(
-        revision=src.get("commit") or src.get("revision") or spec.source.requirement,
-        api_generation=build.api_generation,
-        api_features=build.api_features,
-        harness_path=build.harness_path,
-        harness_digest=build.harness_digest,
-        library_paths=probe.get("libraries"),
-        libllama_sha256=probe.get("libllama_sha256"),
-        system_info=probe.get("system_info"),
-        compiler={"harness": build.compiler, "engine": eng.get("compiler")},
-        build_flags={
-            "engine_cmake_args": eng.get("cmake_args"),
-            "engine_flags": eng.get("flags"),
-            "harness_cmake_args": build.harness_cmake_args,
-        },
-        cache_path=str(hdir.parent),
-        key=probe.get("key"),
-    )
-    ident.update({k: eng[k] for k in _ENGINE_FACTS if k in eng})
-    if linked:
-        ident["linked_package"] = linked
-    return ident
 
 
 # ============================================================================================ the job

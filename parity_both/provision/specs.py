@@ -36,6 +36,7 @@ class SourceSpec:
     url: str = ""  # git
     commit: str = ""  # git: full 40-hex commit
     submodules: bool = True
+    sha256: str = ""  # sdist: the archive's pinned sha256 (default: SDIST_SHA256, if it lists the requirement)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in ("", None)}
@@ -61,6 +62,13 @@ class BackendSpec:
 
 BITNET_URL = "https://github.com/microsoft/BitNet"
 BITNET_COMMIT = "16da220ae2b510caff437d403288882687f44ae5"
+
+# sha256 of the source distributions the built-in lanes build from (as PyPI serves them); a fetched or
+# local archive that differs is refused (parity_both.provision.fetch.verify_sdist).
+SDIST_SHA256 = {
+    "llama-cpp-python==0.3.1": "75ec8374960b6353c254e55a48e7c7783abf6bcb9178ba0f655490738e5a9004",
+    "llama-cpp-python==0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+}
 
 BUILTIN_SPECS: dict[str, BackendSpec] = {
     "bitnet": BackendSpec(
