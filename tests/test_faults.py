@@ -19,7 +19,7 @@ ARGS = ("--lanes", "llama", "--max-tokens", "2", "--format", "json")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job_log", ["reference/prompt.log", "lanes/llama/prompt.log", "twin_F32"])
+@pytest.mark.parametrize("job_log", ["reference/prompt.log", "lanes/llama/prompt.log", "twin_auto"])
 def test_sigkill_during_a_job_then_rerun_completes(tmp_path, job_log):
     out = tmp_path / "ci"
     first = subprocess.Popen(
