@@ -5,7 +5,7 @@ lane); S1 reference peak RSS <= model file + 1 GB; S2 reference wall <= 3x the l
 both whole processes on 40 tokens + 8 generated; S3 prepared cache + twin (`auto`) on disk <= 6x the
 model file, with their build times (each job's wall and peak RSS, its own VmHWM from bench/hwm.py, in S0);
 S4/S5 the whole workflow on it, two lanes, per-job wall and peak RSS, and its receipts (bench_2b_run.py).
-The fixture and its transcode are kept in $PARITY_BOTH_CACHE/bench-2b4t (rebuilt when missing).
+The fixture and its transcode are kept in $PARITY_BOTH_CACHE/BENCH_STORE (rebuilt when missing).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 N_PROMPT, N_GEN = 40, 8
 GB = 2**30
+# under $PARITY_BOTH_CACHE; renamed when the generator's 2b4t bytes change (v2: fixtures._embed_std)
+BENCH_STORE = "bench-2b4t-v2"
 
 LANE_CODE = f"""
 import sys, numpy as np, llama_cpp
@@ -90,7 +92,7 @@ def bench_2b(work: Path, smoke: bool, row: Callable[..., dict[str, Any]]) -> lis
     """The S rows (`row` is bench.py's row constructor)."""
     if smoke:
         return [row("S", "2B-4T rows skipped (--smoke)", "-", None)]
-    store = Path(os.environ.get("PARITY_BOTH_CACHE", Path.home() / ".cache/parity-both")) / "bench-2b4t"
+    store = Path(os.environ.get("PARITY_BOTH_CACHE", Path.home() / ".cache/parity-both")) / BENCH_STORE
     jobs: dict[str, dict[str, Any]] = {}
     i2s, tq2 = _fixtures(store, jobs)
     if not (i2s.exists() and tq2.exists()):

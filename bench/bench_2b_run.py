@@ -117,7 +117,7 @@ def _fmt_rss(mb: float) -> str:
 def rows(run: dict[str, Any], row: Callable[..., dict[str, Any]]) -> list[dict[str, Any]]:
     """S4 (total, then one row per job, slowest first) and S5 (receipts)."""
     jobs = run["jobs"]
-    peak = max(jobs, key=lambda j: -1 if math.isnan(j["max_rss_mb"]) else j["max_rss_mb"], default=None)
+    peak = max((j for j in jobs if not math.isnan(j["max_rss_mb"])), key=lambda j: j["max_rss_mb"], default=None)
     top = f", largest peak RSS {_fmt_rss(peak['max_rss_mb'])} ({peak['job']})" if peak else ""
     out = [
         row(
@@ -146,10 +146,12 @@ def rows(run: dict[str, Any], row: Callable[..., dict[str, Any]]) -> list[dict[s
 def main() -> int:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "bench"))
+    from bench_2b import BENCH_STORE  # noqa: PLC0415
+
     from bench import print_table, row  # noqa: PLC0415
 
     args = sys.argv[1:]
-    store = Path(os.environ.get("PARITY_BOTH_CACHE", Path.home() / ".cache/parity-both")) / "bench-2b4t/i2s.gguf"
+    store = Path(os.environ.get("PARITY_BOTH_CACHE", Path.home() / ".cache/parity-both")) / BENCH_STORE / "i2s.gguf"
     i2s = Path(args[0]) if args and not args[0].startswith("--") else store
     work = Path(args[args.index("--keep") + 1]) if "--keep" in args else Path("/tmp/bench-2b4t-run")
     run = whole_run(i2s, work)

@@ -34,8 +34,9 @@ CHUNK_BYTES = 32 << 20
 RESIDENT_BYTES = 224 << 20
 _LM_HEADS = ("output.weight", "token_embd.weight")
 # Types read in place from the GGUF (no cache entry): F32 as is, F16 and BF16 converted exactly at each use
-# (dequant.FLOAT_CONVERT; F16 at ~0.5 ns per weight, about what reading the float32 copy cost): a float32
-# copy would double or triple the model on disk (the 2B-4T F16 embedding: 1.2 GB).
+# (dequant.FLOAT_CONVERT): a float32 copy would double or triple the model on disk (the 2B-4T F16 embedding:
+# 1.2 GB). The price, measured on that embedding as LM head: one pass ~0.9-1.0 s instead of ~0.4-0.5 s
+# (1 token, 2 busy cores; the conversion itself is ~0.5 ns a weight, the rest re-faulting the file's pages).
 _IN_PLACE = ("F32", "F16", "BF16")
 
 

@@ -20,7 +20,7 @@ Prepared cache layout (directory `prepared_dir`, written by `prepare_weights`, d
     weights.bin     concatenated little-endian arrays, each 4096-byte aligned
 Every matrix that is not a float type in the GGUF is stored (F32 ones are read in place; F16 and BF16
 ones are converted exactly from the GGUF at each use, per matrix or LM-head chunk, into a reused
-buffer, by dequant.FLOAT_CONVERT, which costs about what reading a float32 copy did): ternary
+buffer, by dequant.FLOAT_CONVERT: slower than reading a float32 copy, see prepared._IN_PLACE): ternary
 ones (TQ1_0, TQ2_0, I2_S) as int8 codes plus float32 scales (1 byte per weight: the cache scales
 with the file, not with float32), turned back into float32 per matrix (or LM-head chunk) at matmul
 time by the same single float32 multiply `q * d` the dequantizers do, so values are bit-identical;
