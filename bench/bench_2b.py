@@ -3,8 +3,9 @@
 S0 fixture build (I2_S, bitnet-b1.58, size 2b4t) and its mainline transcode (TQ2_0 for the llama
 lane); S1 reference peak RSS <= model file + 1 GB; S2 reference wall <= 3x the llama lane's wall,
 both whole processes on 40 tokens + 8 generated; S3 prepared cache + twin (`auto`) on disk <= 6x the
-model file, with their build times. Every job's wall and peak RSS is its own VmHWM (bench/hwm.py).
-The fixture and its transcode are kept in $PARITY_BOTH_CACHE/bench-2b4t (rebuilt when missing).
+model file, with their build times (each job's wall and peak RSS, its own VmHWM from bench/hwm.py, in S0);
+S4/S5 the whole workflow on it, two lanes, per-job wall and peak RSS, and its receipts (bench_2b_run.py).
+The fixture and its transcode are kept in $PARITY_BOTH_CACHE/BENCH_STORE (rebuilt when missing).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 N_PROMPT, N_GEN = 40, 8
 GB = 2**30
+# under $PARITY_BOTH_CACHE; renamed when the generator's 2b4t bytes change (v2: fixtures._embed_std)
+BENCH_STORE = "bench-2b4t-v2"
 
 LANE_CODE = f"""
 import sys, numpy as np, llama_cpp
@@ -89,13 +92,27 @@ def bench_2b(work: Path, smoke: bool, row: Callable[..., dict[str, Any]]) -> lis
     """The S rows (`row` is bench.py's row constructor)."""
     if smoke:
         return [row("S", "2B-4T rows skipped (--smoke)", "-", None)]
-    store = Path(os.environ.get("PARITY_BOTH_CACHE", Path.home() / ".cache/parity-both")) / "bench-2b4t"
+    store = Path(os.environ.get("PARITY_BOTH_CACHE", Path.home() / ".cache/parity-both")) / BENCH_STORE
     jobs: dict[str, dict[str, Any]] = {}
     i2s, tq2 = _fixtures(store, jobs)
     if not (i2s.exists() and tq2.exists()):
         return [row("S0", "could not build the 2b4t fixture", "-", False)]
     w = work / "2b4t"
     w.mkdir(parents=True, exist_ok=True)
+    rows = _resource_rows(i2s, tq2, w, jobs, row)
+    shutil.rmtree(w, ignore_errors=True)  # before the whole run: its twin and caches need the disk
+    from bench_2b_run import rows as run_rows  # noqa: PLC0415 - bench/ is on sys.path (script directory)
+    from bench_2b_run import whole_run  # noqa: PLC0415
+
+    rows.extend(run_rows(whole_run(i2s, work / "2b4t-run"), row))
+    shutil.rmtree(work / "2b4t-run", ignore_errors=True)
+    return rows
+
+
+def _resource_rows(
+    i2s: Path, tq2: Path, w: Path, jobs: dict[str, dict[str, Any]], row: Callable[..., dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """S1-S3 (and S0: the wall and peak RSS of each job they ran)."""
     prep, twin = w / "prepared", w / "twin-auto.gguf"
     jobs["prepare"] = job("prepare", w, ["-c", PREP_CODE, str(i2s), str(prep)])
     jobs["twin"] = job("twin", w, ["-m", "parity_both.gguf.twin", "--dtype", "auto", str(i2s), str(twin)])
@@ -103,9 +120,10 @@ def bench_2b(work: Path, smoke: bool, row: Callable[..., dict[str, Any]]) -> lis
     jobs["llama_lane"] = job("llama_lane", w, ["-c", LANE_CODE, str(tq2)])
     size = i2s.stat().st_size
     ref, lane = jobs["reference"], jobs["llama_lane"]
-    disk = _du(prep) + (twin.stat().st_size if twin.exists() else 0)
-    twin_dtype = _twin_dtype(twin)
-    rows = [
+    twin_bytes = twin.stat().st_size if twin.exists() else 0
+    disk = _du(prep) + twin_bytes
+    per_job = ", ".join(f"{k} {v['wall_s']:.0f} s / {v['vmhwm_mb']:.0f} MB" for k, v in jobs.items())
+    return [
         row(
             "S1",
             f"2b4t I2_S {size / 2**20:.0f} MB: reference peak RSS {ref['vmhwm_mb']:.0f} MB",
@@ -121,27 +139,10 @@ def bench_2b(work: Path, smoke: bool, row: Callable[..., dict[str, Any]]) -> lis
         ),
         row(
             "S3",
-            f"prepared {_du(prep) / GB:.2f} GB ({jobs['prepare']['wall_s']:.0f} s) + twin {twin_dtype} "
-            f"{(twin.stat().st_size if twin.exists() else 0) / GB:.2f} GB ({jobs['twin']['wall_s']:.0f} s) "
-            f"= {disk / size:.1f}x the file",
+            f"prepared {_du(prep) / GB:.2f} GB ({jobs['prepare']['wall_s']:.0f} s) + twin {_twin_dtype(twin)} "
+            f"{twin_bytes / GB:.2f} GB ({jobs['twin']['wall_s']:.0f} s) = {disk / size:.1f}x the file",
             "<= 6.0x",
             jobs["prepare"]["rc"] == 0 and jobs["twin"]["rc"] == 0 and disk <= 6 * size,
         ),
+        row("S0", f"jobs of S1-S3 (wall / peak RSS): {per_job}", "report", None),
     ]
-    per_job = ", ".join(f"{k} {v['wall_s']:.0f} s / {v['vmhwm_mb']:.0f} MB" for k, v in jobs.items())
-    # the same with `reference: {prepared_budget: 2}`: the F16 embedding (LM head) is then read from the file
-    prep2 = w / "prepared-budget2"
-    jobs["prepare_budget2"] = job("prepare_budget2", w, ["-c", PREP_CODE, str(i2s), str(prep2), "2"])
-    disk2 = _du(prep2) + (twin.stat().st_size if twin.exists() else 0)
-    rows.append(
-        row(
-            "S3b",
-            f"with prepared_budget 2: prepared {_du(prep2) / GB:.2f} GB ({jobs['prepare_budget2']['wall_s']:.0f} s) "
-            f"+ twin = {disk2 / size:.1f}x the file",
-            "<= 6.0x",
-            jobs["prepare_budget2"]["rc"] == 0 and jobs["twin"]["rc"] == 0 and disk2 <= 6 * size,
-        )
-    )
-    rows.append(row("S4", f"jobs (wall / peak RSS): {per_job}", "report", None))
-    shutil.rmtree(w, ignore_errors=True)
-    return rows

@@ -12,6 +12,8 @@ rule backend:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/backends/{{lane}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/backends/{{lane}}.tsv"
     threads: 2
     resources:
         **RES["backend"],

@@ -10,6 +10,8 @@ rule kl_base:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/kl-base/{{prompt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/kl-base/{{prompt}}.tsv"
     threads: 1
     resources:
         **RES["kl_base"],

@@ -9,6 +9,8 @@ rule lane_vocab:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/lanes/{{lane}}/vocab.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/lanes/{{lane}}/vocab.tsv"
     threads: 1
     resources:
         **RES["lane_vocab"],

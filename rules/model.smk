@@ -8,6 +8,8 @@ rule model_facts:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/model_facts.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/model_facts.tsv"
     threads: 1
     resources:
         **RES["model_facts"],
@@ -25,6 +27,8 @@ rule fixture:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/fixture.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/fixture.tsv"
     threads: 1
     resources:
         **RES["fixture"],
@@ -44,6 +48,8 @@ rule transcode:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/transcode.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/transcode.tsv"
     threads: 1
     resources:
         **RES["transcode"],

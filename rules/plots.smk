@@ -29,6 +29,8 @@ rule plot_receipt:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/report/{{lane}}/{{prompt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/report/{{lane}}/{{prompt}}.tsv"
     threads: 1
     resources:
         **RES["plot_receipt"],
@@ -51,6 +53,8 @@ rule report_table:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/report_table.log",
+    benchmark:
+        f"{OUT}/benchmarks/report_table.tsv"
     threads: 1
     resources:
         **RES["report_table"],

@@ -24,6 +24,8 @@ rule receipt:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/receipts/{{lane}}/{{prompt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/receipts/{{lane}}/{{prompt}}.tsv"
     threads: 1
     resources:
         **RES["receipt"],
@@ -42,6 +44,8 @@ rule summary:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/summary.log",
+    benchmark:
+        f"{OUT}/benchmarks/summary.tsv"
     threads: 1
     resources:
         **RES["summary"],
@@ -94,6 +98,8 @@ rule localize:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/twin_{{dtype}}/localize/{{lane}}/{{prompt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/twin_{{dtype}}/localize/{{lane}}/{{prompt}}.tsv"
     threads: 1
     resources:
         **RES["localize"],

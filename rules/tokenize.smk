@@ -12,6 +12,8 @@ rule tokenizer_authority:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/tokenizer_authority.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/tokenizer_authority.tsv"
     threads: 1
     resources:
         **RES["tokenizer_authority"],
@@ -35,6 +37,8 @@ checkpoint format_prompt:
         "../envs/parity-both.yaml"
     log:
         f"{OUT}/logs/{{model}}/prompts/{{prompt}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/{{model}}/prompts/{{prompt}}.tsv"
     threads: 1
     resources:
         **RES["format_prompt"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from gguf import quants as gq
 
 from parity_both.config import embedded_model_path
 from parity_both.gguf.reader import read_gguf
-from parity_both.reference.dequant import FAST_DEQUANT, dequantize, dequantize_rows
+from parity_both.reference.dequant import FAST_DEQUANT, bf16_to_f32, dequantize, dequantize_rows, f16_to_f32
 from parity_both.reference.prepared import PreparedCache, load_manifest, prepare_weights
 from parity_both.reference.weights import WeightStore
 
@@ -48,6 +49,22 @@ def test_fast_dequant_bit_exact_on_random_bytes(type_name: str, block_bytes: int
         ours, theirs = dequantize(raw, type_name, n), gguf_deq(raw, type_name)
     assert ours.shape == theirs.shape == (n,)
     assert np.array_equal(bits(ours), bits(theirs))
+
+
+@pytest.mark.parametrize(("type_name", "convert"), [("F16", f16_to_f32), ("BF16", bf16_to_f32)])
+def test_float_conversion_is_astype_on_every_bit_pattern(type_name: str, convert: Callable[..., np.ndarray]) -> None:
+    """All 65536 16-bit patterns (subnormals, +-0, inf, NaN payloads), across conversion blocks and into
+    a caller's buffer, give NumPy's own conversion bit for bit."""
+    patterns = np.tile(np.arange(1 << 16, dtype=np.uint16), 3)[6:]  # blocks of 65536 not aligned to values
+    if type_name == "F16":
+        expected = patterns.view(np.float16).astype(np.float32)
+    else:
+        expected = (patterns.astype(np.uint32) << 16).view(np.float32)
+    out = np.full((patterns.size // 7, 7), np.nan, dtype=np.float32)
+    got = convert(patterns.view(np.uint8), out)
+    assert got is out
+    assert np.array_equal(bits(got).reshape(-1), bits(expected))
+    assert np.array_equal(bits(convert(patterns.view(np.uint8))), bits(expected))
 
 
 def test_fast_dequant_bit_exact_on_embedded_model_path() -> None:
@@ -175,10 +192,9 @@ def test_prepared_cache_of_a_ternary_model(tmp_path: Path, arch: str, type_name:
     m = prepare_weights(model, tmp_path / "p")
     g = read_gguf(model)
     kinds = {(e["source_type"], e["dtype"]) for e in m["tensors"].values()}
-    assert kinds == {(type_name, "|i1"), ("F16", "<f4")}
+    assert kinds == {(type_name, "|i1")}  # the F16 embedding is read from the GGUF, not copied as float32
     ternary = [g.tensors[n] for n, e in m["tensors"].items() if e["dtype"] == "|i1"]
-    f16 = g.tensors["token_embd.weight"]
-    assert m["bytes"] < 1.1 * sum(t.rows_cols[0] * t.rows_cols[1] for t in ternary) + 4 * f16.n_elements + (1 << 16)
+    assert m["bytes"] < 1.1 * sum(t.rows_cols[0] * t.rows_cols[1] for t in ternary) + (1 << 16)
     cache = PreparedCache(m, tmp_path / "p")
     for name in m["tensors"]:
         t = g.tensors[name]

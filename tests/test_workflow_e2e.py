@@ -200,6 +200,10 @@ def test_transcoded_i2s_fixture_runs_in_the_llama_lane(tmp_path):
     effect = files["transcode"]
     assert effect["tensors_transcoded"] and effect["max_rel_scale_change"] is not None
     assert r["model_facts"]["type_numbering"] == "bitnet.cpp"
+    # every job leaves its benchmark record (wall, peak RSS): bench/bench_2b_run.py's per-job table
+    bench = work / "results/benchmarks"
+    for job in ("i2s/transcode", "i2s/model_facts", "i2s/lanes/llama/vocab", "i2s/receipts/llama/capital", "summary"):
+        assert (bench / f"{job}.tsv").is_file(), job
 
 
 # -- the graph verdict judged on chosen npz (the workflow's own quantized reference and lane npz, or a

@@ -17,7 +17,7 @@ from parity_both.gguf.reader import GGUFFile, TensorInfo, read_gguf, sha256_file
 from parity_both.progress import Progress
 from parity_both.reference.dequant import _f16_col, dequantize_rows
 
-PREPARED_FORMAT = "parity-both-prepared-weights/2"
+PREPARED_FORMAT = "parity-both-prepared-weights/3"
 # Default disk budget of a prepared cache, as a multiple of the model file's size.
 BUDGET_FACTOR = 4.0
 # Ternary types cached as int8 codes + float32 scales: type -> (block elements, block bytes, offset
@@ -33,9 +33,11 @@ CHUNK_BYTES = 32 << 20
 # -> decode 1.6 / 1.44 / 1.17 s, peak RSS 96 / 215 / 582 MiB.
 RESIDENT_BYTES = 224 << 20
 _LM_HEADS = ("output.weight", "token_embd.weight")
-# Types read in place from the GGUF (no cache entry needed). F16 is cached as float32 too:
-# converting it at every use costs more than reading twice the bytes.
-_IN_PLACE = ("F32",)
+# Types read in place from the GGUF (no cache entry): F32 as is, F16 and BF16 converted exactly at each use
+# (dequant.FLOAT_CONVERT): a float32 copy would double or triple the model on disk (the 2B-4T F16 embedding:
+# 1.2 GB). The price, measured on that embedding as LM head: one pass ~0.9-1.0 s instead of ~0.4-0.5 s
+# (1 token, 2 busy cores; the conversion itself is ~0.5 ns a weight, the rest re-faulting the file's pages).
+_IN_PLACE = ("F32", "F16", "BF16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def gguf_from_manifest(model_path: str | Path, manifest: dict[str, Any]) -> GGUF
 
 
 def cached_tensor_names(g: GGUFFile) -> list[str]:
-    """The tensors a prepared cache may hold: every matrix not stored as F32 in the GGUF."""
+    """The tensors a prepared cache may hold: every matrix not stored as a float type in the GGUF."""
     return [n for n, t in g.tensors.items() if len(t.shape) >= 2 and t.type_name not in _IN_PLACE]
 
 

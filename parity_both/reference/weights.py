@@ -18,14 +18,16 @@ Prepared cache layout (directory `prepared_dir`, written by `prepare_weights`, d
     manifest.json   model identity (size, sha256, quick fingerprint), the GGUF header without its
                     arrays (so a warm run need not parse the tokenizer), per-tensor offset/dtype
     weights.bin     concatenated little-endian arrays, each 4096-byte aligned
-Every matrix that is not already F32 in the GGUF is stored (F32 ones are read in place): ternary
+Every matrix that is not a float type in the GGUF is stored (F32 ones are read in place; F16 and BF16
+ones are converted exactly from the GGUF at each use, per matrix or LM-head chunk, into a reused
+buffer, by dequant.FLOAT_CONVERT: slower than reading a float32 copy, see prepared._IN_PLACE): ternary
 ones (TQ1_0, TQ2_0, I2_S) as int8 codes plus float32 scales (1 byte per weight: the cache scales
 with the file, not with float32), turned back into float32 per matrix (or LM-head chunk) at matmul
 time by the same single float32 multiply `q * d` the dequantizers do, so values are bit-identical;
 every other type as float32, within a disk budget (`budget_bytes`, default BUDGET_FACTOR x the
 model file): matrices beyond it are dequantized from the GGUF at each use instead.
 (Storing fp16-exact ternary values as float16 halves the float32 file but was measured 6x slower
-per decode step: NumPy's float16 -> float32 conversion costs more than reading twice the bytes;
+per decode step: NumPy's float16 -> float32 astype costs more than reading twice the bytes;
 int8 -> float32 with a scale costs ~25 ms for a 6912 x 2560 matrix, dequantizing TQ2_0 ~550 ms.)
 """
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from parity_both.gguf.reader import GGUFFile, TensorInfo
-from parity_both.reference.dequant import dequantize, dequantize_rows
+from parity_both.reference.dequant import FLOAT_CONVERT, dequantize, dequantize_rows
 from parity_both.reference.prepared import _LM_HEADS, CHUNK_BYTES, PreparedCache
 
 MODES = ("exact", "ggml")
@@ -121,21 +123,25 @@ class WeightStore:
         return Weight(name, t.type_name, rows, cols, self)
 
     def dense_rows(self, name: str, r0: int, r1: int, *, scratch: bool = False) -> np.ndarray:
-        """Rows [r0, r1) as float32. scratch=True: int8-cached matrices are expanded into one buffer
-        reused by the next such call (for a result consumed at once, as in linear)."""
+        """Rows [r0, r1) as float32. scratch=True: int8-cached and F16/BF16 matrices are expanded into one
+        buffer reused by the next such call (for a result consumed at once, as in linear)."""
         if self.cache is not None and name in self.cache.entries:
-            out = None
-            if scratch and self.cache.entries[name]["dtype"] == "|i1":
-                n = (r1 - r0) * self.cache.entries[name]["cols"]
-                if self._scratch.size < n:
-                    self._scratch = np.empty(n, dtype=np.float32)
-                out = self._scratch[:n].reshape(r1 - r0, -1)
+            e = self.cache.entries[name]
+            out = self._scratch_rows(r1 - r0, e["cols"]) if scratch and e["dtype"] == "|i1" else None
             return self.cache.rows(name, r0, r1, out)
         t = self.info(name)
+        cols = t.rows_cols[1]
         if t.type_name == "F32":
-            cols = t.rows_cols[1]
             return self.gguf.raw(name)[r0 * cols * 4 : r1 * cols * 4].view(np.float32).reshape(r1 - r0, cols)
-        return dequantize_rows(self.gguf, t, r0, r1)
+        out = self._scratch_rows(r1 - r0, cols) if scratch and t.type_name in FLOAT_CONVERT else None
+        return dequantize_rows(self.gguf, t, r0, r1, out)
+
+    def _scratch_rows(self, n_rows: int, cols: int) -> np.ndarray:
+        """A float32 [n_rows, cols] view of the one reused scratch buffer (grown when needed)."""
+        n = n_rows * cols
+        if self._scratch.size < n:
+            self._scratch = np.empty(n, dtype=np.float32)
+        return self._scratch[:n].reshape(n_rows, cols)
 
     def rows_of(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Selected rows (embedding lookup) as float32 [len(ids), cols]."""
