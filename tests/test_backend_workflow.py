@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from parity_both.provision.harness import harness_source_digest
+from parity_both.provision.probes import harness_dirs
+from parity_both.provision.specs import effective_spec, lane_spec
 
 from conftest import jobs_run, snakemake, write_config
 
@@ -51,16 +52,19 @@ VANISHED = [
 ]
 
 
+def lane_build(cache: Path) -> tuple[Path, Path]:
+    """(the llama-2024 lane's engine build, its harness build) in this cache, as the lane's probe finds them."""
+    return harness_dirs(effective_spec(lane_spec("llama-2024")), cache)
+
+
 def vanish(cache: Path, what: str) -> None:
-    builds = list((cache / "builds").glob("llama-2024-*"))
-    assert builds, "no llama-2024 build in the test cache"
-    for build in builds:
-        if what == "build":
+    root, harness = lane_build(cache)
+    assert (root / "engine.json").is_file() and (harness / "harness.json").is_file(), root
+    if what == "build":
+        for build in (cache / "builds").glob("llama-2024-*"):
             shutil.rmtree(build)
-        else:
-            harness = build / f"harness-{harness_source_digest()[:16]}"
-            assert (harness / "harness.json").is_file(), list(build.iterdir())
-            shutil.rmtree(harness)
+    else:
+        shutil.rmtree(harness)
 
 
 @pytest.mark.parametrize("what", VANISHED)
@@ -94,8 +98,8 @@ def test_two_offline_lanes_in_parallel_pass(cache, tmp_path, what):
     assert "lane=llama," not in out and "lane=llama\n" not in out
     assert not {"reference", "model_facts", "tokenizer_authority", "prepare_reference"} & set(ran), ran
     assert {"lane_eval", "lane_vocab", "receipt", "summary"} <= set(ran)
-    assert [b for b in (cache / "builds").glob("llama-2024-*") if (b / "engine.json").is_file()]
-    assert list((cache / "builds").glob(f"llama-2024-*/harness-{harness_source_digest()[:16]}/harness.json"))
+    root, harness = lane_build(cache)
+    assert (root / "engine.json").is_file() and (harness / "harness.json").is_file()
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
