@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from parity_both.provision.probes import harness_dirs
+from parity_both.provision.specs import effective_spec, lane_spec
+
 from conftest import jobs_run, snakemake, write_config
 
 PROMPT = {"capital": {"text": "What is the capital of France?", "template": "raw"}}
@@ -40,7 +43,32 @@ def _env(cache: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_two_offline_lanes_in_parallel_pass(cache, tmp_path):
+# What vanishes before the rerun. The harness (the lane's C++ program, ~10 s to rebuild) goes through the
+# same probe -> backend job -> lane jobs path as the whole build; the whole build (the engine too, a full
+# llama.cpp compile of minutes on 2 cores) is `make test-slow`: the default suite runs on a warm cache.
+VANISHED = [
+    pytest.param("harness", id="harness-vanished"),
+    pytest.param("build", id="build-vanished", marks=pytest.mark.slow),
+]
+
+
+def lane_build(cache: Path) -> tuple[Path, Path]:
+    """(the llama-2024 lane's engine build, its harness build) in this cache, as the lane's probe finds them."""
+    return harness_dirs(effective_spec(lane_spec("llama-2024")), cache)
+
+
+def vanish(cache: Path, what: str) -> None:
+    root, harness = lane_build(cache)
+    assert (root / "engine.json").is_file() and (harness / "harness.json").is_file(), root
+    if what == "build":
+        for build in (cache / "builds").glob("llama-2024-*"):
+            shutil.rmtree(build)
+    else:
+        shutil.rmtree(harness)
+
+
+@pytest.mark.parametrize("what", VANISHED)
+def test_two_offline_lanes_in_parallel_pass(cache, tmp_path, what):
     work = tmp_path / "w"
     work.mkdir()
     write_config(
@@ -62,8 +90,7 @@ def test_two_offline_lanes_in_parallel_pass(cache, tmp_path):
     assert r["tokenizer_consistent"] is True
 
     # A vanished build: the next run rebuilds exactly that backend and reruns only that lane's jobs.
-    for build in (cache / "builds").glob("llama-2024-*"):
-        shutil.rmtree(build)
+    vanish(cache, what)
     proc = snakemake(work, "--cores", "2", env=_env(cache))
     ran = jobs_run(proc)
     out = proc.stdout + proc.stderr
@@ -71,7 +98,8 @@ def test_two_offline_lanes_in_parallel_pass(cache, tmp_path):
     assert "lane=llama," not in out and "lane=llama\n" not in out
     assert not {"reference", "model_facts", "tokenizer_authority", "prepare_reference"} & set(ran), ran
     assert {"lane_eval", "lane_vocab", "receipt", "summary"} <= set(ran)
-    assert list((cache / "builds").glob("llama-2024-*"))
+    root, harness = lane_build(cache)
+    assert (root / "engine.json").is_file() and (harness / "harness.json").is_file()
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -4,8 +4,8 @@ node, op and weight type for kernel bugs. The expectations are where the test pl
 (tests/mutants/table.py: the patched line and the node it feeds), not what the code under test computes.
 
 Engines: copies of the October-2024 llama.cpp tree (the `llama-2024` lane's) with a one-line patch, built once
-per patch into the project cache and run as local-source lanes. Two run in the default suite; the rest are
-slow (`make test-slow`).
+per patch into the project cache and run as local-source lanes. Two run in the default suite (as two lanes of one
+run); the rest are slow (`make test-slow`), one run each.
 """
 
 from __future__ import annotations
@@ -35,11 +35,16 @@ DEFAULT = ("rope-base", "kq-scale")
 PROMPT = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined"
 
 
-def run_mutant(name: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
-    mutant_build(name)  # cached per patch: the workflow's backend job finds it built
-    lane = lane_name(name)
+def run_mutants(names: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict[str, dict[str, Any]]]:
+    """One `parity-both` run with every named mutant as a lane (they share the reference, the twin and its
+    reference); each lane's receipt by mutant name."""
+    for name in names:
+        mutant_build(name)  # cached per patch: the workflow's backend job finds it built
+    lanes = [lane_name(n) for n in names]
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"lanes": [lane], "backends": {lane: backend_config(name)}, "repair": "auto"}))
+    cfg.write_text(
+        yaml.safe_dump({"lanes": lanes, "backends": {lane_name(n): backend_config(n) for n in names}, "repair": "auto"})
+    )
     out = tmp_path / "ci"
     proc = subprocess.run(
         [
@@ -51,7 +56,7 @@ def run_mutant(name: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
             "--out-dir",
             str(out),
             "--lanes",
-            lane,
+            ",".join(lanes),
             "--prompt",
             PROMPT,
             "--prompt-template",
@@ -65,13 +70,12 @@ def run_mutant(name: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, 
         text=True,
         timeout=1800,
     )
-    receipt = json.loads((out / f"receipt_{lane}.json").read_text())
-    return proc, receipt
+    receipts = {n: json.loads((out / f"receipt_{lane_name(n)}.json").read_text()) for n in names}
+    return proc, receipts
 
 
-def check(name: str, tmp_path: Path) -> None:
+def check(name: str, proc: subprocess.CompletedProcess, r: dict[str, Any]) -> None:
     kind, node, op, wtype = EXPECT[name]
-    proc, r = run_mutant(name, tmp_path)
     print(
         f"\nWHAT-IT-CATCHES {name}: "
         + json.dumps(
@@ -104,12 +108,20 @@ def check(name: str, tmp_path: Path) -> None:
         assert first["weight_type"] == wtype and wtype in k["diagnosis"]
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+    """The default mutants as two lanes of one run (exit 1 there: every lane fails)."""
+    return run_mutants(list(DEFAULT), tmp_path_factory.mktemp("mutants"))
+
+
 @pytest.mark.parametrize("name", DEFAULT)
-def test_graph_mutant_fails_with_layer_and_node_named(name: str, tmp_path: Path) -> None:
-    check(name, tmp_path)
+def test_graph_mutant_fails_with_layer_and_node_named(name: str, default_run) -> None:
+    proc, receipts = default_run
+    check(name, proc, receipts[name])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in EXPECT if n not in DEFAULT])
 def test_every_mutant_fails_at_its_node(name: str, tmp_path: Path) -> None:
-    check(name, tmp_path)
+    proc, receipts = run_mutants([name], tmp_path)
+    check(name, proc, receipts[name])

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import llama_cpp
 import pytest
@@ -204,7 +205,15 @@ def _run_family(
     # the ids greedy decoding stops on (pipeline.prompt_record) against llama_vocab_is_eog over the vocabulary
     vocab = llama_vocab_ptr(llm)
     eog = [i for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)]
-    stops = stop_ids(path, ref)
+
+    # stop_ids reads the GGUF's vocabulary llama.cpp's way, as `lv` above did: handed that one (the same file,
+    # a read of seconds for the 262k-token vocabularies) instead of reading it again
+    def loaded(gguf: Any) -> Any:
+        assert gguf == path, gguf
+        return lv
+
+    with mock.patch("parity_both.tokenize.reference.load_llama_vocab", loaded):
+        stops = stop_ids(path, ref)
     fp_ref = vocab_fingerprint(ref.vocab_dump())
     fp_llama = vocab_fingerprint(vocab_dump_from_llama_cpp(llm))
     entry = {
