@@ -343,7 +343,7 @@ def lane_tokenization(engine: Any, prompt: Mapping[str, Any]) -> list[int]:
     the text file chunked into the same windows."""
     from parity_both.lanes.base import TokenizationContract, apply_contract
 
-    vocab = engine.vocab()
+    vocab = engine.specials() if hasattr(engine, "specials") else engine.vocab()  # only BOS/EOS are read
     if prompt.get("window_starts"):
         meta = prompt["prompt"]
         body = engine.tokenize(Path(meta["corpus"]).read_text(encoding="utf-8"), False)
