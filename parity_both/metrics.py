@@ -34,9 +34,15 @@ METRIC_DEFINITIONS: dict[str, str] = {
 
 
 def topk_ids(row: np.ndarray, k: int = TOPK) -> list[int]:
-    """Top-k ids by descending logit, ties broken by the lower id (stable sort on -x)."""
-    order = np.argsort(-row.astype(np.float64), kind="stable")
-    return [int(i) for i in order[:k]]
+    """Top-k ids by descending logit, ties broken by the lower id (a stable sort on -x, over the few
+    ids at or above the k-th largest value: the same ids in the same order as sorting the whole row)."""
+    x = -row.astype(np.float64)
+    if k >= x.size or not np.isfinite(x).all():  # NaN/inf: the full sort defines their order
+        return [int(i) for i in np.argsort(x, kind="stable")[:k]]
+    kth = np.partition(x, k - 1)[k - 1]
+    candidates = np.flatnonzero(x <= kth)  # ascending ids, every tie of the k-th value included
+    order = np.argsort(x[candidates], kind="stable")
+    return [int(i) for i in candidates[order[:k]]]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ upgraded to this shape (`load_receipt`).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -441,10 +442,23 @@ def corpus_facts(prompt: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def validate_receipt(receipt: Mapping[str, Any]) -> None:
+    """jsonschema.validate against the v3 schema, without re-checking the schema itself on every call
+    (it is checked once per process); raises the same best-matching ValidationError."""
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_receipt_validator().iter_errors(receipt))
+    if error is not None:
+        raise error
+
+
+@functools.cache
+def _receipt_validator() -> Any:
     import jsonschema
 
     schema = json.loads(SCHEMA_PATH.read_text())
-    jsonschema.validate(receipt, schema)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 V1_SCHEMA_PATH = SCHEMA_PATH.with_name("receipt.v1.schema.json")

@@ -205,3 +205,18 @@ def receipts():
         for lane in LANES
         for prompt in PROMPTS
     ]
+
+
+def _drop_local_rate_limiter():
+    """Snakemake 9's job rate limiter (--max-jobs-per-timespan, default 100/1s) re-arms a one-second
+    timer on every scheduler pass, and every finished job starts one more such chain of passes while
+    jobs wait for a core: by the end of a demo run dozens of passes per second, each re-checking every
+    waiting job's inputs (a quarter of the run's CPU time, measured). On a local run it limits nothing
+    (our jobs start far below 100 per second), so it is dropped there; cluster executors keep it."""
+    scheduler = getattr(workflow, "scheduler", None)
+    if workflow.local_exec and scheduler is not None and hasattr(scheduler, "job_rate_limiter"):
+        scheduler.job_rate_limiter = None
+
+
+onstart:
+    _drop_local_rate_limiter()

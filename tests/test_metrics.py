@@ -54,6 +54,19 @@ def test_topk_ties_break_by_lower_id():
     assert metrics.topk_ids(row) == [1, 2, 3, 5, 6]
 
 
+def test_topk_equals_the_full_stable_sort_on_ties_nan_inf_and_signed_zeros():
+    """topk_ids partially sorts; the definition is a stable descending sort of the whole row."""
+    rng = np.random.default_rng(7)
+    for trial in range(400):
+        n = int(rng.integers(1, 40))
+        row = rng.integers(-2, 3, size=n).astype(np.float32) if trial % 2 else rng.normal(size=n).astype(np.float32)
+        for special in (np.nan, np.inf, -np.inf, -0.0)[: trial % 5]:
+            row[int(rng.integers(0, n))] = special
+        for k in (1, 5):
+            full = [int(i) for i in np.argsort(-row.astype(np.float64), kind="stable")[:k]]
+            assert metrics.topk_ids(row, k) == full, (row, k)
+
+
 def test_identical_logits_are_perfect():
     a = np.random.default_rng(1).normal(size=(3, 20)).astype(np.float32)
     rows = metrics.compare_positions(a, a.copy(), [1, 2, 3])

@@ -125,6 +125,22 @@ class LlamaCppPythonLane:
         dump.extra.setdefault("vocab_type", int(self._llama_cpp.llama_vocab_type(self._vocab)))
         return dump
 
+    def specials(self) -> VocabDump:
+        """BOS/EOS ids and add flags as vocab() reports them, without listing the tokens (what a prompt's
+        contract needs; listing the vocabulary costs a lane job a quarter of a second)."""
+        lib, v = self._llama_cpp, self._vocab
+
+        def tid(x: int) -> int | None:
+            return None if x < 0 else int(x)
+
+        return VocabDump(
+            [],
+            tid(lib.llama_vocab_bos(v)),
+            tid(lib.llama_vocab_eos(v)),
+            bool(lib.llama_vocab_get_add_bos(v)),
+            bool(lib.llama_vocab_get_add_eos(v)),
+        )
+
     def tokenize(self, text: str, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         if not data:
