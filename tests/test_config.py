@@ -42,7 +42,8 @@ def test_documented_defaults():
         "same_top1_min": 0.75,
         "greedy_contained": True,
     }
-    assert pbconfig.thresholds(cfg, "exact") == pbconfig.thresholds(cfg, "ggml") == quantized
+    assert pbconfig.thresholds(cfg, "ggml") == quantized
+    assert pbconfig.thresholds(cfg, "exact") == {**quantized, "mean_kl_max": 0.05}  # README "Thresholds": at depth
     graph = pbconfig.thresholds(cfg, "graph")
     assert graph["cos_tol"] == 0.999 and graph["nmse_max"] == 1e-5 and graph["mean_kl_max"] == 1e-5
     assert MINIMAL["models"]["m"] == {"gguf": "embedded"}  # the caller's config is not modified
