@@ -111,6 +111,17 @@ def thresholds(config: Mapping[str, Any], which: str) -> dict[str, Any]:
     return merged
 
 
+GRAPH_SETS = ("graph", "graph_f16")  # the graph verdict's threshold sets, chosen by the twin's dtype
+
+
+def twin_graph_thresholds(sets: Mapping[str, Any], twin: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The graph verdict's thresholds for a twin (its record, or None): `graph_f16` for an F16 twin (ggml rounds
+    the activations of an F16 matmul to F16, so its honest floor grows with depth; README "Graph parity"),
+    else `graph`."""
+    f16 = bool(twin) and twin.get("dtype") == "F16" and "graph_f16" in sets
+    return sets["graph_f16"] if f16 else sets["graph"]
+
+
 def reference_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return {"mode": config["reference"]["mode"], "activation": config["reference"]["activation"]}
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from parity_both.config import twin_graph_thresholds
 from parity_both.corpus import windows_of
 from parity_both.gguf.reader import read_gguf
 from parity_both.receipt import write_json
@@ -451,7 +452,7 @@ def make_receipt(
         quantized=quantized,
         thresholds=thresholds["quantized"],
         graph=graph,
-        graph_thresholds=thresholds["graph"],
+        graph_thresholds=twin_graph_thresholds(thresholds, graph.files.get("twin") if graph else None),
         localization=read_json(localization_json) if localization_json else None,
         kernels=read_json(kernels_json) if kernels_json else None,
     )

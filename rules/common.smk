@@ -195,7 +195,10 @@ _probe_lanes()
 
 def lane_thresholds(wildcards):
     """The quantized verdict's thresholds (the reference mode's set) and the graph verdict's."""
-    return {"quantized": pbconfig.thresholds(config, REF["mode"]), "graph": pbconfig.thresholds(config, "graph")}
+    return {
+        "quantized": pbconfig.thresholds(config, REF["mode"]),
+        **{k: pbconfig.thresholds(config, k) for k in pbconfig.GRAPH_SETS},
+    }
 
 
 def receipts():

@@ -87,7 +87,7 @@ rule localize:
     output:
         f"{OUT}/{{model}}/twin/{{dtype}}/localize/{{lane}}/{{prompt}}.json",
     params:
-        thresholds=lambda wc: pbconfig.thresholds(config, "graph"),
+        thresholds=lambda wc: {k: pbconfig.thresholds(config, k) for k in pbconfig.GRAPH_SETS},
         floor=config["localization_floor"],
         diagnose=config["diagnose"],
         activation=model_activation,

@@ -42,10 +42,19 @@ def test_documented_defaults():
         "same_top1_min": 0.75,
         "greedy_contained": True,
     }
-    assert pbconfig.thresholds(cfg, "exact") == pbconfig.thresholds(cfg, "ggml") == quantized
+    assert pbconfig.thresholds(cfg, "ggml") == quantized
+    assert pbconfig.thresholds(cfg, "exact") == {**quantized, "mean_kl_max": 0.05}  # README "Thresholds": at depth
     graph = pbconfig.thresholds(cfg, "graph")
     assert graph["cos_tol"] == 0.999 and graph["nmse_max"] == 1e-5 and graph["mean_kl_max"] == 1e-5
     assert MINIMAL["models"]["m"] == {"gguf": "embedded"}  # the caller's config is not modified
+    f16 = pbconfig.thresholds(cfg, "graph_f16")  # an F16 twin: only the mean KL differs (README "Graph parity")
+    assert f16 == {**graph, "mean_kl_max": 5e-5}
+    sets = {k: pbconfig.thresholds(cfg, k) for k in pbconfig.GRAPH_SETS}
+    assert pbconfig.twin_graph_thresholds(sets, {"dtype": "F16"}) == f16
+    assert pbconfig.twin_graph_thresholds(sets, {"dtype": "F32"}) == graph
+    assert (
+        pbconfig.twin_graph_thresholds(sets, {"dtype": "BF16"}) == pbconfig.twin_graph_thresholds(sets, None) == graph
+    )
 
 
 def test_overrides_metrics_and_twin():

@@ -43,7 +43,9 @@ def localization(
     """The receipt's `localization` section. When the graph verdict fails (or diagnose is on), capture every
     node the lane evaluates on the twin and every node the reference computes, keep both captures beside the
     record, and name the first layer and node where the lane departs."""
-    status = graph_status(reference_npz, lane_npz, thresholds)
+    from parity_both.config import twin_graph_thresholds
+
+    status = graph_status(reference_npz, lane_npz, twin_graph_thresholds(thresholds, twin_record))
     if status != "fail" and not diagnose:
         return {"status": "not_run", "reason": f"graph verdict {status} and diagnose is off", "graph_status": status}
     from parity_both.capture import load_capture, save_capture
