@@ -245,3 +245,36 @@ def test_int8_ternary_cache_gives_the_streamed_logits(tmp_path: Path, arch: str,
     assert cached.settings["prepared_cache"]["kind"] == "persistent"
     assert any(e["dtype"] == "|i1" for e in json.loads((tmp_path / "p/manifest.json").read_text())["tensors"].values())
     assert np.array_equal(bits(cached.logits[: len(ids)]), bits(streamed.logits))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_decode_steps_multiply_expanded_matrices_in_row_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    """A decode step (one row of x) times an int8-cached / dequantized ternary matrix goes in row blocks;
+    every output is the float64 dot product of the dequantized row to float32 rounding (independent
+    expectation: gguf-py's dequantization, float64 matmul), and a block boundary inside the matrix is
+    crossed (a 3-row block)."""
+    from parity_both.fixtures import write_fixture
+    from parity_both.reference import weights as wmod
+
+    model = tmp_path / "ternary.gguf"
+    write_fixture(model, arch="llama", weight_type="TQ2_0", embed_type="F16")
+    g = read_gguf(model)
+    cache = PreparedCache(prepare_weights(model, tmp_path / "p"), tmp_path / "p") if cached else None
+    store = WeightStore(g, cache)
+    t = g.tensors["blk.0.ffn_down.weight"]
+    rows, cols = t.rows_cols
+    monkeypatch.setattr(wmod, "DECODE_CHUNK_BYTES", 3 * 4 * cols)
+    expected_w = gguf_deq(np.asarray(g.raw(t.name)), "TQ2_0").reshape(rows, cols).astype(np.float64)
+    x = np.random.default_rng(5).standard_normal((1, cols)).astype(np.float32)
+    y = store.linear("blk.0.ffn_down", x)
+    ref = x.astype(np.float64) @ expected_w.T
+    assert y.shape == (1, rows) and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # a prompt (many rows of x) takes the whole-matrix path: the same values to float32 rounding
+    xs = np.random.default_rng(6).standard_normal((16, cols)).astype(np.float32)
+    np.testing.assert_allclose(
+        store.linear("blk.0.ffn_down", xs[:1]), store.linear("blk.0.ffn_down", xs)[:1], rtol=1e-5, atol=1e-5
+    )
+    store.close()
