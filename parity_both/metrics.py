@@ -36,7 +36,7 @@ METRIC_DEFINITIONS: dict[str, str] = {
 def topk_ids(row: np.ndarray, k: int = TOPK) -> list[int]:
     """Top-k ids by descending logit, ties broken by the lower id (a stable sort on -x, over the few
     ids at or above the k-th largest value: the same ids in the same order as sorting the whole row)."""
-    x = -row.astype(np.float64)
+    x = np.negative(row, dtype=np.float64)  # one pass; negation is exact, so the same values as -(float64)
     if k >= x.size or not np.isfinite(x).all():  # NaN/inf: the full sort defines their order
         return [int(i) for i in np.argsort(x, kind="stable")[:k]]
     kth = np.partition(x, k - 1)[k - 1]
@@ -46,9 +46,12 @@ def topk_ids(row: np.ndarray, k: int = TOPK) -> list[int]:
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    """(x - max) - log(sum(exp(x - max))) in float64, computed in place on one copy: the same operations
+    in the same order as the expression, without its four temporaries of the whole matrix."""
+    y = np.array(x, dtype=np.float64)
+    y -= y.max(axis=-1, keepdims=True)
+    y -= np.log(np.exp(y).sum(axis=-1, keepdims=True))
+    return y
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,14 @@ def test_greedy_agreement_teacher_forced():
     assert [s["match"] for s in g["steps"]] == [True, False]
     assert g["exact_match_rate"] == 0.5 and g["first_divergent_step"] == 1
     assert g["all_contained"] is True
+
+
+def test_log_softmax_in_place_equals_the_textbook_expression_bit_for_bit():
+    """The in-place log_softmax gives exactly the bits of x - max - log(sum(exp(x - max))) (float64)."""
+    rng = np.random.default_rng(3)
+    for dt in (np.float32, np.float64):
+        x = (rng.standard_normal((16, 1031)) * 9).astype(dt)
+        x64 = x.astype(np.float64)
+        m = x64.max(axis=-1, keepdims=True)
+        expected = x64 - m - np.log(np.exp(x64 - m).sum(axis=-1, keepdims=True))
+        assert np.array_equal(metrics.log_softmax(x).view(np.int64), expected.view(np.int64))
