@@ -352,9 +352,10 @@ MUTANT_EXPECTATIONS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("mutant", sorted(MUTANT_EXPECTATIONS))
 def test_planted_engine_bug_fails_at_its_node(mutant: str, smol_path: str, tmp_path: Path) -> None:
+    from mutants import mutant_build  # the mutation suite's cached tree copies and builds
+
     from parity_both.fixtures import write_fixture
     from parity_both.lanes.harness import HarnessLane
-    from tests.mutants import mutant_build  # the mutation suite's cached tree copies and builds
 
     model_kind, name, op, weight_type, param = MUTANT_EXPECTATIONS[mutant]
     if model_kind == "smol":
