@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from parity_both.jobs import process_alive
 from parity_both.tokenize.templates import TEMPLATES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -254,21 +255,6 @@ def run_workflow(cfg_path: Path, out_dir: Path, args: argparse.Namespace) -> int
         rc = proc.wait()
     (out_dir / PID_FILE).unlink(missing_ok=True)
     return rc
-
-
-def process_alive(pid: int) -> bool:
-    """True if pid runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    return "\nState:\tZ" not in status
 
 
 def clear_stale_lock(out_dir: Path, cores: int) -> bool:

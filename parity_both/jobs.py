@@ -114,3 +114,18 @@ def classify(exc: BaseException) -> tuple[int, str]:
     if name in ("InputError", "ConfigError", "TemplateError", "TokenizerError"):
         return 2, "bad_input"
     return 1, "internal"
+
+
+def process_alive(pid: int) -> bool:
+    """True if pid runs (a zombie, killed but not yet reaped, does not; another user's process does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return "\nState:\tZ" not in status

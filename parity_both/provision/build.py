@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from parity_both.hashing import sha256_file
+from parity_both.jobs import process_alive
 
 # Configure flags for the engine's own CMake project (see issue 5 / notes/llama-cpp.md).
 ENGINE_BASE_CMAKE_ARGS: tuple[str, ...] = (
@@ -174,16 +175,6 @@ def _owner() -> str:
     return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', os.uname().nodename)}@{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_abandoned(final: Path) -> list[Path]:
     """Remove what killed builds of final left behind: its temporary dirs and retired copies whose owner
     (named in the dir's name) was a process of this host that no longer runs. Those of a live process, or
@@ -192,7 +183,7 @@ def sweep_abandoned(final: Path) -> list[Path]:
     removed = []
     for tmp in sorted(final.parent.glob(f".tmp-{final.name}@*")) + sorted(final.parent.glob(f".trash-{final.name}@*")):
         parts = tmp.name.split("@")
-        stale = len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not _pid_alive(int(parts[2]))
+        stale = len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not process_alive(int(parts[2]))
         if stale:
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
