@@ -2,9 +2,10 @@
 
 S0 fixture build (I2_S, bitnet-b1.58, size 2b4t) and its mainline transcode (TQ2_0 for the llama
 lane); S1 reference peak RSS <= model file + 1 GB; S2 reference wall <= 3x the llama lane's wall,
-both whole processes on 40 tokens + 8 generated; S3 prepared cache + twin (`auto`) on disk <= 6x the
-model file, with their build times (each job's wall and peak RSS, its own VmHWM from bench/hwm.py, in S0);
-S4/S5 the whole workflow on it, two lanes, per-job wall and peak RSS, and its receipts (bench_2b_run.py).
+both whole processes on 40 tokens + 8 generated on 2 threads, the better of two runs each; S3
+prepared cache + twin (`auto`) on disk <= 6x the model file, with their build times (each job's
+wall and peak RSS, its own VmHWM from bench/hwm.py, in S0); S4/S5 the whole workflow on it, two
+lanes, per-job wall and peak RSS, and its receipts (bench_2b_run.py).
 The fixture and its transcode are kept in $PARITY_BOTH_CACHE/BENCH_STORE (rebuilt when missing).
 """
 
@@ -109,6 +110,16 @@ def bench_2b(work: Path, smoke: bool, row: Callable[..., dict[str, Any]]) -> lis
     return rows
 
 
+def _best(jobs: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """The faster of runs name_1 and name_2 (with the higher peak RSS of the two; rc: the worse)."""
+    runs = [jobs[f"{name}_{k}"] for k in (1, 2)]
+    return {
+        "wall_s": min(r["wall_s"] for r in runs),
+        "vmhwm_mb": max(r["vmhwm_mb"] for r in runs),
+        "rc": max(r["rc"] for r in runs),
+    }
+
+
 def _resource_rows(
     i2s: Path, tq2: Path, w: Path, jobs: dict[str, dict[str, Any]], row: Callable[..., dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -116,10 +127,12 @@ def _resource_rows(
     prep, twin = w / "prepared", w / "twin-auto.gguf"
     jobs["prepare"] = job("prepare", w, ["-c", PREP_CODE, str(i2s), str(prep)])
     jobs["twin"] = job("twin", w, ["-m", "parity_both.gguf.twin", "--dtype", "auto", str(i2s), str(twin)])
-    jobs["reference"] = job("reference", w, ["-c", REF_CODE, str(i2s), str(prep)])
-    jobs["llama_lane"] = job("llama_lane", w, ["-c", LANE_CODE, str(tq2)])
+    # S2: the better of two runs each (page cache warm for both: the first run may read the files from disk)
+    for k in (1, 2):
+        jobs[f"reference_{k}"] = job(f"reference_{k}", w, ["-c", REF_CODE, str(i2s), str(prep)])
+        jobs[f"llama_lane_{k}"] = job(f"llama_lane_{k}", w, ["-c", LANE_CODE, str(tq2)])
     size = i2s.stat().st_size
-    ref, lane = jobs["reference"], jobs["llama_lane"]
+    ref, lane = (_best(jobs, name) for name in ("reference", "llama_lane"))
     twin_bytes = twin.stat().st_size if twin.exists() else 0
     disk = _du(prep) + twin_bytes
     per_job = ", ".join(f"{k} {v['wall_s']:.0f} s / {v['vmhwm_mb']:.0f} MB" for k, v in jobs.items())

@@ -52,9 +52,15 @@ def test_fast_dequant_bit_exact_on_random_bytes(type_name: str, block_bytes: int
 
 
 @pytest.mark.parametrize(("type_name", "convert"), [("F16", f16_to_f32), ("BF16", bf16_to_f32)])
-def test_float_conversion_is_astype_on_every_bit_pattern(type_name: str, convert: Callable[..., np.ndarray]) -> None:
+def test_float_conversion_is_astype_on_every_bit_pattern(
+    type_name: str, convert: Callable[..., np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """All 65536 16-bit patterns (subnormals, +-0, inf, NaN payloads), across conversion blocks and into
-    a caller's buffer, give NumPy's own conversion bit for bit."""
+    a caller's buffer, give NumPy's own conversion bit for bit. Blocks of 1024 values: most hold no inf or
+    NaN and take the bit-shift path, the few that do are redone by astype."""
+    from parity_both.reference import dequant
+
+    monkeypatch.setattr(dequant, "_FLOAT_BLOCK", 1024)
     patterns = np.tile(np.arange(1 << 16, dtype=np.uint16), 3)[6:]  # blocks of 65536 not aligned to values
     if type_name == "F16":
         expected = patterns.view(np.float16).astype(np.float32)
@@ -247,34 +253,96 @@ def test_int8_ternary_cache_gives_the_streamed_logits(tmp_path: Path, arch: str,
     assert np.array_equal(bits(cached.logits[: len(ids)]), bits(streamed.logits))
 
 
+def _expected_weight(g, name: str, type_name: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """float64 [rows, cols] from an independent dequantizer: gguf-py's, or parity_both.gguf.quants for I2_S."""
+    from parity_both.gguf import quants
+
+    t = g.tensors[name]
+    raw = np.asarray(g.raw(name))
+    flat = quants.dequantize(raw, "I2_S", t.n_elements) if type_name == "I2_S" else gguf_deq(raw, type_name)
+    return np.asarray(flat, dtype=np.float64).reshape(t.rows_cols)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize(("arch", "type_name"), [("llama", "TQ2_0"), ("bitnet-b1.58", "I2_S")])
 def test_decode_steps_multiply_expanded_matrices_in_row_blocks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool, threads: int, arch: str, type_name: str
 ) -> None:
-    """A decode step (one row of x) times an int8-cached / dequantized ternary matrix goes in row blocks;
-    every output is the float64 dot product of the dequantized row to float32 rounding (independent
-    expectation: gguf-py's dequantization, float64 matmul), and a block boundary inside the matrix is
-    crossed (a 3-row block)."""
+    """A decode step (one row of x) times an int8-cached / dequantized ternary matrix goes in row blocks,
+    on one thread or shared out to two; every output is the float64 dot product of the dequantized row to
+    float32 rounding (independent expectation: gguf-py's / parity_both.gguf.quants' dequantization, float64
+    matmul), and a block boundary inside the matrix is crossed (a 3-row block). I2_S's one scale is folded
+    into x ((x d) C^T, the codes cast without a multiply)."""
     from parity_both.fixtures import write_fixture
     from parity_both.reference import weights as wmod
 
     model = tmp_path / "ternary.gguf"
-    write_fixture(model, arch="llama", weight_type="TQ2_0", embed_type="F16")
+    write_fixture(model, arch=arch, weight_type=type_name, embed_type="F16" if arch == "llama" else None)
     g = read_gguf(model)
     cache = PreparedCache(prepare_weights(model, tmp_path / "p"), tmp_path / "p") if cached else None
-    store = WeightStore(g, cache)
+    store = WeightStore(g, cache, threads=threads)
     t = g.tensors["blk.0.ffn_down.weight"]
     rows, cols = t.rows_cols
+    assert (store.tensor_scale(t.name) is not None) == (type_name == "I2_S")
     monkeypatch.setattr(wmod, "DECODE_CHUNK_BYTES", 3 * 4 * cols)
-    expected_w = gguf_deq(np.asarray(g.raw(t.name)), "TQ2_0").reshape(rows, cols).astype(np.float64)
+    expected_w = _expected_weight(g, t.name, type_name)
     x = np.random.default_rng(5).standard_normal((1, cols)).astype(np.float32)
     y = store.linear("blk.0.ffn_down", x)
     ref = x.astype(np.float64) @ expected_w.T
     assert y.shape == (1, rows) and y.dtype == np.float32
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    # a prompt (many rows of x) takes the whole-matrix path: the same values to float32 rounding
+    # a prompt (many rows of x) takes the whole-matrix path (one block per thread): the same values to
+    # float32 rounding
     xs = np.random.default_rng(6).standard_normal((16, cols)).astype(np.float32)
-    np.testing.assert_allclose(
-        store.linear("blk.0.ffn_down", xs[:1]), store.linear("blk.0.ffn_down", xs)[:1], rtol=1e-5, atol=1e-5
-    )
+    ys = store.linear("blk.0.ffn_down", xs)
+    np.testing.assert_allclose(ys, xs.astype(np.float64) @ expected_w.T, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(store.linear("blk.0.ffn_down", xs[:1]), ys[:1], rtol=1e-5, atol=1e-5)
     store.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_f16_lm_head_read_in_place_is_held_as_float32(tmp_path: Path, threads: int) -> None:
+    """A tied F16 embedding used as LM head (not in the prepared cache) is converted once to float32 and held
+    (its values: NumPy's float16 -> float32, bit for bit), and the LM head's products match a float64 matmul."""
+    from parity_both.fixtures import write_fixture
+
+    model = tmp_path / "tied.gguf"
+    write_fixture(model, arch="llama", weight_type="TQ2_0", embed_type="F16")
+    g = read_gguf(model)
+    assert "output.weight" not in g.tensors and g.tensors["token_embd.weight"].type_name == "F16"
+    cache = PreparedCache(prepare_weights(model, tmp_path / "p"), tmp_path / "p")
+    assert cache.held_in_place == {"token_embd.weight"} and "token_embd.weight" not in cache.entries
+    store = WeightStore(g, cache, threads=threads)
+    t = g.tensors["token_embd.weight"]
+    rows, cols = t.rows_cols
+    expected = np.asarray(g.raw(t.name)).view(np.float16).astype(np.float32).reshape(rows, cols)
+    x = np.random.default_rng(7).standard_normal((3, cols)).astype(np.float32)
+    y = store.linear("token_embd", x)
+    held = store.dense_rows("token_embd.weight", 0, rows)
+    assert np.array_equal(bits(held), bits(expected))
+    assert store.dense_rows("token_embd.weight", 2, 5).base is held.base  # a view of the one held copy
+    ref = x.astype(np.float64) @ expected.astype(np.float64).T
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    store.close()
+
+
+def test_reference_on_two_threads_records_them_and_matches_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With two BLAS threads asked for, the reference runs matmul row blocks on two threads (OpenBLAS down
+    to one each) and records it; its logits equal the one-thread run's to float32 rounding."""
+    from parity_both.fixtures import write_fixture
+    from parity_both.reference.blas import fix_blas_threads
+    from parity_both.reference.engine import run_reference
+
+    model = tmp_path / "m.gguf"
+    write_fixture(model, arch="bitnet-b1.58", weight_type="I2_S", seed=3)
+    runs = {}
+    for n in ("1", "2"):
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", n)
+        runs[n] = run_reference(str(model), [1, 5, 9, 200], 3)
+    assert runs["2"].settings["numpy"]["blas_threads"] == 2
+    assert runs["2"].settings["numpy"]["matmul"] == "2 row-block threads, one BLAS thread each"
+    assert "matmul" not in runs["1"].settings["numpy"]
+    assert runs["2"].ids == runs["1"].ids
+    np.testing.assert_allclose(runs["2"].logits, runs["1"].logits, rtol=0, atol=1e-5 * np.abs(runs["1"].logits).max())
+    assert fix_blas_threads()["blas_threads"] == 2  # the environment's count is set again, not left at one

@@ -88,14 +88,19 @@ class GGUFFile:
         t = self.tensors[name]
         return np.frombuffer(self._map(), dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
-    def release(self, name: str) -> None:
-        """Tell the kernel we are done with a tensor's pages so they leave our RSS."""
+    def release(self, name: str, r0: int | None = None, r1: int | None = None) -> None:
+        """Tell the kernel we are done with a tensor's pages (or those of its rows [r0, r1)) so they leave
+        our RSS."""
         if self._mm is None:
             return
         t = self.tensors[name]
-        start = (t.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        rows = t.rows_cols[0]
+        row_bytes = t.nbytes // rows
+        begin = t.offset + (r0 or 0) * row_bytes
+        end = t.offset + (rows if r1 is None else r1) * row_bytes
+        start = (begin // mmap.PAGESIZE) * mmap.PAGESIZE
         try:
-            self._mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+            self._mm.madvise(mmap.MADV_DONTNEED, start, end - start)
         except (AttributeError, OSError, ValueError):
             pass
 

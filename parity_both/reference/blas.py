@@ -52,8 +52,9 @@ def fix_blas_threads(default: int = 1) -> dict[str, Any]:
         info["blas_threads_source"] = "not controlled"
         return info
     lib, name = found
-    if not env:
-        getattr(lib, name % "set_num_threads")(default)
+    count = next((int(v) for v in env.values() if v.strip().isdigit() and int(v) > 0), None if env else default)
+    if count is not None:  # set even when the environment asked for it: take_row_workers may have lowered it
+        getattr(lib, name % "set_num_threads")(count)
     get_config = getattr(lib, name % "get_config", None)
     if get_config is not None:
         get_config.restype = ctypes.c_char_p
@@ -63,3 +64,18 @@ def fix_blas_threads(default: int = 1) -> dict[str, Any]:
     info["blas_threads"] = int(getattr(lib, name % "get_num_threads")())
     info["blas_threads_source"] = "caller environment" if env else f"reference default {default}"
     return info
+
+
+def take_row_workers(info: dict[str, Any]) -> int:
+    """The reference's matmul threads: with n > 1 BLAS threads fixed, OpenBLAS goes down to one thread and
+    the reference runs n row blocks of each matmul side by side instead (weights.WeightStore), so the
+    expansion of int8 / F16 weights before each BLAS call is parallel too, not just the call. Recorded in
+    `info` (blas_threads stays the count the reference computes with)."""
+    n = int(info.get("blas_threads") or 1)
+    found = _openblas()
+    if n <= 1 or found is None:
+        return 1
+    lib, name = found
+    getattr(lib, name % "set_num_threads")(1)
+    info["matmul"] = f"{n} row-block threads, one BLAS thread each"
+    return n

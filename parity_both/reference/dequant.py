@@ -52,7 +52,7 @@ def _deq_q4_1(raw: np.ndarray) -> np.ndarray:
 
 
 # Elements per step of the float conversions: small enough for a block and its result to stay in L2.
-_FLOAT_BLOCK = 1 << 16
+_FLOAT_BLOCK = 1 << 20
 _F16_REBASE = np.float32(2.0**112)  # fp16 exponent bias 15 -> float32 bias 127
 _F16_BITS = np.int32(-0x70000001)  # 0x8FFFFFFF: sign, and the fp16 exponent + mantissa moved up 13 bits
 
@@ -129,12 +129,20 @@ def _deq_tq2_0(raw: np.ndarray) -> np.ndarray:
     return out
 
 
+def i2_s_scale(raw: np.ndarray, n_elements: int) -> np.float32:
+    """The one float32 scale of an I2_S tensor (after its n_elements / 4 bytes of packed codes)."""
+    return np.frombuffer(raw[n_elements // 4 : n_elements // 4 + 4].tobytes(), dtype="<f4")[0]
+
+
+def i2_s_codes(raw: np.ndarray, n_elements: int) -> np.ndarray:
+    """The codes of an I2_S tensor as float32 -1 / 0 / +1, flat [n_elements] (no scale)."""
+    vals = _I2S_LUT[raw[: n_elements // 4].reshape(-1, 32)]  # [n_blocks, byte, field]
+    return np.ascontiguousarray(vals.transpose(0, 2, 1)).reshape(-1)
+
+
 def _deq_i2_s(raw: np.ndarray, n_elements: int) -> np.ndarray:
-    packed = raw[: n_elements // 4].reshape(-1, 32)
-    scale = np.frombuffer(raw[n_elements // 4 : n_elements // 4 + 4].tobytes(), dtype="<f4")[0]
-    vals = _I2S_LUT[packed]  # [n_blocks, byte, field]
-    out = np.ascontiguousarray(vals.transpose(0, 2, 1)).reshape(-1)
-    out *= scale  # t * scale in float32, as parity_both.gguf.quants
+    out = i2_s_codes(raw, n_elements)
+    out *= i2_s_scale(raw, n_elements)  # t * scale in float32, as parity_both.gguf.quants
     return out
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from parity_both.gguf.constants import BITNET_ARCHS, unsupported_arch_message
 from parity_both.gguf.reader import GGUFFile, read_gguf
 from parity_both.reference import bitnet, gemma, llama, phi3, qwen
-from parity_both.reference.blas import fix_blas_threads
+from parity_both.reference.blas import fix_blas_threads, take_row_workers
 from parity_both.reference.hparams import HParams
 from parity_both.reference.kv_cache import KVCache
 from parity_both.reference.ops import Emit
@@ -100,12 +100,14 @@ def load_model(
     mode: str = "exact",
     gguf: GGUFFile | None = None,
     cache: PreparedCache | None = None,
+    threads: int = 1,
 ) -> LoadedModel:
-    """Parse (or take) the GGUF header, validate its hyper-parameters, open its weights."""
+    """Parse (or take) the GGUF header, validate its hyper-parameters, open its weights (matmuls on
+    `threads` threads, see WeightStore)."""
     g = gguf if gguf is not None else read_gguf(model_path)
     hp = HParams.from_gguf(g, activation)
     graph_for(hp.arch)
-    return LoadedModel(Path(model_path), g, hp, WeightStore(g, cache, mode))
+    return LoadedModel(Path(model_path), g, hp, WeightStore(g, cache, mode, threads))
 
 
 def _open_weights(
@@ -218,19 +220,25 @@ def run_reference(
     stop = {int(s) for s in stop_ids}
     model_path = str(model_path)
     blas = fix_blas_threads()
+    threads = take_row_workers(blas)
     # exact mode reads every weight once per step: with a prepared_dir, or several steps, read
     # them from a prepared cache. ggml mode works on the raw quantized bytes (no cache).
     use_cache = mode == "exact" and (prepared_dir is not None or max_tokens > 0)
     g, cache, prepared = _open_weights(model_path, prepared_dir, use_cache)
     t_prep = time.perf_counter()
+    model: LoadedModel | None = None
     try:
-        model = load_model(model_path, activation=activation, mode=mode, gguf=g, cache=cache)
+        model = load_model(model_path, activation=activation, mode=mode, gguf=g, cache=cache, threads=threads)
         t1 = time.perf_counter()
         ids, logits, steps = greedy(model, prompt_ids, max_tokens, stop)
     finally:
-        if cache is not None:
-            cache.close()
-        g.close()
+        if model is not None:
+            model.close()
+        else:
+            if cache is not None:
+                cache.close()
+            g.close()
+    assert model is not None  # load_model raised otherwise
     settings = _settings(model, mode, len(prompt_ids) + max_tokens, max_tokens, stop, prepared, blas)
     timings = {"load_s": t1 - t0, "prepare_s": t_prep - t0, **steps, "total_s": time.perf_counter() - t0}
     return ReferenceResult(ids, logits, len(prompt_ids), settings, timings)

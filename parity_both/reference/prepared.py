@@ -27,11 +27,17 @@ _ALIGN = 4096
 # Upper bound for one dense block of a matrix (bytes of float32): the LM head is processed in
 # row chunks of at most this size so it never sits in memory whole.
 CHUNK_BYTES = 32 << 20
-# Prepared-cache pages kept mapped between uses (the rest is paged out after each use): at most
-# RESIDENT_BYTES, and at most half the model file + 100 MiB (the RSS bound for big ternary models is
-# file size * 1.5 + 200 MiB). Measured on SmolLM2 (16 decode steps): resident 0 / 147 / 538 MiB
-# -> decode 1.6 / 1.44 / 1.17 s, peak RSS 96 / 215 / 582 MiB.
-RESIDENT_BYTES = 224 << 20
+# Weight pages kept mapped between uses (the rest is paged out after each use): at most half the model
+# file + RESIDENT_EXTRA, the LM head first (the RSS bound for big ternary models is file size * 1.5 +
+# 200 MiB). Measured on SmolLM2 (16 decode steps): resident 0 / 147 / 538 MiB -> decode 1.6 / 1.44 /
+# 1.17 s, peak RSS 96 / 215 / 582 MiB; on the 2B-4T fixture (8 decode steps, 2 threads) re-faulting
+# every page costs ~0.3 s a step (~0.11 s per GB).
+RESIDENT_EXTRA = 100 << 20
+# An F16/BF16 LM head read in place (a tied embedding) of at most this many float32 bytes is converted once
+# per run and held as float32 in memory (the 2B-4T head, 128256 x 2560: 1.31 GB, peak RSS ~1.5 GB for a
+# 1.19 GB file): converting it at every step costs ~0.1 s a step on 2 threads (8 decode steps: ~0.7 s).
+# An F32 one read in place keeps its pages mapped when it fits in the resident budget.
+HELD_HEAD_BYTES = 3 << 29
 _LM_HEADS = ("output.weight", "token_embd.weight")
 # Types read in place from the GGUF (no cache entry): F32 as is, F16 and BF16 converted exactly at each use
 # (dequant.FLOAT_CONVERT): a float32 copy would double or triple the model on disk (the 2B-4T F16 embedding:
@@ -132,6 +138,11 @@ def ternary_expand(codes: np.ndarray, scales: np.ndarray, out: np.ndarray | None
     else:
         n, nb = codes.shape[0], scales.shape[1]
         np.multiply(codes.reshape(n, nb, -1), scales[:, :, None], out=out.reshape(n, nb, -1))
+    return out
+
+
+def _cast_into(out: np.ndarray, a: np.ndarray) -> np.ndarray:
+    np.copyto(out, a)
     return out
 
 
@@ -351,11 +362,24 @@ class PreparedCache:
                 assert prepared_dir is not None, "PreparedCache needs prepared_dir or fd"
                 with open(Path(prepared_dir) / "weights.bin", "rb") as fh:
                     self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        order = sorted(self.entries, key=lambda n: (n not in _LM_HEADS, self.entries[n]["offset"]))
-        self.resident: set[str] = set()
         if resident_bytes is None:
-            resident_bytes = min(RESIDENT_BYTES, manifest["model"]["size"] // 2 + (100 << 20))
+            resident_bytes = manifest["model"]["size"] // 2 + RESIDENT_EXTRA
+        # the LM head first (cached, or read in place from the GGUF: then the store holds it, see
+        # held_in_place), then the cached tensors in file order
+        table = {r[0]: r for r in manifest.get("gguf", {}).get("tensors", [])}
+        head = "output.weight" if "output.weight" in table else "token_embd.weight"
+        self.held_in_place: set[str] = set()
         budget = resident_bytes
+        if head in table and head not in self.entries and table[head][3] in _IN_PLACE:
+            n_float32 = 4 * int(np.prod(table[head][1]))
+            if table[head][3] != "F32" and n_float32 <= HELD_HEAD_BYTES:
+                self.held_in_place.add(head)
+                budget = max(0, budget - n_float32)
+            elif table[head][5] <= budget:
+                self.held_in_place.add(head)
+                budget -= table[head][5]
+        order = sorted(self.entries, key=lambda n: (n != head, self.entries[n]["offset"]))
+        self.resident: set[str] = set()
         for name in order:
             e = self.entries[name]
             size = e["rows"] * e["cols"] * np.dtype(e["dtype"]).itemsize
@@ -363,9 +387,22 @@ class PreparedCache:
                 self.resident.add(name)
                 budget -= size
 
-    def rows(self, name: str, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+    def tensor_scale(self, name: str) -> np.float32 | None:
+        """The one scale of an int8 entry with a per-tensor scale (from I2_S), else None."""
+        e = self.entries[name]
+        if e["dtype"] != "|i1" or e["scales_shape"] != [1]:
+            return None
+        return np.frombuffer(self._mm, dtype="<f4", count=1, offset=e["scales_offset"])[0]  # type: ignore[arg-type]
+
+    def codes(self, name: str) -> np.ndarray:
+        """The int8 codes [rows, cols] of an int8 entry: a view of the map."""
+        e = self.entries[name]
+        n = e["rows"] * e["cols"]
+        return np.frombuffer(self._mm, dtype=np.int8, count=n, offset=e["offset"]).reshape(e["rows"], e["cols"])  # type: ignore[arg-type]
+
+    def rows(self, name: str, r0: int, r1: int, out: np.ndarray | None = None, *, unscaled: bool = False) -> np.ndarray:
         """Rows [r0, r1) as float32: a view of the map (float32 entries) or expanded from int8
-        codes (into `out` when given)."""
+        codes (into `out` when given); unscaled=True: the codes alone (entries with tensor_scale)."""
         e = self.entries[name]
         dt = np.dtype(e["dtype"])
         cols = e["cols"]
@@ -377,6 +414,8 @@ class PreparedCache:
         ).reshape(r1 - r0, cols)
         if dt == np.float32:
             return a
+        if unscaled:
+            return a.astype(np.float32) if out is None else _cast_into(out, a)
         shape = e["scales_shape"]
         scales = np.frombuffer(
             self._mm,

@@ -5,8 +5,15 @@ Nothing here holds the whole model in memory. Every matrix is reached through a 
 that dequantizes it (or a block of its rows) on demand from the memory-mapped GGUF, or reads it
 from a *prepared-weights cache*: one file of already-dequantized values, memory-mapped and paged
 out again (madvise DONTNEED) as soon as a tensor has been used, except a bounded resident set
-(the LM head first). Peak memory is therefore about the resident set plus one layer plus one
+(the LM head first; an F16/BF16 LM head read in place is held as one float32 copy when it is at most
+prepared.HELD_HEAD_BYTES). Peak memory is therefore about the resident set plus one layer plus one
 chunk of the LM head, whatever the model size.
+
+Threads: with n > 1 BLAS threads (blas.take_row_workers), each matmul's output rows are shared out to
+n threads in contiguous groups of blocks, each thread expanding its own blocks (int8 -> float32, F16 ->
+float32) and making its own one-thread BLAS calls: the expansion, not only the BLAS call, runs in
+parallel. A ternary matrix with one scale per tensor (I2_S), W = d C, is multiplied as (x d) C^T, its
+codes expanded by a plain int8 -> float32 cast (half the cost of cast-and-multiply).
 
 Dequantization: fast NumPy code for F32/F16/BF16/Q4_0/Q4_1/Q8_0/TQ2_0 (bit-identical to
 `gguf.quants.dequantize`) and I2_S (bit-identical to `parity_both.gguf.quants`), asserted in tests;
@@ -23,7 +30,8 @@ ones are converted exactly from the GGUF at each use, per matrix or LM-head chun
 buffer, by dequant.FLOAT_CONVERT: slower than reading a float32 copy, see prepared._IN_PLACE): ternary
 ones (TQ1_0, TQ2_0, I2_S) as int8 codes plus float32 scales (1 byte per weight: the cache scales
 with the file, not with float32), turned back into float32 per matrix (or LM-head chunk) at matmul
-time by the same single float32 multiply `q * d` the dequantizers do, so values are bit-identical;
+time by the same single float32 multiply `q * d` the dequantizers do, so values are bit-identical
+(or, for one scale per tensor, cast alone, the scale folded into x as above);
 every other type as float32, within a disk budget (`budget_bytes`, default BUDGET_FACTOR x the
 model file): matrices beyond it are dequantized from the GGUF at each use instead.
 (Storing fp16-exact ternary values as float16 halves the float32 file but was measured 6x slower
@@ -34,19 +42,23 @@ int8 -> float32 with a scale costs ~25 ms for a 6912 x 2560 matrix, dequantizing
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from parity_both.gguf.reader import GGUFFile, TensorInfo
-from parity_both.reference.dequant import FLOAT_CONVERT, dequantize, dequantize_rows
+from parity_both.reference.dequant import FLOAT_CONVERT, dequantize, dequantize_rows, i2_s_codes, i2_s_scale
 from parity_both.reference.prepared import _LM_HEADS, CHUNK_BYTES, PreparedCache
 
 # Decode steps (x with at most SMALL_BATCH rows) multiply expanded matrices in row blocks of this many
 # float32 bytes: small enough to stay in the CPU cache between the expansion and the matmul.
 SMALL_BATCH = 8
-DECODE_CHUNK_BYTES = 1 << 20
+DECODE_CHUNK_BYTES = 4 << 20
 
 MODES = ("exact", "ggml")
 
@@ -90,7 +102,7 @@ class WeightStore:
     mode (exact float32 or ggml-emulated), the LM head's row chunking and paging weights out
     after use, so a forward pass reads `x = x + w.linear("blk.3.attn_output", a)`."""
 
-    def __init__(self, g: GGUFFile, cache: PreparedCache | None = None, mode: str = "exact"):
+    def __init__(self, g: GGUFFile, cache: PreparedCache | None = None, mode: str = "exact", threads: int = 1):
         if mode not in MODES:
             raise ValueError(f"unknown reference mode {mode!r} (expected one of {MODES})")
         self.gguf = g
@@ -101,7 +113,13 @@ class WeightStore:
         # PROGRESS_S seconds names the layer being computed
         self.step = ""
         self._t0 = self._last = time.monotonic()
-        self._scratch = np.empty(0, dtype=np.float32)
+        # threads > 1: each matmul's output rows in `threads` groups of blocks, side by side (each thread
+        # expands its own blocks into its own scratch buffer and makes its own one-thread BLAS calls)
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self._local = threading.local()
+        self._scales: dict[str, np.float32 | None] = {}
+        self._held_f32: dict[str, np.ndarray] = {}
 
     def has(self, name: str) -> bool:
         return name in self.gguf.tensors
@@ -127,26 +145,68 @@ class WeightStore:
         rows, cols = t.rows_cols
         return Weight(name, t.type_name, rows, cols, self)
 
-    def dense_rows(self, name: str, r0: int, r1: int, *, scratch: bool = False) -> np.ndarray:
+    def tensor_scale(self, name: str) -> np.float32 | None:
+        """The one finite, non-zero scale of a ternary matrix scaled per tensor (I2_S), else None."""
+        if name not in self._scales:
+            if self.cache is not None and name in self.cache.entries:
+                d = self.cache.tensor_scale(name)
+            else:
+                t = self.info(name)
+                d = i2_s_scale(self.gguf.raw(name), t.n_elements) if t.type_name == "I2_S" else None
+            self._scales[name] = d if d is not None and np.isfinite(d) and d != 0 else None
+        return self._scales[name]
+
+    def dense_rows(self, name: str, r0: int, r1: int, *, scratch: bool = False, unscaled: bool = False) -> np.ndarray:
         """Rows [r0, r1) as float32. scratch=True: int8-cached and F16/BF16 matrices are expanded into one
-        buffer reused by the next such call (for a result consumed at once, as in linear)."""
+        buffer reused by the next such call (for a result consumed at once, as in linear). unscaled=True
+        (matrices with a tensor_scale): the ternary codes -1 / 0 / +1 without the scale."""
         if self.cache is not None and name in self.cache.entries:
             e = self.cache.entries[name]
             out = self._scratch_rows(r1 - r0, e["cols"]) if scratch and e["dtype"] == "|i1" else None
-            return self.cache.rows(name, r0, r1, out)
+            return self.cache.rows(name, r0, r1, out, unscaled=unscaled)
+        held = self._held(name)
+        if held is not None:
+            return held[r0:r1]
         t = self.info(name)
         cols = t.rows_cols[1]
+        if unscaled:
+            return i2_s_codes(self.gguf.raw(name), t.n_elements).reshape(-1, cols)[r0:r1]
         if t.type_name == "F32":
             return self.gguf.raw(name)[r0 * cols * 4 : r1 * cols * 4].view(np.float32).reshape(r1 - r0, cols)
         out = self._scratch_rows(r1 - r0, cols) if scratch and t.type_name in FLOAT_CONVERT else None
         return dequantize_rows(self.gguf, t, r0, r1, out)
 
+    def _held(self, name: str) -> np.ndarray | None:
+        """The float32 copy of an F16/BF16 matrix the cache has this store hold (held_in_place), made
+        at its first use (row halves converted side by side on `threads` threads); else None."""
+        if self.cache is None or name not in self.cache.held_in_place or self.info(name).type_name == "F32":
+            return None
+        held = self._held_f32.get(name)
+        if held is None:
+            t = self.info(name)
+            rows, cols = t.rows_cols
+            held = np.empty((rows, cols), dtype=np.float32)
+            step = max(1, DECODE_CHUNK_BYTES // (4 * cols))
+
+            def convert(part: tuple[int, int]) -> None:  # the source pages go as soon as they are read
+                for r0 in range(part[0], part[1], step):
+                    r1 = min(part[1], r0 + step)
+                    dequantize_rows(self.gguf, t, r0, r1, held[r0:r1])
+                    self.gguf.release(name, r0, r1)
+
+            half = -(-rows // self.threads)
+            parts = [(r0, min(rows, r0 + half)) for r0 in range(0, rows, half)]
+            self._side_by_side(convert, parts)
+            self._held_f32[name] = held
+        return held
+
     def _scratch_rows(self, n_rows: int, cols: int) -> np.ndarray:
         """A float32 [n_rows, cols] view of the one reused scratch buffer (grown when needed)."""
         n = n_rows * cols
-        if self._scratch.size < n:
-            self._scratch = np.empty(n, dtype=np.float32)
-        return self._scratch[:n].reshape(n_rows, cols)
+        buf = getattr(self._local, "scratch", None)
+        if buf is None or buf.size < n:
+            buf = self._local.scratch = np.empty(n, dtype=np.float32)
+        return buf[:n].reshape(n_rows, cols)
 
     def rows_of(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Selected rows (embedding lookup) as float32 [len(ids), cols]."""
@@ -162,8 +222,8 @@ class WeightStore:
     def release(self, name: str, r0: int | None = None, r1: int | None = None) -> None:
         if self.cache is not None and name in self.cache.entries:
             self.cache.release(name, r0, r1)
-        else:
-            self.gguf.release(name)
+        elif self.cache is None or name not in self.cache.held_in_place:
+            self.gguf.release(name, r0, r1)
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         """y = x @ W^T for W = `name`.weight, x [T, cols] -> [T, rows] (ggml_mul_mat(W, x)).
@@ -193,28 +253,66 @@ class WeightStore:
         in cache-sized row blocks, so the float32 rows are used while still in cache instead of being
         written to and read back from memory whole (2B-4T fixture, 8 decode steps: 15.1 -> 8.7 s). Each
         output is the same float32 dot product; BLAS picks its kernel by shape, so values agree to float32
-        rounding, not bit for bit, with the whole-matrix product (2B-4T logits: max |diff| 2.9e-5)."""
-        if w.name in _LM_HEADS:
-            step = max(1, CHUNK_BYTES // (4 * w.cols))
-        elif x.shape[0] <= SMALL_BATCH and self._expanded(w.name):
-            step = max(1, DECODE_CHUNK_BYTES // (4 * w.cols))
-        else:
-            step = w.rows
-        if step >= w.rows:
-            return x @ self.dense_rows(w.name, 0, w.rows, scratch=True).T
+        rounding, not bit for bit, with the whole-matrix product (2B-4T logits: max |diff| 2.9e-5).
+        With threads > 1 the blocks (a whole matrix: one block per thread) are shared out in contiguous
+        groups, one per thread."""
+        self._held(w.name)  # made here, before the threads share the blocks out (it shares out its own work)
+        step = self._row_step(w, x)
+        d = self.tensor_scale(w.name)
+        if d is not None:  # W = d C (C: -1/0/+1 codes): (x d) C^T, expanding C by a plain int8 -> float32 cast
+            x = x * d
+        if step >= w.rows and self._pool is None:
+            return x @ self.dense_rows(w.name, 0, w.rows, scratch=True, unscaled=d is not None).T
         y = np.empty((x.shape[0], w.rows), dtype=np.float32)
-        for r0 in range(0, w.rows, step):
-            r1 = min(w.rows, r0 + step)
-            np.matmul(x, self.dense_rows(w.name, r0, r1, scratch=True).T, out=y[:, r0:r1])
-            if w.name in _LM_HEADS:
-                w.release()
+        blocks = [(r0, min(w.rows, r0 + step)) for r0 in range(0, w.rows, step)]
+
+        block = self._block_source(w.name, d is not None)
+
+        def run(group: list[tuple[int, int]]) -> None:
+            for r0, r1 in group:
+                np.matmul(x, block(r0, r1).T, out=y[:, r0:r1])
+                if w.name in _LM_HEADS:
+                    self.release(w.name, r0, r1)
+
+        n = -(-len(blocks) // self.threads)
+        self._side_by_side(run, [blocks[i : i + n] for i in range(0, len(blocks), n)])
         return y
+
+    def _block_source(self, name: str, unscaled: bool) -> Callable[[int, int], np.ndarray]:
+        """(r0, r1) -> rows [r0, r1) of `name` as float32 in this thread's scratch buffer (or a view):
+        dense_rows, or for int8 codes without their scale a cast from one view of the map (the least
+        Python per block: with two threads, each block's Python holds the GIL the other waits for)."""
+        if unscaled and self.cache is not None and name in self.cache.entries:
+            codes = self.cache.codes(name)
+
+            def cast(r0: int, r1: int) -> np.ndarray:
+                out = self._scratch_rows(r1 - r0, codes.shape[1])
+                np.copyto(out, codes[r0:r1])
+                return out
+
+            return cast
+        return lambda r0, r1: self.dense_rows(name, r0, r1, scratch=True, unscaled=unscaled)
+
+    def _side_by_side(self, fn: Callable[[Any], None], parts: list[Any]) -> None:
+        """fn(part) for every part: the first in this thread, the others on the pool's threads."""
+        futures = [self._pool.submit(fn, p) for p in parts[1:]] if self._pool is not None else []
+        for p in parts[: 1 if self._pool is not None else len(parts)]:
+            fn(p)
+        for f in futures:
+            f.result()
+
+    def _row_step(self, w: Weight, x: np.ndarray) -> int:
+        if x.shape[0] <= SMALL_BATCH and self._expanded(w.name):
+            return max(1, DECODE_CHUNK_BYTES // (4 * w.cols))
+        if w.name in _LM_HEADS:
+            return max(1, CHUNK_BYTES // (4 * w.cols))
+        return -(-w.rows // self.threads)
 
     def _expanded(self, name: str) -> bool:
         """True when the matrix's float32 values are computed at each use (not a view of stored floats)."""
         if self.cache is not None and name in self.cache.entries:
             return self.cache.entries[name]["dtype"] != "<f4"
-        return self.info(name).type_name != "F32"
+        return self.info(name).type_name != "F32" and (self.cache is None or name not in self.cache.held_in_place)
 
     def _tick(self, name: str) -> None:
         now = time.monotonic()
@@ -245,6 +343,8 @@ class WeightStore:
         return y
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         if self.cache is not None:
             self.cache.close()
         self.gguf.close()
