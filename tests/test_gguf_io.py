@@ -110,3 +110,33 @@ def test_type_tables_match_gguf_py() -> None:
             assert GGML_QUANT_SIZES[known[name]] == (blk, size), name
             checked += 1
     assert checked >= 30 and TYPE_IDS["I2_S"] == 36
+
+
+@pytest.mark.parametrize("read_ahead", [1 << 20, 3, 9, 16])
+def test_read_strings_reads_ahead_and_gives_back_the_rest(monkeypatch: pytest.MonkeyPatch, read_ahead: int) -> None:
+    """String arrays are parsed from read-ahead blocks: every block boundary (lengths and strings split across
+    blocks), invalid UTF-8 kept as bytes or replaced as read_string does, the stream left right after the last
+    string, and truncation or an implausible length refused with read_string_bytes' messages."""
+    import io
+    import struct
+
+    from parity_both.gguf import lowlevel
+
+    monkeypatch.setattr(lowlevel, "_READ_AHEAD", read_ahead)
+    items = [b"", b"a", "é€".encode(), b"\xff\xfe", b"x" * 40]
+    blob = b"".join(struct.pack("<Q", len(b)) + b for b in items) + b"TAIL"
+    fh = io.BytesIO(blob)
+    assert lowlevel.read_strings(fh, len(items), keep="bytes") == items
+    assert fh.read() == b"TAIL"
+    fh.seek(0)
+    assert lowlevel.read_strings(fh, len(items)) == [b.decode("utf-8", errors="replace") for b in items]
+    assert fh.read() == b"TAIL"
+    fh.seek(0)
+    assert lowlevel.read_strings(fh, len(items), keep=None) == []
+    assert fh.tell() == len(blob) - 4
+    with pytest.raises(lowlevel.GGUFError, match="file ends inside a string length"):
+        lowlevel.read_strings(io.BytesIO(blob[:-4]), len(items) + 1)
+    with pytest.raises(lowlevel.GGUFError, match="file ends inside a string"):
+        lowlevel.read_strings(io.BytesIO(blob[: len(blob) - 10]), len(items))
+    with pytest.raises(lowlevel.GGUFError, match="string length 1125899906842624 is implausible"):
+        lowlevel.read_strings(io.BytesIO(struct.pack("<Q", 1 << 50) + b"abc"), 1)

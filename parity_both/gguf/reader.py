@@ -35,7 +35,7 @@ from parity_both.gguf.lowlevel import (
     iter_tensor_infos,
     read_array_header,
     read_header,
-    read_string_bytes,
+    read_strings,
     read_value,
     skip_value,
     tensor_nbytes,
@@ -214,5 +214,5 @@ def read_string_array_bytes(path: str | Path, key: str) -> list[bytes]:
             itype, n = read_array_header(fh) if vtype == VT_ARRAY else (None, 0)
             if itype != VT_STRING:
                 raise GGUFError(f"{path}: {key} is not an array of strings (value type {vtype})")
-            return [read_string_bytes(fh) for _ in range(n)]
+            return read_strings(fh, n, keep="bytes")
     return []
