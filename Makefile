@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "snakemake[reports]==9.27.1" "matplotlib>=3.8" "numpy>=1.26" "gguf==0.19.0" "tokenizers>=0.20" "pyyaml>=6" \
 	    "jq>=1.6" "jinja2>=3.1" "jsonschema>=4" "pytest>=8" "ruff==0.17.6" "scikit-build-core>=0.10" \
-	    "hypothesis>=6.100"
+	    "hypothesis>=6.100" "pytest-xdist>=3.5"
 	@if ! ls $(WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 	    echo "[setup] building llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION) from source (about 4 min on 2 cores)"; \
 	    mkdir -p $(WHEEL_DIR).tmp && \
@@ -96,11 +96,12 @@ sweep: setup
 # Builds made by the tests are cached in $(CACHE) (never inside results/), so a second run is fast.
 TEST_ENV := PARITY_BOTH_CACHE=$(CACHE) PARITY_BOTH_SDIST_DIR=$(SDIST_DIR) PARITY_BOTH_TEST_CACHE=$(CACHE)
 
+# -n auto: one pytest-xdist worker per core (2 on the CI machine: 5 min instead of 8.5 serially)
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/snakemake --lint
-	$(TEST_ENV) $(VENV)/bin/pytest -q
+	$(TEST_ENV) $(VENV)/bin/pytest -q -n auto
 
 test-slow: setup
 	$(TEST_ENV) $(VENV)/bin/pytest -q -m slow

@@ -60,11 +60,16 @@ def _report(family: str, entry: dict[str, Any], config: pytest.Config) -> None:
     REPORT[family] = entry
     cache = Path(os.environ.get("PARITY_BOTH_TEST_CACHE") or REPO / ".cache")
     path = Path(os.environ.get("PARITY_BOTH_FIDELITY_REPORT") or cache / "tokenizer_fidelity.json")
-    try:
+    try:  # pytest-xdist workers share the file: read what is there, replace it whole (atomic rename)
         path.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            old = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            old = {}
         old.update(REPORT)
-        path.write_text(json.dumps(old, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(old, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
     except OSError:
         pass
     tr = config.pluginmanager.get_plugin("terminalreporter")
