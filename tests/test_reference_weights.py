@@ -286,6 +286,7 @@ def test_decode_steps_multiply_expanded_matrices_in_row_blocks(
     rows, cols = t.rows_cols
     assert (store.tensor_scale(t.name) is not None) == (type_name == "I2_S")
     monkeypatch.setattr(wmod, "DECODE_CHUNK_BYTES", 3 * 4 * cols)
+    monkeypatch.setattr(wmod, "DECODE_CHUNK_BYTES_THREADED", 3 * 4 * cols)
     expected_w = _expected_weight(g, t.name, type_name)
     x = np.random.default_rng(5).standard_normal((1, cols)).astype(np.float32)
     y = store.linear("blk.0.ffn_down", x)

@@ -56,9 +56,14 @@ from parity_both.reference.dequant import FLOAT_CONVERT, dequantize, dequantize_
 from parity_both.reference.prepared import _LM_HEADS, CHUNK_BYTES, PreparedCache
 
 # Decode steps (x with at most SMALL_BATCH rows) multiply expanded matrices in row blocks of this many
-# float32 bytes: small enough to stay in the CPU cache between the expansion and the matmul.
+# float32 bytes: small enough to stay in the CPU cache between the expansion and the matmul. On several
+# threads, blocks of DECODE_CHUNK_BYTES_THREADED: each block's Python holds the GIL the other threads wait
+# for, and 1 MiB blocks were slower on two threads than on one (2B-4T fixture, decode: 0.23 vs 0.14 ns a
+# weight at 4 MiB). The block size decides BLAS's kernel shapes, hence float32 rounding: one-thread runs
+# keep 1 MiB, so their logits do not move.
 SMALL_BATCH = 8
-DECODE_CHUNK_BYTES = 4 << 20
+DECODE_CHUNK_BYTES = 1 << 20
+DECODE_CHUNK_BYTES_THREADED = 4 << 20
 
 MODES = ("exact", "ggml")
 
@@ -303,7 +308,7 @@ class WeightStore:
 
     def _row_step(self, w: Weight, x: np.ndarray) -> int:
         if x.shape[0] <= SMALL_BATCH and self._expanded(w.name):
-            return max(1, DECODE_CHUNK_BYTES // (4 * w.cols))
+            return max(1, (DECODE_CHUNK_BYTES if self.threads == 1 else DECODE_CHUNK_BYTES_THREADED) // (4 * w.cols))
         if w.name in _LM_HEADS:
             return max(1, CHUNK_BYTES // (4 * w.cols))
         return -(-w.rows // self.threads)
