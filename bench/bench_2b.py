@@ -127,7 +127,9 @@ def _resource_rows(
     prep, twin = w / "prepared", w / "twin-auto.gguf"
     jobs["prepare"] = job("prepare", w, ["-c", PREP_CODE, str(i2s), str(prep)])
     jobs["twin"] = job("twin", w, ["-m", "parity_both.gguf.twin", "--dtype", "auto", str(i2s), str(twin)])
-    # S2: the better of two runs each (page cache warm for both: the first run may read the files from disk)
+    # S2: the better of two runs each (page cache warm for both: the first run may read the files from disk),
+    # after the prepare and twin jobs' ~6 GB of writes are flushed (their write-back slowed a timed run by ~1.5 s)
+    os.sync()
     for k in (1, 2):
         jobs[f"reference_{k}"] = job(f"reference_{k}", w, ["-c", REF_CODE, str(i2s), str(prep)])
         jobs[f"llama_lane_{k}"] = job(f"llama_lane_{k}", w, ["-c", LANE_CODE, str(tq2)])
