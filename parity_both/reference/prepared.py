@@ -141,11 +141,6 @@ def ternary_expand(codes: np.ndarray, scales: np.ndarray, out: np.ndarray | None
     return out
 
 
-def _cast_into(out: np.ndarray, a: np.ndarray) -> np.ndarray:
-    np.copyto(out, a)
-    return out
-
-
 def _ternary_scales(g: GGUFFile, t: TensorInfo, r0: int, r1: int) -> np.ndarray:
     rows, cols = t.rows_cols
     raw = g.raw(t.name)
@@ -415,7 +410,9 @@ class PreparedCache:
         if dt == np.float32:
             return a
         if unscaled:
-            return a.astype(np.float32) if out is None else _cast_into(out, a)
+            out = np.empty(a.shape, dtype=np.float32) if out is None else out
+            np.copyto(out, a)
+            return out
         shape = e["scales_shape"]
         scales = np.frombuffer(
             self._mm,

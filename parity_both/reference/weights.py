@@ -313,6 +313,10 @@ class WeightStore:
             f.result()
 
     def _row_step(self, w: Weight, x: np.ndarray) -> int:
+        """Rows per block: one thread keeps the blocks it always had (an LM head in CHUNK_BYTES, even in
+        decode steps); threaded decode steps take DECODE_CHUNK_BYTES_THREADED blocks, LM head included."""
+        if w.name in _LM_HEADS and self.threads == 1:
+            return max(1, CHUNK_BYTES // (4 * w.cols))
         if x.shape[0] <= SMALL_BATCH and self._expanded(w.name):
             return max(1, (DECODE_CHUNK_BYTES if self.threads == 1 else DECODE_CHUNK_BYTES_THREADED) // (4 * w.cols))
         if w.name in _LM_HEADS:
