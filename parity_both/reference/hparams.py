@@ -38,6 +38,7 @@ BitNet FFN activation (recorded as activation, with activation_source saying why
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,6 +55,18 @@ _HIDDEN_ACT = {"relu2": "relu2", "relu_sqr": "relu2", "silu": "silu", "swish": "
 BITNET_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _FAMILY_FIELDS = ("qk_norm", "q_scale", "embd_scale", "attn_softcap", "final_softcap", "swa", "moe")
 _BITNET_ABSENT = ("output.weight", "rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def lm_head_tensor(tensor_names: Collection[str]) -> str:
+    """The LM head of an architecture that unties it when the file has output.weight (llama, qwen, phi3,
+    gemma3): output.weight, else the tied token_embd.weight."""
+    return "output.weight" if "output.weight" in tensor_names else "token_embd.weight"
+
+
+def lm_head_label(tensor_names: Collection[str]) -> str:
+    """lm_head_tensor as HParams records it (a tied head marked so)."""
+    head = lm_head_tensor(tensor_names)
+    return head if head == "output.weight" else f"{head} (tied)"
 
 
 @dataclass(frozen=True)
@@ -238,7 +251,7 @@ def _llama(g: GGUFFile, activation: str | None) -> HParams:
         **c,
         moe=moe_params(key),
         rope=_rope(key, "normal", n_rot, "rope_freqs.weight" in g.tensors),
-        lm_head="output.weight" if "output.weight" in g.tensors else "token_embd.weight (tied)",
+        lm_head=lm_head_label(g.tensors),
         activation="silu",
         attention_scale_key_ignored=None if ignored is None else float(ignored),
     )

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from parity_both.gguf.reader import GGUFFile
-from parity_both.reference.hparams import F32, HParams, Moe, Rope, Swa, _common, _Meta, _rope
+from parity_both.reference.hparams import F32, HParams, Moe, Rope, Swa, _common, _Meta, _rope, lm_head_label
 
 _LONGROPE = ("rope_factors_long.weight", "rope_factors_short.weight")
 
@@ -59,15 +59,14 @@ def _rope_neox(key: _Meta, c: dict[str, Any], *, full: bool = True) -> Rope:
     return _rope(key, "neox", n_rot, "rope_freqs.weight" in key.g.tensors)
 
 
-def _lm_head(g: GGUFFile) -> str:
-    return "output.weight" if "output.weight" in g.tensors else "token_embd.weight (tied)"
-
-
 def _qwen2(g: GGUFFile, activation: str | None) -> HParams:
     key = _Meta(g)
     c = _common(key)
     return HParams(
-        **c, rope=_rope_neox(key, c), lm_head=_lm_head(g), activation=_activation("qwen2", activation, "silu")
+        **c,
+        rope=_rope_neox(key, c),
+        lm_head=lm_head_label(g.tensors),
+        activation=_activation("qwen2", activation, "silu"),
     )
 
 
@@ -77,7 +76,7 @@ def _qwen3(g: GGUFFile, activation: str | None) -> HParams:
     return HParams(
         **c,
         rope=_rope_neox(key, c),
-        lm_head=_lm_head(g),
+        lm_head=lm_head_label(g.tensors),
         activation=_activation("qwen3", activation, "silu"),
         qk_norm=True,
     )
@@ -90,7 +89,7 @@ def _phi3(g: GGUFFile, activation: str | None) -> HParams:
     return HParams(
         **c,
         rope=_rope_neox(key, c, full=False),
-        lm_head=_lm_head(g),
+        lm_head=lm_head_label(g.tensors),
         activation=_activation("phi3", activation, "silu"),
         q_scale=True,
     )
@@ -157,7 +156,7 @@ def _gemma3(g: GGUFFile, activation: str | None) -> HParams:
     return HParams(
         **c,
         rope=rope,
-        lm_head=_lm_head(g),
+        lm_head=lm_head_label(g.tensors),
         activation=_activation("gemma3", activation, "gelu"),
         qk_norm=True,
         swa=swa,

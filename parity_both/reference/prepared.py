@@ -16,6 +16,7 @@ import numpy as np
 from parity_both.gguf.reader import GGUFFile, TensorInfo, read_gguf, sha256_file
 from parity_both.progress import Progress
 from parity_both.reference.dequant import _f16_col, dequantize_rows
+from parity_both.reference.hparams import lm_head_tensor
 
 PREPARED_FORMAT = "parity-both-prepared-weights/3"
 # Default disk budget of a prepared cache, as a multiple of the model file's size.
@@ -360,9 +361,10 @@ class PreparedCache:
         if resident_bytes is None:
             resident_bytes = manifest["model"]["size"] // 2 + RESIDENT_EXTRA
         # the LM head first (cached, or read in place from the GGUF: then the store holds it, see
-        # held_in_place), then the cached tensors in file order
+        # held_in_place), then the cached tensors in file order. gemma2 always multiplies by token_embd:
+        # with an output.weight in the file the wrong matrix would be kept (speed and memory only)
         table = {r[0]: r for r in manifest.get("gguf", {}).get("tensors", [])}
-        head = "output.weight" if "output.weight" in table else "token_embd.weight"
+        head = lm_head_tensor(table)
         self.held_in_place: set[str] = set()
         budget = resident_bytes
         if head in table and head not in self.entries and table[head][3] in _IN_PLACE:
