@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 from typing import Any
@@ -15,6 +16,7 @@ _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _OPENBLAS_NAMES = (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", ""), ("openblas_", "64_"))
 
 
+@functools.cache
 def _openblas() -> tuple[Any, str] | None:
     """numpy's OpenBLAS via ctypes (pip wheels bundle scipy-openblas in numpy.libs; conda links a
     shared libopenblas, found in /proc/self/maps) and its symbol prefix/suffix, or None."""
