@@ -24,6 +24,10 @@ PROMPTS = sorted(config["prompts"])
 KERNEL_PROMPT = PROMPTS[0]  # the kernel check's sequence: the first prompt's leading tokens
 LANES = list(config["lanes"])
 REF = pbconfig.reference_settings(config)
+# A caller's OPENBLAS_NUM_THREADS (scripts/reference.py sets the job's threads only when it is unset): with
+# n > 1 the reference shares matmul row blocks out to n threads in other block shapes, which moves float32
+# rounding, so the reference rules take it as a param (a change reruns them)
+REF_BLAS_THREADS = os.environ.get("OPENBLAS_NUM_THREADS", "")
 
 
 wildcard_constraints:

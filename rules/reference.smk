@@ -10,6 +10,7 @@ rule reference:
         max_tokens=config["max_tokens"],
         mode=REF["mode"],
         activation=model_activation,
+        blas_threads=REF_BLAS_THREADS,
     conda:
         "../envs/parity-both.yaml"
     log:
@@ -57,6 +58,7 @@ rule twin_reference:
         max_tokens=config["max_tokens"],
         mode="exact",
         activation=model_activation,
+        blas_threads=REF_BLAS_THREADS,
     conda:
         "../envs/parity-both.yaml"
     log:

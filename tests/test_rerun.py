@@ -73,3 +73,17 @@ def test_edit_changing_one_prompt_reruns_only_that_prompt(external_run, tmp_path
     assert jobs.count("reference") == 1 and jobs.count("lane_eval") == 1, jobs
     assert "wildcards: model=smol, prompt=code" in ran or "prompt=code" in ran
     assert not set(jobs) & {"backend", "model_facts", "lane_vocab"}
+
+
+def test_a_callers_blas_thread_count_reruns_only_the_reference(external_run):
+    """OPENBLAS_NUM_THREADS > 1 makes the reference share matmul row blocks out to threads (other block
+    shapes, other float32 rounding): the reference rule takes it as a param, so a new count reruns the
+    reference jobs (and what reads them: lane evaluations of its sequence, receipts) and nothing upstream."""
+    import os
+
+    work = external_run  # dry runs only: nothing written
+    other = "3" if os.environ.get("OPENBLAS_NUM_THREADS") == "2" else "2"
+    assert not _planned(snakemake(work, "-n")) & {"reference", "lane_eval"}
+    planned = _planned(snakemake(work, "-n", env={"OPENBLAS_NUM_THREADS": other}))
+    assert "reference" in planned
+    assert not planned & {"backend", "model_facts", "tokenizer_authority", "format_prompt", "lane_vocab"}
